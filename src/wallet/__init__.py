@@ -1,0 +1,1 @@
+"""A double-entry wallet service for virtual currencies."""

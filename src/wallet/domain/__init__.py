@@ -1,0 +1,1 @@
+"""Pure rules of the wallet: no I/O, standard library only."""

@@ -1,0 +1,59 @@
+"""Domain errors, each with the stable `code` clients branch on."""
+
+
+class WalletError(Exception):
+    """Base of every error the service reports to a client."""
+
+    code = "wallet_error"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class UnknownUser(WalletError):
+    code = "user_not_found"
+
+
+class UnknownAsset(WalletError):
+    code = "asset_not_found"
+
+
+class UnknownTransaction(WalletError):
+    code = "transaction_not_found"
+
+
+class UserExists(WalletError):
+    code = "user_exists"
+
+
+class IdempotencyKeyReused(WalletError):
+    code = "idempotency_key_reused"
+
+
+class InsufficientFunds(WalletError):
+    code = "insufficient_funds"
+
+
+class BalanceLimitExceeded(WalletError):
+    code = "balance_limit_exceeded"
+
+
+class InvalidRequest(WalletError):
+    """A request that breaks a rule the schema alone cannot express."""
+
+    code = "validation_error"
+
+    def __init__(self, detail: str, *, field: str) -> None:
+        super().__init__(detail)
+        self.field = field
+
+
+class Conflict(WalletError):
+    """A write the database refused on a constraint the service did not foresee."""
+
+    code = "conflict"
+
+
+class DatabaseUnavailable(WalletError):
+    code = "database_unavailable"

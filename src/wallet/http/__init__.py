@@ -1,0 +1,1 @@
+"""The HTTP adapter: the contract of API.md over the service layer."""

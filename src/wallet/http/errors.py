@@ -1,0 +1,90 @@
+"""The one table from errors to HTTP statuses, and the problem+json (RFC 9457) bodies."""
+
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from wallet.domain import errors
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+STATUS_OF: dict[type[errors.WalletError], int] = {
+    errors.UnknownUser: 404,
+    errors.UnknownAsset: 404,
+    errors.UnknownTransaction: 404,
+    errors.UserExists: 409,
+    errors.IdempotencyKeyReused: 409,
+    errors.Conflict: 409,
+    errors.InsufficientFunds: 422,
+    errors.BalanceLimitExceeded: 422,
+    errors.InvalidRequest: 422,
+    errors.DatabaseUnavailable: 503,
+}
+CODE_OF_HTTP_STATUS = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+log = structlog.get_logger()
+
+
+def problem(
+    status: int, code: str, detail: str, *, errors: list[dict[str, str]] | None = None
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"urn:wallet:problem:{code}",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+
+
+async def on_wallet_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, errors.WalletError)
+    if isinstance(error, errors.DatabaseUnavailable):
+        log.warning("database unavailable", cause=repr(error.__cause__))
+    field_errors = (
+        [{"field": error.field, "message": error.detail}]
+        if isinstance(error, errors.InvalidRequest)
+        else None
+    )
+    return problem(STATUS_OF[type(error)], error.code, error.detail, errors=field_errors)
+
+
+async def on_validation_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    if any(e["type"] == "json_invalid" for e in error.errors()):
+        return problem(400, "malformed_json", "the body is not valid JSON")
+    field_errors = [
+        {"field": ".".join(str(part) for part in e["loc"][1:]) or str(e["loc"][0]), "message": e["msg"]}
+        for e in error.errors()
+    ]
+    return problem(422, "validation_error", "the request is invalid", errors=field_errors)
+
+
+async def on_http_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, HTTPException)
+    code = CODE_OF_HTTP_STATUS.get(error.status_code, "http_error")
+    return problem(error.status_code, code, str(error.detail))
+
+
+async def on_unexpected_error(_request: Request, error: Exception) -> JSONResponse:
+    log.exception("unexpected error", exc_info=error)
+    return problem(500, "internal_error", "the service failed; the request may be retried")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(errors.WalletError, on_wallet_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected_error)

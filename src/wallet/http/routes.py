@@ -1,0 +1,303 @@
+"""The routes of API.md. They translate HTTP to service calls and back; errors are raised, never
+caught here, and mapped in one place (errors.py)."""
+
+import base64
+import binascii
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import JSONResponse
+
+from wallet.domain.errors import InvalidRequest
+from wallet.domain.ledger import Command, Entry, Flow, Posted, Transaction, User, UserId
+from wallet.http import schemas
+from wallet.service.wallet import PageRequest, Wallet
+
+router = APIRouter(prefix="/api/v1")
+
+UserIdPath = Annotated[
+    str, Path(min_length=1, max_length=64, pattern=schemas.ID_PATTERN, description="A user's id.")
+]
+AssetPath = Annotated[str, Path(min_length=1, max_length=32, description="An asset symbol.")]
+KeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=128,
+        pattern=schemas.ID_PATTERN,
+        description="The idempotency key, if not in the body.",
+    ),
+]
+Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
+Cursor = Annotated[str | None, Query(max_length=64, description="nextCursor of the previous page.")]
+Offset = Annotated[
+    int | None, Query(ge=0, le=1_000_000, description="For old clients; not with cursor.")
+]
+AssetFilter = Annotated[str | None, Query(min_length=1, max_length=32)]
+
+
+def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problem+json answers a route can give."""
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {
+        status: {"description": "A problem", "content": {"application/problem+json": {"schema": schema}}}
+        for status in statuses
+    }
+
+
+READ_PROBLEMS = _problems(404, 422, 503)
+FLOW_PROBLEMS = _problems(400, 404, 409, 413, 415, 422, 503)
+
+
+def _wallet(request: Request) -> Wallet:
+    wallet: Wallet = request.app.state.wallet
+    return wallet
+
+
+def _page(limit: int, cursor: str | None, offset: int | None) -> PageRequest:
+    if cursor is not None and offset is not None:
+        raise InvalidRequest("cursor and offset cannot be used together", field="offset")
+    return PageRequest(limit=limit, before=_decode_cursor(cursor), offset=offset)
+
+
+def _encode_cursor(seq: int | None) -> str | None:
+    return None if seq is None else base64.urlsafe_b64encode(f"v1:{seq}".encode()).decode()
+
+
+def _decode_cursor(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    try:
+        version, seq = base64.urlsafe_b64decode(cursor.encode()).decode().split(":")
+        if version == "v1" and seq.isdigit():
+            return int(seq)
+    except (binascii.Error, UnicodeError, ValueError):
+        pass
+    raise InvalidRequest("the cursor is not one this service made", field="cursor")
+
+
+def _idempotency_key(in_body: str | None, in_header: str | None) -> str:
+    if in_body is None and in_header is None:
+        raise InvalidRequest("an idempotency key is required", field="idempotencyKey")
+    if in_body is not None and in_header is not None and in_body != in_header:
+        raise InvalidRequest(
+            "the Idempotency-Key header and the idempotencyKey field differ", field="idempotencyKey"
+        )
+    return in_body or in_header or ""
+
+
+def _user_body(user: User) -> dict[str, Any]:
+    return {"id": user.id, "email": user.email, "name": user.name, "createdAt": user.created_at}
+
+
+FREE_TEXT_FIELD = {Flow.TOPUP: "metadata", Flow.BONUS: "reason", Flow.SPEND: "description"}
+
+
+def _transaction_body(transaction: Transaction) -> dict[str, Any]:
+    free_text = transaction.metadata if transaction.flow is Flow.TOPUP else transaction.note
+    return {
+        "transactionId": transaction.id,
+        "type": transaction.flow.value,
+        "status": "completed",
+        "userId": transaction.user_id,
+        "assetSymbol": transaction.asset_symbol,
+        "amount": transaction.amount,
+        "balanceAfter": transaction.balance_after,
+        "idempotencyKey": transaction.idempotency_key,
+        FREE_TEXT_FIELD[transaction.flow]: free_text,
+        "createdAt": transaction.created_at,
+    }
+
+
+def _entry_body(entry: Entry) -> dict[str, Any]:
+    return {
+        "entryId": entry.id,
+        "transactionId": entry.transaction_id,
+        "account": entry.account_id,
+        "assetSymbol": entry.asset_symbol,
+        "direction": entry.direction.value,
+        "amount": entry.amount,
+        "balanceAfter": entry.balance_after,
+        "createdAt": entry.created_at,
+    }
+
+
+async def _execute(request: Request, response: Response, command: Command) -> dict[str, Any]:
+    posted: Posted = await _wallet(request).execute(command)
+    if posted.is_replay:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+    return _transaction_body(posted.transaction)
+
+
+@router.get(
+    "/health",
+    response_model=schemas.Health,
+    responses={503: {"model": schemas.Health, "description": "The database cannot be reached."}},
+)
+async def health(request: Request) -> Any:
+    if await _wallet(request).database.is_reachable():
+        return {"status": "ok", "database": "ok"}
+    return JSONResponse({"status": "unavailable", "database": "unavailable"}, status_code=503)
+
+
+@router.get("/assets", response_model=list[schemas.AssetOut], responses=_problems(503))
+async def list_assets(request: Request) -> Any:
+    return [
+        {"symbol": a.symbol, "name": a.name, "description": a.description}
+        for a in await _wallet(request).assets()
+    ]
+
+
+@router.get("/users", response_model=schemas.UserPage, responses=_problems(422, 503))
+async def list_users(
+    request: Request, limit: Limit = 50, cursor: Cursor = None, offset: Offset = None
+) -> Any:
+    users, next_seq = await _wallet(request).users(page=_page(limit, cursor, offset))
+    return {"items": [_user_body(u) for u in users], "nextCursor": _encode_cursor(next_seq)}
+
+
+@router.post(
+    "/users",
+    status_code=201,
+    response_model=schemas.UserOut,
+    responses=_problems(400, 409, 413, 415, 422, 503),
+)
+async def create_user(request: Request, body: schemas.NewUser) -> Any:
+    user = await _wallet(request).create_user(user_id=body.id, email=body.email, name=body.name)
+    return _user_body(user)
+
+
+@router.get("/users/{userId}", response_model=schemas.UserOut, responses=READ_PROBLEMS)
+async def get_user(request: Request, userId: UserIdPath) -> Any:
+    return _user_body(await _wallet(request).user(user_id=userId))
+
+
+@router.post(
+    "/wallet/topup",
+    status_code=201,
+    response_model=schemas.TopupTransaction,
+    responses=FLOW_PROBLEMS,
+    summary="Purchase: treasury → user",
+)
+async def topup(
+    request: Request, response: Response, body: schemas.TopupRequest, key: KeyHeader = None
+) -> Any:
+    command = Command(
+        flow=Flow.TOPUP,
+        user_id=UserId(body.userId),
+        asset_symbol=body.assetSymbol,
+        amount=body.amount,
+        idempotency_key=_idempotency_key(body.idempotencyKey, key),
+        metadata=body.metadata,
+    )
+    return await _execute(request, response, command)
+
+
+@router.post(
+    "/wallet/bonus",
+    status_code=201,
+    response_model=schemas.BonusTransaction,
+    responses=FLOW_PROBLEMS,
+    summary="Free credits: bonus pool → user",
+)
+async def bonus(
+    request: Request, response: Response, body: schemas.BonusRequest, key: KeyHeader = None
+) -> Any:
+    command = Command(
+        flow=Flow.BONUS,
+        user_id=UserId(body.userId),
+        asset_symbol=body.assetSymbol,
+        amount=body.amount,
+        idempotency_key=_idempotency_key(body.idempotencyKey, key),
+        note=body.reason,
+    )
+    return await _execute(request, response, command)
+
+
+@router.post(
+    "/wallet/spend",
+    status_code=201,
+    response_model=schemas.SpendTransaction,
+    responses=FLOW_PROBLEMS,
+    summary="User → revenue; 422 insufficient_funds when short",
+)
+async def spend(
+    request: Request, response: Response, body: schemas.SpendRequest, key: KeyHeader = None
+) -> Any:
+    command = Command(
+        flow=Flow.SPEND,
+        user_id=UserId(body.userId),
+        asset_symbol=body.assetSymbol,
+        amount=body.amount,
+        idempotency_key=_idempotency_key(body.idempotencyKey, key),
+        note=body.description,
+    )
+    return await _execute(request, response, command)
+
+
+@router.get(
+    "/wallet/balance/{userId}/{assetSymbol}", response_model=schemas.Balance, responses=READ_PROBLEMS
+)
+async def balance(request: Request, userId: UserIdPath, assetSymbol: AssetPath) -> Any:
+    amount = await _wallet(request).balance(user_id=userId, asset_symbol=assetSymbol)
+    return {"userId": userId, "assetSymbol": assetSymbol, "balance": amount}
+
+
+@router.get("/wallet/balances/{userId}", response_model=schemas.Balances, responses=READ_PROBLEMS)
+async def balances(request: Request, userId: UserIdPath) -> Any:
+    rows = await _wallet(request).balances(user_id=userId)
+    return {
+        "userId": userId,
+        "balances": [{"assetSymbol": symbol, "balance": amount} for symbol, amount in rows],
+    }
+
+
+@router.get(
+    "/wallet/transactions/{userId}", response_model=schemas.TransactionPage, responses=READ_PROBLEMS
+)
+async def transactions(
+    request: Request,
+    userId: UserIdPath,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    offset: Offset = None,
+    type: Annotated[Flow | None, Query(description="Only this flow.")] = None,
+    assetSymbol: AssetFilter = None,
+) -> Any:
+    items, next_seq = await _wallet(request).history(
+        user_id=userId, flow=type, asset_symbol=assetSymbol, page=_page(limit, cursor, offset)
+    )
+    return {"items": [_transaction_body(t) for t in items], "nextCursor": _encode_cursor(next_seq)}
+
+
+@router.get(
+    "/wallet/transactions/{userId}/{transactionId}",
+    response_model=schemas.AnyTransactionDetail,
+    responses=READ_PROBLEMS,
+)
+async def transaction(
+    request: Request,
+    userId: UserIdPath,
+    transactionId: Annotated[str, Path(min_length=1, max_length=64)],
+) -> Any:
+    found, found_entries = await _wallet(request).transaction(
+        user_id=userId, transaction_id=transactionId
+    )
+    return {**_transaction_body(found), "entries": [_entry_body(e) for e in found_entries]}
+
+
+@router.get("/wallet/ledger/{userId}", response_model=schemas.EntryPage, responses=READ_PROBLEMS)
+async def ledger(
+    request: Request,
+    userId: UserIdPath,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    offset: Offset = None,
+    assetSymbol: AssetFilter = None,
+) -> Any:
+    items, next_seq = await _wallet(request).ledger(
+        user_id=userId, asset_symbol=assetSymbol, page=_page(limit, cursor, offset)
+    )
+    return {"items": [_entry_body(e) for e in items], "nextCursor": _encode_cursor(next_seq)}

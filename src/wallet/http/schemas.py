@@ -1,0 +1,192 @@
+"""Request and response bodies of the HTTP contract. Bounds are checked here, at the edge, so
+nothing malformed reaches the database."""
+
+import json
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+
+from wallet.domain.ledger import MAX_AMOUNT, SYSTEM_PREFIX
+
+ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+MAX_METADATA_BYTES = 4096
+
+
+def _not_system(value: str) -> str:
+    if value.startswith(SYSTEM_PREFIX):
+        raise ValueError(f"ids beginning with {SYSTEM_PREFIX!r} name system accounts")
+    return value
+
+
+def _small_metadata(value: dict[str, str]) -> dict[str, str]:
+    if len(json.dumps(value, ensure_ascii=False).encode()) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata is larger than {MAX_METADATA_BYTES} bytes")
+    return value
+
+
+UserIdText = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=ID_PATTERN)
+]
+NewUserId = Annotated[UserIdText, AfterValidator(_not_system)]
+IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
+AssetSymbol = Annotated[str, StringConstraints(min_length=1, max_length=32)]
+Amount = Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT, description="Smallest units.")]
+FreeText = Annotated[str, StringConstraints(max_length=500)]
+Metadata = Annotated[dict[str, str], AfterValidator(_small_metadata)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FlowRequest(Strict):
+    userId: UserIdText
+    assetSymbol: AssetSymbol
+    amount: Amount
+    idempotencyKey: IdempotencyKey | None = Field(
+        default=None, description="Or the Idempotency-Key header; if both are given they must match."
+    )
+
+
+class TopupRequest(FlowRequest):
+    metadata: Metadata | None = Field(default=None, description="String keys and values, at most 4 KiB.")
+
+
+class BonusRequest(FlowRequest):
+    reason: FreeText | None = None
+
+
+class SpendRequest(FlowRequest):
+    description: FreeText | None = None
+
+
+class NewUser(Strict):
+    id: NewUserId | None = Field(default=None, description="Made by the service when absent.")
+    email: EmailStr
+    name: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+
+
+class UserOut(BaseModel):
+    id: str
+    email: str
+    name: str
+    createdAt: datetime
+
+
+class AssetOut(BaseModel):
+    symbol: str
+    name: str
+    description: str
+
+
+class TransactionBase(BaseModel):
+    transactionId: str
+    type: Literal["topup", "bonus", "spend"]
+    status: Literal["completed"]
+    userId: str
+    assetSymbol: str
+    amount: int
+    balanceAfter: int = Field(description="The user's balance of the asset right after this transaction.")
+    idempotencyKey: str
+    createdAt: datetime
+
+
+class TopupTransaction(TransactionBase):
+    type: Literal["topup"]
+    metadata: dict[str, str] | None
+
+
+class BonusTransaction(TransactionBase):
+    type: Literal["bonus"]
+    reason: str | None
+
+
+class SpendTransaction(TransactionBase):
+    type: Literal["spend"]
+    description: str | None
+
+
+AnyTransaction = Annotated[
+    TopupTransaction | BonusTransaction | SpendTransaction, Field(discriminator="type")
+]
+
+
+class EntryOut(BaseModel):
+    entryId: str
+    transactionId: str
+    account: str
+    assetSymbol: str
+    direction: Literal["debit", "credit"]
+    amount: int
+    balanceAfter: int
+    createdAt: datetime
+
+
+class TopupDetail(TopupTransaction):
+    entries: list[EntryOut]
+
+
+class BonusDetail(BonusTransaction):
+    entries: list[EntryOut]
+
+
+class SpendDetail(SpendTransaction):
+    entries: list[EntryOut]
+
+
+AnyTransactionDetail = Annotated[
+    TopupDetail | BonusDetail | SpendDetail, Field(discriminator="type")
+]
+
+
+class UserPage(BaseModel):
+    items: list[UserOut]
+    nextCursor: str | None
+
+
+class TransactionPage(BaseModel):
+    items: list[AnyTransaction]
+    nextCursor: str | None
+
+
+class EntryPage(BaseModel):
+    items: list[EntryOut]
+    nextCursor: str | None
+
+
+class Balance(BaseModel):
+    userId: str
+    assetSymbol: str
+    balance: int
+
+
+class AssetBalance(BaseModel):
+    assetSymbol: str
+    balance: int
+
+
+class Balances(BaseModel):
+    userId: str
+    balances: list[AssetBalance]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    database: Literal["ok", "unavailable"]
+
+
+class FieldError(BaseModel):
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem; `code` is stable and meant for clients to branch on."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    errors: list[FieldError] | None = Field(default=None, description="With validation_error only.")

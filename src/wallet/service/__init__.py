@@ -1,0 +1,1 @@
+"""Use cases: they own database transactions and idempotency."""

@@ -1,0 +1,141 @@
+"""The posting engine: applies a batch of commands in one database transaction and returns one
+outcome per command, in order. A command that fails (unknown user, insufficient funds, a reused
+key) fails alone; the others still apply."""
+
+import asyncio
+import random
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import uuid_utils
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from wallet.domain.errors import IdempotencyKeyReused, UnknownAsset, UnknownUser, WalletError
+from wallet.domain.ledger import (
+    AccountId,
+    Command,
+    Direction,
+    Entry,
+    Posted,
+    Transaction,
+    TransactionId,
+    move,
+)
+from wallet.store import ledger
+from wallet.store.database import Database, TransientConflict
+
+Outcome = Posted | WalletError
+MAX_ATTEMPTS = 5
+
+
+async def post(database: Database, commands: Sequence[Command]) -> list[Outcome]:
+    """Apply `commands` in arrival order in one transaction, retrying it on a transient conflict."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            async with database.transaction(is_write=True) as connection:
+                return await _apply(connection, commands)
+        except TransientConflict:
+            if attempt == MAX_ATTEMPTS:
+                raise
+            await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))  # jittered backoff
+    raise AssertionError("unreachable")
+
+
+async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> list[Outcome]:
+    outcomes: list[Outcome | None] = [None] * len(commands)
+
+    users = await ledger.existing_users(connection, (c.user_id for c in commands))
+    assets = await ledger.existing_assets(connection, (c.asset_symbol for c in commands))
+    for index, command in enumerate(commands):
+        if command.user_id not in users:
+            outcomes[index] = UnknownUser(f"user {command.user_id} does not exist")
+        elif command.asset_symbol not in assets:
+            outcomes[index] = UnknownAsset(f"asset {command.asset_symbol} does not exist")
+    valid = [(i, c) for i, c in enumerate(commands) if outcomes[i] is None]
+
+    keys = {c.idempotency_key for _, c in valid}
+    claimed = await ledger.claim_keys(connection, keys)
+    stored = await ledger.stored_requests(connection, keys - claimed)
+
+    balances = await ledger.lock_balances(
+        connection,
+        {
+            (account, c.asset_symbol)
+            for _, c in valid
+            if c.idempotency_key in claimed
+            for account in (c.debited, c.credited)
+        },
+    )
+    opening = dict(balances)
+    created_at = datetime.now(UTC)  # taken after the locks, so time follows the order of application
+    applied: dict[str, tuple[str, Transaction]] = {}
+    posted_entries: list[Entry] = []
+    for index, command in valid:
+        key = command.idempotency_key
+        if key not in claimed and key not in stored:
+            # Taken by a transaction this one cannot see yet (only under snapshot isolation).
+            raise TransientConflict(key)
+        fingerprint = command.fingerprint()
+        earlier = stored.get(key) or applied.get(key)
+        if earlier is not None:
+            outcomes[index] = _replay(command, fingerprint, *earlier)
+            continue
+        try:
+            move(balances, command)
+        except WalletError as error:
+            outcomes[index] = error
+            continue
+        transaction, pair = _record(command, balances, created_at)
+        applied[key] = (fingerprint, transaction)
+        posted_entries.extend(pair)
+        outcomes[index] = Posted(transaction, is_replay=False)
+
+    await ledger.update_balances(
+        connection, {k: v for k, v in balances.items() if v != opening[k]}
+    )
+    await ledger.insert_postings(connection, list(applied.values()), posted_entries)
+    await ledger.release_keys(connection, claimed - applied.keys())
+    return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _replay(
+    command: Command, fingerprint: str, stored_fingerprint: str, transaction: Transaction
+) -> Outcome:
+    if fingerprint != stored_fingerprint:
+        return IdempotencyKeyReused(
+            f"idempotency key {command.idempotency_key} was used for a different request"
+        )
+    return Posted(transaction, is_replay=True)
+
+
+def _record(
+    command: Command, balances: dict[ledger.BalanceKey, int], created_at: datetime
+) -> tuple[Transaction, tuple[Entry, Entry]]:
+    transaction_id = TransactionId(str(uuid_utils.uuid7()))
+    asset = command.asset_symbol
+
+    def entry(account: AccountId, direction: Direction) -> Entry:
+        return Entry(
+            id=str(uuid_utils.uuid7()),
+            transaction_id=transaction_id,
+            account_id=account,
+            asset_symbol=asset,
+            direction=direction,
+            amount=command.amount,
+            balance_after=balances[(account, asset)],
+            created_at=created_at,
+        )
+
+    transaction = Transaction(
+        id=transaction_id,
+        flow=command.flow,
+        user_id=command.user_id,
+        asset_symbol=asset,
+        amount=command.amount,
+        balance_after=balances[(AccountId(command.user_id), asset)],
+        idempotency_key=command.idempotency_key,
+        note=command.note,
+        metadata=command.metadata,
+        created_at=created_at,
+    )
+    return transaction, (entry(command.debited, Direction.DEBIT), entry(command.credited, Direction.CREDIT))

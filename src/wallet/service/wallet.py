@@ -1,0 +1,133 @@
+"""The wallet's use cases: the three flows, users, and the reads the API serves."""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import uuid_utils
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from wallet.domain.errors import UnknownAsset, UnknownTransaction, UnknownUser, UserExists
+from wallet.domain.ledger import Asset, Command, Entry, Flow, Posted, Transaction, User, UserId
+from wallet.service.posting import post
+from wallet.store import queries
+from wallet.store.database import Database
+
+T = TypeVar("T")
+Page = tuple[list[T], int | None]  # the items, and the cursor (a `seq`) of the next page
+
+
+@dataclass(frozen=True, slots=True)
+class PageRequest:
+    limit: int = 50
+    before: int | None = None
+    offset: int | None = None
+
+
+class Wallet:
+    """The service's entry point for every adapter (HTTP, CLI)."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def execute(self, command: Command) -> Posted:
+        """Apply one flow, or raise the domain error that stopped it."""
+        (outcome,) = await post(self.database, [command])
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def assets(self) -> list[Asset]:
+        async with self.database.transaction(is_write=False) as connection:
+            return await queries.list_assets(connection)
+
+    async def create_user(self, *, user_id: str | None, email: str, name: str) -> User:
+        async with self.database.transaction(is_write=True) as connection:
+            user = await queries.insert_user(
+                connection,
+                user_id=user_id or str(uuid_utils.uuid7()),
+                email=email,
+                name=name,
+                created_at=datetime.now(UTC),
+            )
+        if user is None:
+            raise UserExists(f"user {user_id} already exists")
+        return user
+
+    async def user(self, *, user_id: str) -> User:
+        async with self.database.transaction(is_write=False) as connection:
+            return await _require_user(connection, user_id)
+
+    async def users(self, *, page: PageRequest) -> Page[User]:
+        async with self.database.transaction(is_write=False) as connection:
+            return await queries.list_users(
+                connection, limit=page.limit, before=page.before, offset=page.offset
+            )
+
+    async def balance(self, *, user_id: str, asset_symbol: str) -> int:
+        async with self.database.transaction(is_write=False) as connection:
+            await _require_user(connection, user_id)
+            await _require_asset(connection, asset_symbol)
+            return await queries.balance_of(connection, user_id=user_id, asset_symbol=asset_symbol)
+
+    async def balances(self, *, user_id: str) -> list[tuple[str, int]]:
+        async with self.database.transaction(is_write=False) as connection:
+            await _require_user(connection, user_id)
+            return await queries.balances_of(connection, user_id=user_id)
+
+    async def history(
+        self, *, user_id: str, flow: Flow | None, asset_symbol: str | None, page: PageRequest
+    ) -> Page[Transaction]:
+        async with self.database.transaction(is_write=False) as connection:
+            await _require_user(connection, user_id)
+            if asset_symbol is not None:
+                await _require_asset(connection, asset_symbol)
+            return await queries.list_transactions(
+                connection,
+                user_id=user_id,
+                flow=flow,
+                asset_symbol=asset_symbol,
+                limit=page.limit,
+                before=page.before,
+                offset=page.offset,
+            )
+
+    async def transaction(
+        self, *, user_id: str, transaction_id: str
+    ) -> tuple[Transaction, list[Entry]]:
+        async with self.database.transaction(is_write=False) as connection:
+            await _require_user(connection, user_id)
+            found = await queries.find_transaction(
+                connection, user_id=user_id, transaction_id=transaction_id
+            )
+        if found is None:
+            raise UnknownTransaction(f"transaction {transaction_id} of user {user_id} does not exist")
+        return found
+
+    async def ledger(
+        self, *, user_id: str, asset_symbol: str | None, page: PageRequest
+    ) -> Page[Entry]:
+        async with self.database.transaction(is_write=False) as connection:
+            await _require_user(connection, user_id)
+            if asset_symbol is not None:
+                await _require_asset(connection, asset_symbol)
+            return await queries.list_entries(
+                connection,
+                account_id=user_id,
+                asset_symbol=asset_symbol,
+                limit=page.limit,
+                before=page.before,
+                offset=page.offset,
+            )
+
+
+async def _require_user(connection: AsyncConnection, user_id: str) -> User:
+    user = await queries.find_user(connection, user_id)
+    if user is None:
+        raise UnknownUser(f"user {user_id} does not exist")
+    return user
+
+
+async def _require_asset(connection: AsyncConnection, asset_symbol: str) -> None:
+    if not await queries.asset_exists(connection, asset_symbol):
+        raise UnknownAsset(f"asset {asset_symbol} does not exist")

@@ -1,0 +1,20 @@
+"""Typed settings, read once from the environment (prefix WALLET_) at the edge and passed down."""
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the service can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="WALLET_", frozen=True)
+
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///wallet.db",
+        description="SQLAlchemy URL: sqlite+aiosqlite:///FILE (default) or postgresql+asyncpg://...",
+    )
+    database_pool_size: int = Field(default=20, ge=1, le=500, description="Connections per worker.")
+    database_timeout_s: float = Field(
+        default=5.0, gt=0, description="Connect, pool-wait and statement timeout in seconds."
+    )
+    log_level: str = Field(default="info", description="debug, info, warning or error.")

@@ -1,0 +1,111 @@
+"""Engine and transactions: PostgreSQL through asyncpg, or an embedded SQLite file through aiosqlite.
+Every database error leaves this module as a domain error or as `TransientConflict`."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event, exc
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from wallet.domain.errors import Conflict, DatabaseUnavailable
+from wallet.settings import Settings
+
+# Serialization failure and deadlock: the transaction did nothing and may simply run again.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+SQLITE_WRITE = "wallet_sqlite_write"
+
+
+class TransientConflict(Exception):
+    """The database aborted the transaction for a reason a retry resolves."""
+
+
+def create_engine(settings: Settings) -> AsyncEngine:
+    """An engine for the configured URL, tuned for this service's transactions."""
+    url = sa.make_url(settings.database_url)
+    timeout = settings.database_timeout_s
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(url, pool_timeout=timeout)
+        _use_explicit_sqlite_transactions(engine, busy_timeout_ms=int(timeout * 1000))
+        return engine
+    return create_async_engine(
+        url,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_pool_size // 2,
+        pool_timeout=timeout,
+        pool_pre_ping=True,  # a restarted database costs one failed ping, not failed requests
+        connect_args={"timeout": timeout, "command_timeout": timeout},
+    )
+
+
+def _use_explicit_sqlite_transactions(engine: AsyncEngine, *, busy_timeout_ms: int) -> None:
+    """Writers start with BEGIN IMMEDIATE: the sqlite3 driver's lazy DEFERRED BEGIN lets two
+    writers both read, then fails one with 'database is locked'."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver issues no BEGIN of its own
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def on_begin(connection: sa.Connection) -> None:
+        is_write = connection.get_execution_options().get(SQLITE_WRITE, False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if is_write else "BEGIN")
+
+
+class Database:
+    """Owns the engine; hands out one connection in one transaction at a time."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @asynccontextmanager
+    async def transaction(
+        self, *, is_write: bool, is_snapshot: bool = False
+    ) -> AsyncIterator[AsyncConnection]:
+        """A connection inside a transaction that commits when the block ends and rolls back
+        if it raises. A snapshot transaction sees one state of the database throughout (SQLite's
+        read transactions always do)."""
+        try:
+            async with self.engine.connect() as connection:
+                if is_write and self.dialect == "sqlite":
+                    await connection.execution_options(**{SQLITE_WRITE: True})
+                if is_snapshot and self.dialect == "postgresql":
+                    await connection.execution_options(isolation_level="REPEATABLE READ")
+                async with connection.begin():
+                    yield connection
+        except exc.DBAPIError as error:
+            raise _translate(error) from error
+        except (exc.TimeoutError, OSError) as error:
+            raise DatabaseUnavailable("the database cannot be reached") from error
+
+    async def is_reachable(self) -> bool:
+        """True when a trivial query succeeds."""
+        try:
+            async with self.transaction(is_write=False) as connection:
+                await connection.execute(sa.text("SELECT 1"))
+        except DatabaseUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _translate(error: exc.DBAPIError) -> Exception:
+    sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+    if sqlstate in RETRYABLE_SQLSTATES:
+        return TransientConflict(str(sqlstate))
+    if isinstance(error, exc.IntegrityError | exc.DataError):
+        return Conflict("the request conflicts with the stored data")
+    return DatabaseUnavailable("the database cannot be reached")

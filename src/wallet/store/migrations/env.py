@@ -1,0 +1,34 @@
+"""Alembic environment: runs on the connection `wallet migrate` passes in, or on WALLET_DATABASE_URL."""
+
+import asyncio
+
+from alembic import context
+from sqlalchemy import Connection
+
+from wallet.settings import Settings
+from wallet.store.database import create_engine
+from wallet.store.tables import metadata
+
+
+def run_migrations(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_on_configured_database() -> None:
+    engine = create_engine(Settings())
+    async with engine.begin() as connection:
+        await connection.run_sync(run_migrations)
+    await engine.dispose()
+
+
+shared_connection = context.config.attributes.get("connection")
+if shared_connection is not None:
+    run_migrations(shared_connection)
+else:
+    asyncio.run(run_on_configured_database())

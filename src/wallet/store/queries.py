@@ -1,0 +1,202 @@
+"""Every read the API serves. Lists are newest first by `seq`, the order of application, and
+page by keyset (`seq` below the cursor) so deep pages cost what the first page costs."""
+
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from wallet.domain.ledger import (
+    AccountId,
+    Asset,
+    Direction,
+    Entry,
+    Flow,
+    Transaction,
+    TransactionId,
+    User,
+    UserId,
+)
+from wallet.store.ledger import insert_on_conflict, as_utc, to_transaction
+from wallet.store.tables import accounts, assets, balances, entries, transactions
+
+T = TypeVar("T")
+
+
+async def list_assets(connection: AsyncConnection) -> list[Asset]:
+    rows = await connection.execute(sa.select(assets).order_by(assets.c.symbol))
+    return [Asset(r.symbol, r.name, r.description) for r in rows]
+
+
+async def asset_exists(connection: AsyncConnection, symbol: str) -> bool:
+    row = await connection.execute(sa.select(assets.c.symbol).where(assets.c.symbol == symbol))
+    return row.first() is not None
+
+
+async def find_user(connection: AsyncConnection, user_id: str) -> User | None:
+    row = (
+        await connection.execute(
+            sa.select(accounts).where(accounts.c.id == user_id, ~accounts.c.is_system)
+        )
+    ).first()
+    return _to_user(row) if row else None
+
+
+async def insert_user(
+    connection: AsyncConnection, *, user_id: str, email: str, name: str, created_at: datetime
+) -> User | None:
+    """Insert the user, or return None when the id is taken."""
+    row = (
+        await connection.execute(
+            insert_on_conflict(connection, accounts)
+            .values(id=user_id, is_system=False, email=email, name=name, created_at=created_at)
+            .on_conflict_do_nothing(index_elements=["id"])
+            .returning(accounts)
+        )
+    ).first()
+    return _to_user(row) if row else None
+
+
+async def insert_system_accounts(
+    connection: AsyncConnection, names: dict[str, str], *, created_at: datetime
+) -> None:
+    await connection.execute(
+        insert_on_conflict(connection, accounts)
+        .values(
+            [
+                {"id": i, "is_system": True, "name": n, "created_at": created_at}
+                for i, n in names.items()
+            ]
+        )
+        .on_conflict_do_nothing(index_elements=["id"])
+    )
+
+
+async def insert_assets(connection: AsyncConnection, new_assets: Sequence[Asset]) -> None:
+    await connection.execute(
+        insert_on_conflict(connection, assets)
+        .values([{"symbol": a.symbol, "name": a.name, "description": a.description} for a in new_assets])
+        .on_conflict_do_nothing(index_elements=["symbol"])
+    )
+
+
+async def list_users(
+    connection: AsyncConnection, *, limit: int, before: int | None, offset: int | None
+) -> tuple[list[User], int | None]:
+    query = sa.select(accounts).where(~accounts.c.is_system)
+    return await _page(connection, query, accounts.c.seq, _to_user, limit, before, offset)
+
+
+async def balance_of(connection: AsyncConnection, *, user_id: str, asset_symbol: str) -> int:
+    row = await connection.execute(
+        sa.select(balances.c.balance).where(
+            balances.c.account_id == user_id, balances.c.asset_symbol == asset_symbol
+        )
+    )
+    return row.scalar() or 0
+
+
+async def balances_of(connection: AsyncConnection, *, user_id: str) -> list[tuple[str, int]]:
+    """Every asset with the user's balance of it, zero where the user never held it."""
+    rows = await connection.execute(
+        sa.select(assets.c.symbol, sa.func.coalesce(balances.c.balance, 0))
+        .select_from(
+            assets.outerjoin(
+                balances,
+                sa.and_(balances.c.asset_symbol == assets.c.symbol, balances.c.account_id == user_id),
+            )
+        )
+        .order_by(assets.c.symbol)
+    )
+    return [(symbol, balance) for symbol, balance in rows.tuples()]
+
+
+async def list_transactions(
+    connection: AsyncConnection,
+    *,
+    user_id: str,
+    flow: Flow | None,
+    asset_symbol: str | None,
+    limit: int,
+    before: int | None,
+    offset: int | None,
+) -> tuple[list[Transaction], int | None]:
+    query = sa.select(transactions).where(transactions.c.user_id == user_id)
+    if flow is not None:
+        query = query.where(transactions.c.type == flow.value)
+    if asset_symbol is not None:
+        query = query.where(transactions.c.asset_symbol == asset_symbol)
+    return await _page(connection, query, transactions.c.seq, to_transaction, limit, before, offset)
+
+
+async def find_transaction(
+    connection: AsyncConnection, *, user_id: str, transaction_id: str
+) -> tuple[Transaction, list[Entry]] | None:
+    row = (
+        await connection.execute(
+            sa.select(transactions).where(
+                transactions.c.id == transaction_id, transactions.c.user_id == user_id
+            )
+        )
+    ).first()
+    if row is None:
+        return None
+    entry_rows = await connection.execute(
+        sa.select(entries).where(entries.c.transaction_id == transaction_id).order_by(entries.c.seq)
+    )
+    return to_transaction(row), [_to_entry(r) for r in entry_rows]
+
+
+async def list_entries(
+    connection: AsyncConnection,
+    *,
+    account_id: str,
+    asset_symbol: str | None,
+    limit: int,
+    before: int | None,
+    offset: int | None,
+) -> tuple[list[Entry], int | None]:
+    query = sa.select(entries).where(entries.c.account_id == account_id)
+    if asset_symbol is not None:
+        query = query.where(entries.c.asset_symbol == asset_symbol)
+    return await _page(connection, query, entries.c.seq, _to_entry, limit, before, offset)
+
+
+async def _page(
+    connection: AsyncConnection,
+    query: sa.Select[Any],
+    seq: sa.ColumnElement[int],
+    convert: Callable[[sa.Row[Any]], T],
+    limit: int,
+    before: int | None,
+    offset: int | None,
+) -> tuple[list[T], int | None]:
+    """One page newest first, and the cursor of the next page (None on the last)."""
+    if before is not None:
+        query = query.where(seq < before)
+    query = query.order_by(seq.desc()).limit(limit + 1)
+    if offset:
+        query = query.offset(offset)
+    rows = list(await connection.execute(query))
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    return [convert(r) for r in rows], (rows[-1].seq if has_more else None)
+
+
+def _to_user(row: sa.Row[Any]) -> User:
+    return User(UserId(row.id), row.email, row.name, as_utc(row.created_at))
+
+
+def _to_entry(row: sa.Row[Any]) -> Entry:
+    return Entry(
+        id=row.id,
+        transaction_id=TransactionId(row.transaction_id),
+        account_id=AccountId(row.account_id),
+        asset_symbol=row.asset_symbol,
+        direction=Direction(row.direction),
+        amount=row.amount,
+        balance_after=row.balance_after,
+        created_at=as_utc(row.created_at),
+    )
