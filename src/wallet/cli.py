@@ -16,7 +16,10 @@ from wallet.store.database import Database, create_engine
 from wallet.store.migrate import migrate as migrate_schema
 
 app = typer.Typer(
-    help="The wallet service.", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+    help="The wallet service.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
 )
 console = Console()
 R = TypeVar("R")

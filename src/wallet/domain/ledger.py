@@ -148,7 +148,7 @@ def move(balances: dict[tuple[AccountId, str], int], command: Command) -> None:
             f"balance of {command.asset_symbol} is {balances[debited]}, "
             f"less than the {command.amount} asked for"
         )
-    if not (MIN_BALANCE <= debited_after and credited_after <= MAX_BALANCE):
+    if not (debited_after >= MIN_BALANCE and credited_after <= MAX_BALANCE):
         raise BalanceLimitExceeded(f"the {command.flow} would take a balance past 64 bits")
     balances[debited] = debited_after
     balances[credited] = credited_after

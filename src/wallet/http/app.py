@@ -30,7 +30,9 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await database.close()
 
-    app = FastAPI(title="Wallet service", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="Wallet service", version="1.0.0", description=DESCRIPTION, lifespan=lifespan
+    )
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(BodyLimits)
@@ -41,7 +43,9 @@ def create_app(settings: Settings) -> FastAPI:
                 title=app.title, version=app.version, description=app.description, routes=app.routes
             )
             components = document.setdefault("components", {}).setdefault("schemas", {})
-            problem_schema = schemas.Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+            problem_schema = schemas.Problem.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
             components.update(problem_schema.pop("$defs", {}))
             components["Problem"] = problem_schema
             app.openapi_schema = document

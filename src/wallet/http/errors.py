@@ -66,7 +66,10 @@ async def on_validation_error(_request: Request, error: Exception) -> JSONRespon
     if any(e["type"] == "json_invalid" for e in error.errors()):
         return problem(400, "malformed_json", "the body is not valid JSON")
     field_errors = [
-        {"field": ".".join(str(part) for part in e["loc"][1:]) or str(e["loc"][0]), "message": e["msg"]}
+        {
+            "field": ".".join(str(part) for part in e["loc"][1:]) or str(e["loc"][0]),
+            "message": e["msg"],
+        }
         for e in error.errors()
     ]
     return problem(422, "validation_error", "the request is invalid", errors=field_errors)

@@ -41,7 +41,10 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the problem+json answers a route can give."""
     schema = {"$ref": "#/components/schemas/Problem"}
     return {
-        status: {"description": "A problem", "content": {"application/problem+json": {"schema": schema}}}
+        status: {
+            "description": "A problem",
+            "content": {"application/problem+json": {"schema": schema}},
+        }
         for status in statuses
     }
 
@@ -238,7 +241,9 @@ async def spend(
 
 
 @router.get(
-    "/wallet/balance/{userId}/{assetSymbol}", response_model=schemas.Balance, responses=READ_PROBLEMS
+    "/wallet/balance/{userId}/{assetSymbol}",
+    response_model=schemas.Balance,
+    responses=READ_PROBLEMS,
 )
 async def balance(request: Request, userId: UserIdPath, assetSymbol: AssetPath) -> Any:
     amount = await _wallet(request).balance(user_id=userId, asset_symbol=assetSymbol)

@@ -25,9 +25,7 @@ def _small_metadata(value: dict[str, str]) -> dict[str, str]:
     return value
 
 
-UserIdText = Annotated[
-    str, StringConstraints(min_length=1, max_length=64, pattern=ID_PATTERN)
-]
+UserIdText = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=ID_PATTERN)]
 NewUserId = Annotated[UserIdText, AfterValidator(_not_system)]
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
 AssetSymbol = Annotated[str, StringConstraints(min_length=1, max_length=32)]
@@ -45,12 +43,15 @@ class FlowRequest(Strict):
     assetSymbol: AssetSymbol
     amount: Amount
     idempotencyKey: IdempotencyKey | None = Field(
-        default=None, description="Or the Idempotency-Key header; if both are given they must match."
+        default=None,
+        description="Or the Idempotency-Key header; if both are given they must match.",
     )
 
 
 class TopupRequest(FlowRequest):
-    metadata: Metadata | None = Field(default=None, description="String keys and values, at most 4 KiB.")
+    metadata: Metadata | None = Field(
+        default=None, description="String keys and values, at most 4 KiB."
+    )
 
 
 class BonusRequest(FlowRequest):
@@ -87,7 +88,9 @@ class TransactionBase(BaseModel):
     userId: str
     assetSymbol: str
     amount: int
-    balanceAfter: int = Field(description="The user's balance of the asset right after this transaction.")
+    balanceAfter: int = Field(
+        description="The user's balance of the asset right after this transaction."
+    )
     idempotencyKey: str
     createdAt: datetime
 

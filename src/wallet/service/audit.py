@@ -28,10 +28,15 @@ async def verify(database: Database) -> list[Check]:
         Check("per-asset balances sum to zero", [f"{r.asset_symbol}: {r.total}" for r in sums]),
         Check(
             "balances equal their ledger replay",
-            [f"{r[0]} {r[1]}: balance {r[2]}, ledger {r[3]}" for r in off]
+            [
+                f"{r.account_id} {r.asset_symbol}: balance {r.balance}, ledger {r.replayed}"
+                for r in off
+            ]
             + [f"{r.account_id} {r.asset_symbol}: entries without a balance" for r in orphans],
         ),
-        Check("each transaction has one debit and one credit", [f"transaction {r.id}" for r in pairs]),
+        Check(
+            "each transaction has one debit and one credit", [f"transaction {r.id}" for r in pairs]
+        ),
         Check(
             "balanceAfter chains replay",
             [f"entry {r.id} ({r.account_id} {r.asset_symbol})" for r in chains],

@@ -67,7 +67,9 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         },
     )
     opening = dict(balances)
-    created_at = datetime.now(UTC)  # taken after the locks, so time follows the order of application
+    created_at = datetime.now(
+        UTC
+    )  # taken after the locks, so time follows the order of application
     applied: dict[str, tuple[str, Transaction]] = {}
     posted_entries: list[Entry] = []
     for index, command in valid:
@@ -90,9 +92,7 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         posted_entries.extend(pair)
         outcomes[index] = Posted(transaction, is_replay=False)
 
-    await ledger.update_balances(
-        connection, {k: v for k, v in balances.items() if v != opening[k]}
-    )
+    await ledger.update_balances(connection, {k: v for k, v in balances.items() if v != opening[k]})
     await ledger.insert_postings(connection, list(applied.values()), posted_entries)
     await ledger.release_keys(connection, claimed - applied.keys())
     return [outcome for outcome in outcomes if outcome is not None]
@@ -138,4 +138,7 @@ def _record(
         metadata=command.metadata,
         created_at=created_at,
     )
-    return transaction, (entry(command.debited, Direction.DEBIT), entry(command.credited, Direction.CREDIT))
+    return transaction, (
+        entry(command.debited, Direction.DEBIT),
+        entry(command.credited, Direction.CREDIT),
+    )

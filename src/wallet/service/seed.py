@@ -1,5 +1,5 @@
 """`wallet seed`: the asset types, system accounts and demo users of the API contract. Opening
-balances are posted through the ledger with fixed idempotency keys, so seeding twice changes nothing."""
+balances go through the ledger with fixed idempotency keys, so seeding twice changes nothing."""
 
 from datetime import UTC, datetime
 
@@ -14,7 +14,7 @@ ASSETS = (
     Asset("DIAMONDS", "Diamonds", "The premium currency."),
     Asset("LOYALTY_POINTS", "Loyalty Points", "Points earned by playing and buying."),
 )
-SYSTEM_ACCOUNTS = {
+SYSTEM_ACCOUNTS: dict[str, str] = {
     SystemAccount.TREASURY: "Treasury",
     SystemAccount.BONUS_POOL: "Bonus pool",
     SystemAccount.REVENUE: "Revenue",

@@ -8,7 +8,7 @@ import uuid_utils
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wallet.domain.errors import UnknownAsset, UnknownTransaction, UnknownUser, UserExists
-from wallet.domain.ledger import Asset, Command, Entry, Flow, Posted, Transaction, User, UserId
+from wallet.domain.ledger import Asset, Command, Entry, Flow, Posted, Transaction, User
 from wallet.service.posting import post
 from wallet.store import queries
 from wallet.store.database import Database
@@ -101,7 +101,9 @@ class Wallet:
                 connection, user_id=user_id, transaction_id=transaction_id
             )
         if found is None:
-            raise UnknownTransaction(f"transaction {transaction_id} of user {user_id} does not exist")
+            raise UnknownTransaction(
+                f"transaction {transaction_id} of user {user_id} does not exist"
+            )
         return found
 
     async def ledger(

@@ -7,7 +7,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wallet.store.tables import balances, entries, transactions
 
-signed_amount = sa.case((entries.c.direction == "credit", entries.c.amount), else_=-entries.c.amount)
+signed_amount = sa.case(
+    (entries.c.direction == "credit", entries.c.amount), else_=-entries.c.amount
+)
 
 
 async def nonzero_asset_sums(connection: AsyncConnection) -> list[sa.Row[Any]]:
@@ -33,7 +35,7 @@ async def balances_off_ledger(connection: AsyncConnection) -> list[sa.Row[Any]]:
         .group_by(entries.c.account_id, entries.c.asset_symbol)
         .subquery()
     )
-    replayed_total = sa.func.coalesce(replayed.c.replayed, 0)
+    replayed_total = sa.func.coalesce(replayed.c.replayed, 0).label("replayed")
     return list(
         await connection.execute(
             sa.select(
@@ -86,7 +88,9 @@ async def broken_pairs(connection: AsyncConnection) -> list[sa.Row[Any]]:
             .select_from(
                 transactions.outerjoin(
                     debit,
-                    sa.and_(debit.c.transaction_id == transactions.c.id, debit.c.direction == "debit"),
+                    sa.and_(
+                        debit.c.transaction_id == transactions.c.id, debit.c.direction == "debit"
+                    ),
                 ).outerjoin(
                     credit,
                     sa.and_(

@@ -1,4 +1,4 @@
-"""Engine and transactions: PostgreSQL through asyncpg, or an embedded SQLite file through aiosqlite.
+"""Engine and transactions: PostgreSQL through asyncpg, or an embedded SQLite file (aiosqlite).
 Every database error leaves this module as a domain error or as `TransientConflict`."""
 
 from collections.abc import AsyncIterator

@@ -39,7 +39,7 @@ async def existing_assets(connection: AsyncConnection, symbols: Iterable[str]) -
 async def claim_keys(connection: AsyncConnection, keys: Iterable[str]) -> set[str]:
     """Insert the keys not yet taken and return them. On PostgreSQL a key that another
     transaction holds uncommitted makes this wait for that transaction to end. Keys go in sorted
-    order, so two batches claiming the same keys wait on each other in one order, never in a cycle."""
+    order, so two batches claiming the same keys wait on each other in one order, not in a cycle."""
     ordered = sorted(set(keys))
     if not ordered:
         return set()
@@ -56,7 +56,9 @@ async def release_keys(connection: AsyncConnection, keys: Iterable[str]) -> None
     """Forget claims whose commands failed: a failed request records nothing."""
     keys = set(keys)
     if keys:
-        await connection.execute(sa.delete(idempotency_keys).where(idempotency_keys.c.key.in_(keys)))
+        await connection.execute(
+            sa.delete(idempotency_keys).where(idempotency_keys.c.key.in_(keys))
+        )
 
 
 async def stored_requests(

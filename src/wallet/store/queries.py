@@ -1,7 +1,7 @@
 """Every read the API serves. Lists are newest first by `seq`, the order of application, and
 page by keyset (`seq` below the cursor) so deep pages cost what the first page costs."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -19,7 +19,7 @@ from wallet.domain.ledger import (
     User,
     UserId,
 )
-from wallet.store.ledger import insert_on_conflict, as_utc, to_transaction
+from wallet.store.ledger import as_utc, insert_on_conflict, to_transaction
 from wallet.store.tables import accounts, assets, balances, entries, transactions
 
 T = TypeVar("T")
@@ -60,7 +60,7 @@ async def insert_user(
 
 
 async def insert_system_accounts(
-    connection: AsyncConnection, names: dict[str, str], *, created_at: datetime
+    connection: AsyncConnection, names: Mapping[str, str], *, created_at: datetime
 ) -> None:
     await connection.execute(
         insert_on_conflict(connection, accounts)
@@ -77,7 +77,9 @@ async def insert_system_accounts(
 async def insert_assets(connection: AsyncConnection, new_assets: Sequence[Asset]) -> None:
     await connection.execute(
         insert_on_conflict(connection, assets)
-        .values([{"symbol": a.symbol, "name": a.name, "description": a.description} for a in new_assets])
+        .values(
+            [{"symbol": a.symbol, "name": a.name, "description": a.description} for a in new_assets]
+        )
         .on_conflict_do_nothing(index_elements=["symbol"])
     )
 
@@ -105,7 +107,9 @@ async def balances_of(connection: AsyncConnection, *, user_id: str) -> list[tupl
         .select_from(
             assets.outerjoin(
                 balances,
-                sa.and_(balances.c.asset_symbol == assets.c.symbol, balances.c.account_id == user_id),
+                sa.and_(
+                    balances.c.asset_symbol == assets.c.symbol, balances.c.account_id == user_id
+                ),
             )
         )
         .order_by(assets.c.symbol)

@@ -5,7 +5,7 @@ import sqlalchemy as sa
 
 metadata = sa.MetaData(
     naming_convention={
-                "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
         "ck": "ck_%(table_name)s_%(constraint_name)s",
         "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
         "pk": "pk_%(table_name)s",
@@ -45,7 +45,9 @@ balances = sa.Table(
     sa.Column("account_id", sa.String(64), sa.ForeignKey("accounts.id"), primary_key=True),
     sa.Column("asset_symbol", sa.String(32), sa.ForeignKey("assets.symbol"), primary_key=True),
     sa.Column("balance", sa.BigInteger(), nullable=False),
-    sa.CheckConstraint("balance >= 0 OR substr(account_id, 1, 7) = 'system:'", name="user_not_negative"),
+    sa.CheckConstraint(
+        "balance >= 0 OR substr(account_id, 1, 7) = 'system:'", name="user_not_negative"
+    ),
 )
 
 idempotency_keys = sa.Table(

@@ -1,4 +1,4 @@
-"""Alembic environment: runs on the connection `wallet migrate` passes in, or on WALLET_DATABASE_URL."""
+"""Alembic environment: on the connection `wallet migrate` passes, or on WALLET_DATABASE_URL."""
 
 import asyncio
 

@@ -1,0 +1,42 @@
+# The two commands a new machine needs: `make run` and `make test`. Both install what they use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+WORKERS ?= 1
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test lint typecheck pytest clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(BIN)/.installed ## Create .venv with the service and its pinned development tools
+
+run: install ## Migrate, seed and serve on the embedded SQLite file (WALLET_DATABASE_URL overrides)
+	$(BIN)/wallet migrate
+	$(BIN)/wallet seed
+	$(BIN)/wallet serve --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+lint: install ## ruff (lint and format) and the layer contract
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/lint-imports
+
+typecheck: install ## mypy --strict
+	$(BIN)/mypy
+
+pytest: install ## The test suite on SQLite and PostgreSQL
+	$(BIN)/pytest --junitxml=.test-results/junit.xml
+
+test: lint typecheck pytest ## Everything CI runs: lint, types, tests
+
+clean: ## Remove the virtualenv, caches and the local database
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .test-results wallet.db wallet.db-*
