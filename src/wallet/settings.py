@@ -17,4 +17,16 @@ class Settings(BaseSettings):
     database_timeout_s: float = Field(
         default=5.0, gt=0, description="Connect, pool-wait and statement timeout in seconds."
     )
+    batch_max_size: int = Field(
+        default=128,
+        ge=1,
+        le=1000,
+        description="Most commands in one transaction; 1 turns group commit off.",
+    )
+    batch_max_wait_ms: float = Field(
+        default=2.0,
+        ge=0,
+        le=1000,
+        description="Longest a command waits for others to share its transaction.",
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error.")

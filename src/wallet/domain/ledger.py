@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import NewType
 
-from wallet.domain.errors import BalanceLimitExceeded, InsufficientFunds
+from wallet.domain.errors import BalanceLimitExceeded, InsufficientFunds, InvalidRequest
 
 UserId = NewType("UserId", str)
 AccountId = NewType("AccountId", str)
@@ -139,6 +139,8 @@ class Posted:
 
 def move(balances: dict[tuple[AccountId, str], int], command: Command) -> None:
     """Apply the command's two entries to `balances` in place, or raise and change nothing."""
+    if not 1 <= command.amount <= MAX_AMOUNT:
+        raise InvalidRequest(f"amount must be from 1 to {MAX_AMOUNT}", field="amount")
     debited = (command.debited, command.asset_symbol)
     credited = (command.credited, command.asset_symbol)
     debited_after = balances[debited] - command.amount

@@ -12,6 +12,7 @@ from wallet.http.errors import install_error_handlers
 from wallet.http.limits import BodyLimits
 from wallet.http.routes import router
 from wallet.logs import configure_logging
+from wallet.service.batcher import Batcher
 from wallet.service.wallet import Wallet
 from wallet.settings import Settings
 from wallet.store.database import Database, create_engine
@@ -26,8 +27,19 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         database = Database(create_engine(settings))
-        app.state.wallet = Wallet(database)
+        batcher = (
+            Batcher(
+                database,
+                max_size=settings.batch_max_size,
+                max_wait_s=settings.batch_max_wait_ms / 1000,
+            )
+            if settings.batch_max_size > 1
+            else None
+        )
+        app.state.wallet = Wallet(database, batcher=batcher)
         yield
+        if batcher is not None:
+            await batcher.close()
         await database.close()
 
     app = FastAPI(

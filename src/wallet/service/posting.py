@@ -10,7 +10,13 @@ from datetime import UTC, datetime
 import uuid_utils
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from wallet.domain.errors import IdempotencyKeyReused, UnknownAsset, UnknownUser, WalletError
+from wallet.domain.errors import (
+    DatabaseUnavailable,
+    IdempotencyKeyReused,
+    UnknownAsset,
+    UnknownUser,
+    WalletError,
+)
 from wallet.domain.ledger import (
     AccountId,
     Command,
@@ -34,9 +40,11 @@ async def post(database: Database, commands: Sequence[Command]) -> list[Outcome]
         try:
             async with database.transaction(is_write=True) as connection:
                 return await _apply(connection, commands)
-        except TransientConflict:
+        except TransientConflict as conflict:
             if attempt == MAX_ATTEMPTS:
-                raise
+                raise DatabaseUnavailable(
+                    "the database kept aborting the transaction"
+                ) from conflict
             await asyncio.sleep(random.uniform(0, 0.005 * 2**attempt))  # jittered backoff
     raise AssertionError("unreachable")
 

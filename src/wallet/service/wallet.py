@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wallet.domain.errors import UnknownAsset, UnknownTransaction, UnknownUser, UserExists
 from wallet.domain.ledger import Asset, Command, Entry, Flow, Posted, Transaction, User
+from wallet.service.batcher import Batcher
 from wallet.service.posting import post
 from wallet.store import queries
 from wallet.store.database import Database
@@ -27,12 +28,17 @@ class PageRequest:
 class Wallet:
     """The service's entry point for every adapter (HTTP, CLI)."""
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, batcher: Batcher | None = None) -> None:
         self.database = database
+        self.batcher = batcher
 
     async def execute(self, command: Command) -> Posted:
-        """Apply one flow, or raise the domain error that stopped it."""
-        (outcome,) = await post(self.database, [command])
+        """Apply one flow, or raise the domain error that stopped it. With a batcher the command
+        shares a transaction with others that arrive together; without, it has its own."""
+        if self.batcher is not None:
+            outcome = await self.batcher.submit(command)
+        else:
+            (outcome,) = await post(self.database, [command])
         if isinstance(outcome, Exception):
             raise outcome
         return outcome

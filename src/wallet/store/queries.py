@@ -114,7 +114,7 @@ async def balances_of(connection: AsyncConnection, *, user_id: str) -> list[tupl
         )
         .order_by(assets.c.symbol)
     )
-    return [(symbol, balance) for symbol, balance in rows.tuples()]
+    return [(symbol, balance) for symbol, balance in rows]
 
 
 async def list_transactions(

@@ -1,0 +1,86 @@
+"""Group commit: commands that arrive together share one database transaction.
+
+Every flow moves a system account, so one transaction per request makes all requests queue on
+that row's lock and on each commit's flush. The batcher hands the posting engine up to
+`max_size` commands at once, gathered for at most `max_wait_s` after the first one arrives;
+each caller gets its own outcome, and only after the batch has committed."""
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+
+from wallet.domain.ledger import Command
+from wallet.service.posting import Outcome, post
+from wallet.store.database import Database
+
+
+@dataclass(slots=True)
+class _Pending:
+    command: Command
+    outcome: "asyncio.Future[Outcome]"
+
+
+class Batcher:
+    """One per process: a single task posts one batch (one transaction) at a time, while the
+    next batch gathers behind it."""
+
+    def __init__(self, database: Database, *, max_size: int, max_wait_s: float) -> None:
+        self.database = database
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self._waiting: list[_Pending] = []
+        self._arrived = asyncio.Event()
+        self._filled = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, command: Command) -> Outcome:
+        """Queue `command` and wait for its outcome; raises what failed its whole batch."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="wallet-batcher")
+        pending = _Pending(command, asyncio.get_running_loop().create_future())
+        self._waiting.append(pending)
+        self._arrived.set()
+        if len(self._waiting) >= self.max_size:
+            self._filled.set()
+        return await pending.outcome
+
+    async def close(self) -> None:
+        """Stop after the batch in flight; commands still waiting fail as cancelled."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for pending in self._waiting:
+            pending.outcome.cancel()
+        self._waiting.clear()
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._gather()
+            try:
+                outcomes = await post(self.database, [p.command for p in batch])
+            except asyncio.CancelledError:
+                for pending in batch:
+                    pending.outcome.cancel()
+                raise
+            except Exception as error:  # the whole batch failed: every caller hears of it
+                for pending in batch:
+                    if not pending.outcome.done():
+                        pending.outcome.set_exception(error)
+                continue
+            for pending, outcome in zip(batch, outcomes, strict=True):
+                if not pending.outcome.done():  # its caller may have gone away
+                    pending.outcome.set_result(outcome)
+
+    async def _gather(self) -> list[_Pending]:
+        """Wait for a first command, then up to `max_wait_s` for the batch to fill."""
+        while not self._waiting:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if len(self._waiting) < self.max_size:
+            self._filled.clear()
+            # Waiting on an Event (not on a queue's get) can time out without losing a command.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._filled.wait(), self.max_wait_s)
+        batch, self._waiting = self._waiting[: self.max_size], self._waiting[self.max_size :]
+        return batch

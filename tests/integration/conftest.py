@@ -1,0 +1,101 @@
+"""Fixtures of the integration suite: commands with fresh keys, direct SQL that bypasses the
+service (to tamper, or to test the database's own constraints), and a snapshot of the ledger."""
+
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from wallet.domain.ledger import Command, Flow, UserId
+from wallet.service.seed import ALICE
+from wallet.store.database import Database
+from wallet.store.tables import balances, entries, idempotency_keys, transactions
+
+MakeCommand = Callable[..., Command]
+
+
+@pytest.fixture
+def make_command() -> MakeCommand:
+    """A Command builder: Alice's GOLD_COINS unless told, with a fresh key unless given one."""
+
+    def build(
+        flow: Flow,
+        amount: int,
+        *,
+        user_id: str = ALICE,
+        asset: str = "GOLD_COINS",
+        key: str | None = None,
+        note: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Command:
+        return Command(
+            flow=flow,
+            user_id=UserId(user_id),
+            asset_symbol=asset,
+            amount=amount,
+            idempotency_key=key or f"test-{uuid.uuid4().hex}",
+            note=note,
+            metadata=metadata,
+        )
+
+    return build
+
+
+Sql = Callable[..., Awaitable[list[sa.Row[Any]]]]
+
+
+@pytest.fixture
+def sql(database: Database) -> Sql:
+    """Run one statement in its own committed transaction on the raw engine, so database errors
+    surface as SQLAlchemy's own (IntegrityError), not as the service's translation of them."""
+
+    async def run(statement: str | sa.Executable, **params: Any) -> list[sa.Row[Any]]:
+        if isinstance(statement, str):
+            statement = sa.text(statement)
+        async with database.engine.begin() as connection:
+            result = await connection.execute(statement, params)
+            return list(result) if result.returns_rows else []
+
+    return run
+
+
+LedgerState = dict[str, Any]
+
+
+@pytest.fixture
+def ledger_state(database: Database) -> Callable[[], Awaitable[LedgerState]]:
+    """Reads everything the posting engine writes: balances, transaction and entry ids, keys.
+    A zero balance counts as no balance: the engine may create a row at zero when it locks."""
+
+    async def read() -> LedgerState:
+        async with database.engine.connect() as connection:
+
+            async def column(selected: sa.ColumnElement[Any]) -> set[Any]:
+                return set((await connection.execute(sa.select(selected))).scalars())
+
+            held = await connection.execute(sa.select(balances))
+            return {
+                "balances": {(r.account_id, r.asset_symbol): r.balance for r in held if r.balance},
+                "transactions": await column(transactions.c.id),
+                "entries": await column(entries.c.id),
+                "idempotency_keys": await column(idempotency_keys.c.key),
+            }
+
+    return read
+
+
+@pytest.fixture
+def account_balance(sql: Sql) -> Callable[..., Awaitable[int]]:
+    """The stored balance of any account, system accounts included; 0 without a row."""
+
+    async def read(account_id: str, asset_symbol: str = "GOLD_COINS") -> int:
+        rows = await sql(
+            sa.select(balances.c.balance).where(
+                balances.c.account_id == account_id, balances.c.asset_symbol == asset_symbol
+            )
+        )
+        return rows[0].balance if rows else 0
+
+    return read

@@ -1,0 +1,208 @@
+"""Each flow through Wallet.execute: which accounts move, the two entries it writes, and the
+errors that stop it without changing anything."""
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from wallet.domain.errors import BalanceLimitExceeded, InsufficientFunds, UnknownAsset, UnknownUser
+from wallet.domain.ledger import MAX_BALANCE, MIN_BALANCE, Direction, Flow, SystemAccount
+from wallet.service.seed import ALICE, BOB
+from wallet.service.wallet import Wallet
+
+MakeCommand = Callable[..., Any]
+AccountBalance = Callable[..., Awaitable[int]]
+ReadState = Callable[[], Awaitable[dict[str, Any]]]
+
+TREASURY = SystemAccount.TREASURY
+BONUS_POOL = SystemAccount.BONUS_POOL
+REVENUE = SystemAccount.REVENUE
+
+
+async def set_gold_balance(sql: Callable[..., Awaitable[Any]], account: str, value: int) -> None:
+    """Put a balance near a limit directly: reaching it through flows would take thousands."""
+    await sql(
+        "UPDATE balances SET balance = :value"
+        " WHERE account_id = :account AND asset_symbol = 'GOLD_COINS'",
+        value=value,
+        account=account,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flow", "debited", "credited", "alice_after"),
+    [
+        (Flow.TOPUP, TREASURY, ALICE, 1250),
+        (Flow.BONUS, BONUS_POOL, ALICE, 1250),
+        (Flow.SPEND, ALICE, REVENUE, 750),
+    ],
+)
+async def test_a_flow_moves_its_amount_from_the_debited_to_the_credited_account(
+    wallet: Wallet,
+    make_command: MakeCommand,
+    account_balance: AccountBalance,
+    flow: Flow,
+    debited: str,
+    credited: str,
+    alice_after: int,
+) -> None:
+    debited_before = await account_balance(debited)
+    credited_before = await account_balance(credited)
+
+    posted = await wallet.execute(make_command(flow, 250))
+
+    assert posted.is_replay is False
+    assert posted.transaction.balance_after == alice_after
+    assert await wallet.balance(user_id=ALICE, asset_symbol="GOLD_COINS") == alice_after
+    assert await account_balance(debited) == debited_before - 250
+    assert await account_balance(credited) == credited_before + 250
+    assert await wallet.balance(user_id=BOB, asset_symbol="GOLD_COINS") == 1000
+
+
+@pytest.mark.parametrize(
+    ("flow", "debited", "credited"),
+    [
+        (Flow.TOPUP, TREASURY, ALICE),
+        (Flow.BONUS, BONUS_POOL, ALICE),
+        (Flow.SPEND, ALICE, REVENUE),
+    ],
+)
+async def test_a_flow_writes_one_debit_and_one_credit_entry_with_the_balances_after(
+    wallet: Wallet,
+    make_command: MakeCommand,
+    account_balance: AccountBalance,
+    flow: Flow,
+    debited: str,
+    credited: str,
+) -> None:
+    posted = await wallet.execute(make_command(flow, 4, asset="DIAMONDS"))
+
+    transaction, entries = await wallet.transaction(
+        user_id=ALICE, transaction_id=posted.transaction.id
+    )
+    assert transaction == posted.transaction
+    assert [(e.account_id, e.direction) for e in entries] == [
+        (debited, Direction.DEBIT),
+        (credited, Direction.CREDIT),
+    ]
+    for entry in entries:
+        assert entry.transaction_id == transaction.id
+        assert entry.asset_symbol == "DIAMONDS"
+        assert entry.amount == 4
+        assert entry.balance_after == await account_balance(entry.account_id, "DIAMONDS")
+    (user_entry,) = [e for e in entries if e.account_id == ALICE]
+    assert transaction.balance_after == user_entry.balance_after
+
+
+async def test_a_transaction_records_the_request_as_sent(
+    wallet: Wallet, make_command: MakeCommand
+) -> None:
+    topup = make_command(Flow.TOPUP, 5, key="order-1", metadata={"order": "1", "channel": "ios"})
+    bonus = make_command(Flow.BONUS, 6, asset="LOYALTY_POINTS", note="welcome back")
+    spend = make_command(Flow.SPEND, 7, user_id=BOB, asset="DIAMONDS", note="a sword")
+
+    for command in (topup, bonus, spend):
+        stored = (await wallet.execute(command)).transaction
+        assert (stored.flow, stored.user_id, stored.asset_symbol, stored.amount) == (
+            command.flow,
+            command.user_id,
+            command.asset_symbol,
+            command.amount,
+        )
+        assert stored.idempotency_key == command.idempotency_key
+        assert stored.note == command.note
+        assert stored.metadata == command.metadata
+        reread, _ = await wallet.transaction(user_id=command.user_id, transaction_id=stored.id)
+        assert reread == stored
+
+
+async def test_the_first_topup_of_a_new_user_creates_the_balance(
+    wallet: Wallet, make_command: MakeCommand
+) -> None:
+    await wallet.create_user(user_id="carol", email="carol@example.com", name="Carol")
+    assert await wallet.balance(user_id="carol", asset_symbol="GOLD_COINS") == 0
+
+    posted = await wallet.execute(make_command(Flow.TOPUP, 40, user_id="carol"))
+
+    assert posted.transaction.balance_after == 40
+    assert await wallet.balances(user_id="carol") == [
+        ("DIAMONDS", 0),
+        ("GOLD_COINS", 40),
+        ("LOYALTY_POINTS", 0),
+    ]
+
+
+async def test_spend_of_the_whole_balance_leaves_zero(
+    wallet: Wallet, make_command: MakeCommand
+) -> None:
+    posted = await wallet.execute(make_command(Flow.SPEND, 1000))
+    assert posted.transaction.balance_after == 0
+    assert await wallet.balance(user_id=ALICE, asset_symbol="GOLD_COINS") == 0
+
+
+async def test_spend_beyond_the_balance_raises_insufficient_funds_and_changes_nothing(
+    wallet: Wallet, make_command: MakeCommand, ledger_state: ReadState
+) -> None:
+    before = await ledger_state()
+    with pytest.raises(InsufficientFunds):
+        await wallet.execute(make_command(Flow.SPEND, 1001))
+    assert await ledger_state() == before
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        pytest.param({"user_id": "nobody"}, UnknownUser, id="unknown-user"),
+        pytest.param({"user_id": TREASURY}, UnknownUser, id="system-account-as-user"),
+        pytest.param({"asset": "SILVER"}, UnknownAsset, id="unknown-asset"),
+    ],
+)
+@pytest.mark.parametrize("flow", list(Flow))
+async def test_a_flow_on_an_unknown_user_or_asset_is_refused_and_changes_nothing(
+    wallet: Wallet,
+    make_command: MakeCommand,
+    ledger_state: ReadState,
+    flow: Flow,
+    changes: dict[str, str],
+    error: type[Exception],
+) -> None:
+    before = await ledger_state()
+    with pytest.raises(error):
+        await wallet.execute(make_command(flow, 1, **changes))
+    assert await ledger_state() == before
+
+
+async def test_a_topup_past_the_64_bit_maximum_is_refused_and_changes_nothing(
+    wallet: Wallet,
+    make_command: MakeCommand,
+    ledger_state: ReadState,
+    sql: Callable[..., Awaitable[Any]],
+) -> None:
+    await set_gold_balance(sql, ALICE, MAX_BALANCE - 5)
+    before = await ledger_state()
+    with pytest.raises(BalanceLimitExceeded):
+        await wallet.execute(make_command(Flow.TOPUP, 10))
+    assert await ledger_state() == before
+
+
+async def test_a_topup_taking_the_treasury_past_the_64_bit_minimum_is_refused(
+    wallet: Wallet,
+    make_command: MakeCommand,
+    ledger_state: ReadState,
+    sql: Callable[..., Awaitable[Any]],
+) -> None:
+    await set_gold_balance(sql, TREASURY, MIN_BALANCE + 5)
+    before = await ledger_state()
+    with pytest.raises(BalanceLimitExceeded):
+        await wallet.execute(make_command(Flow.TOPUP, 10))
+    assert await ledger_state() == before
+
+
+async def test_a_balance_may_reach_the_64_bit_maximum_exactly(
+    wallet: Wallet, make_command: MakeCommand, sql: Callable[..., Awaitable[Any]]
+) -> None:
+    await set_gold_balance(sql, ALICE, MAX_BALANCE - 10)
+    posted = await wallet.execute(make_command(Flow.TOPUP, 10))
+    assert posted.transaction.balance_after == MAX_BALANCE
+    assert await wallet.balance(user_id=ALICE, asset_symbol="GOLD_COINS") == MAX_BALANCE
