@@ -29,4 +29,8 @@ class Settings(BaseSettings):
         le=1000,
         description="Longest a command waits for others to share its transaction.",
     )
+    lean_flows: bool = Field(
+        default=True,
+        description="Serve the three flow POSTs on the lean ASGI path (false: through FastAPI).",
+    )
     log_level: str = Field(default="info", description="debug, info, warning or error.")

@@ -9,6 +9,7 @@ from fastapi.openapi.utils import get_openapi
 
 from wallet.http import schemas
 from wallet.http.errors import install_error_handlers
+from wallet.http.lean import LeanFlows
 from wallet.http.limits import BodyLimits
 from wallet.http.routes import router
 from wallet.logs import configure_logging
@@ -48,6 +49,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(BodyLimits)
+    if settings.lean_flows:
+        app.add_middleware(LeanFlows, wallet=lambda: app.state.wallet)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

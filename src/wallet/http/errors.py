@@ -1,5 +1,6 @@
 """The one table from errors to HTTP statuses, and the problem+json (RFC 9457) bodies."""
 
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -49,8 +50,7 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
 
 
-async def on_wallet_error(_request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, errors.WalletError)
+def wallet_problem(error: errors.WalletError) -> JSONResponse:
     if isinstance(error, errors.DatabaseUnavailable):
         log.warning("database unavailable", cause=repr(error.__cause__))
     field_errors = (
@@ -61,18 +61,31 @@ async def on_wallet_error(_request: Request, error: Exception) -> JSONResponse:
     return problem(STATUS_OF[type(error)], error.code, error.detail, errors=field_errors)
 
 
-async def on_validation_error(_request: Request, error: Exception) -> JSONResponse:
-    assert isinstance(error, RequestValidationError)
-    if any(e["type"] == "json_invalid" for e in error.errors()):
+def validation_problem(details: Sequence[Any]) -> JSONResponse:
+    """400 for a body that is not JSON, else 422 naming each field. Locations are the
+    framework's: ("body", "amount"), ("header", "Idempotency-Key"), ("query", "limit")."""
+    if any(d["type"] == "json_invalid" for d in details):
         return problem(400, "malformed_json", "the body is not valid JSON")
     field_errors = [
-        {
-            "field": ".".join(str(part) for part in e["loc"][1:]) or str(e["loc"][0]),
-            "message": e["msg"],
-        }
-        for e in error.errors()
+        {"field": ".".join(str(p) for p in d["loc"][1:]) or str(d["loc"][0]), "message": d["msg"]}
+        for d in details
     ]
     return problem(422, "validation_error", "the request is invalid", errors=field_errors)
+
+
+def unexpected_problem(error: Exception) -> JSONResponse:
+    log.exception("unexpected error", exc_info=error)
+    return problem(500, "internal_error", "the service failed; the request may be retried")
+
+
+async def on_wallet_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, errors.WalletError)
+    return wallet_problem(error)
+
+
+async def on_validation_error(_request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    return validation_problem(error.errors())
 
 
 async def on_http_error(_request: Request, error: Exception) -> JSONResponse:
@@ -82,8 +95,7 @@ async def on_http_error(_request: Request, error: Exception) -> JSONResponse:
 
 
 async def on_unexpected_error(_request: Request, error: Exception) -> JSONResponse:
-    log.exception("unexpected error", exc_info=error)
-    return problem(500, "internal_error", "the service failed; the request may be retried")
+    return unexpected_problem(error)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -9,8 +9,9 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
 from wallet.domain.errors import InvalidRequest
-from wallet.domain.ledger import Command, Entry, Flow, Posted, Transaction, User, UserId
+from wallet.domain.ledger import Entry, Flow, User
 from wallet.http import schemas
+from wallet.http.flows import command_from, transaction_body
 from wallet.service.wallet import PageRequest, Wallet
 
 router = APIRouter(prefix="/api/v1")
@@ -18,7 +19,12 @@ router = APIRouter(prefix="/api/v1")
 UserIdPath = Annotated[
     str, Path(min_length=1, max_length=64, pattern=schemas.ID_PATTERN, description="A user's id.")
 ]
-AssetPath = Annotated[str, Path(min_length=1, max_length=32, description="An asset symbol.")]
+AssetPath = Annotated[
+    str,
+    Path(
+        min_length=1, max_length=32, pattern=schemas.NO_NUL_PATTERN, description="An asset symbol."
+    ),
+]
 KeyHeader = Annotated[
     str | None,
     Header(
@@ -34,7 +40,9 @@ Cursor = Annotated[str | None, Query(max_length=64, description="nextCursor of t
 Offset = Annotated[
     int | None, Query(ge=0, le=1_000_000, description="For old clients; not with cursor.")
 ]
-AssetFilter = Annotated[str | None, Query(min_length=1, max_length=32)]
+AssetFilter = Annotated[
+    str | None, Query(min_length=1, max_length=32, pattern=schemas.NO_NUL_PATTERN)
+]
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -50,7 +58,17 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 READ_PROBLEMS = _problems(404, 422, 503)
-FLOW_PROBLEMS = _problems(400, 404, 409, 413, 415, 422, 503)
+
+
+def _flow_responses(model: type[schemas.TransactionBase]) -> dict[int | str, dict[str, Any]]:
+    replay = {
+        "model": model,
+        "description": "A replay: this key already applied this request; nothing ran again.",
+        "headers": {
+            "Idempotent-Replayed": {"schema": {"type": "string", "enum": ["true"]}},
+        },
+    }
+    return {200: replay, **_problems(400, 404, 409, 413, 415, 422, 503)}
 
 
 def _wallet(request: Request) -> Wallet:
@@ -80,37 +98,8 @@ def _decode_cursor(cursor: str | None) -> int | None:
     raise InvalidRequest("the cursor is not one this service made", field="cursor")
 
 
-def _idempotency_key(in_body: str | None, in_header: str | None) -> str:
-    if in_body is None and in_header is None:
-        raise InvalidRequest("an idempotency key is required", field="idempotencyKey")
-    if in_body is not None and in_header is not None and in_body != in_header:
-        raise InvalidRequest(
-            "the Idempotency-Key header and the idempotencyKey field differ", field="idempotencyKey"
-        )
-    return in_body or in_header or ""
-
-
 def _user_body(user: User) -> dict[str, Any]:
     return {"id": user.id, "email": user.email, "name": user.name, "createdAt": user.created_at}
-
-
-FREE_TEXT_FIELD = {Flow.TOPUP: "metadata", Flow.BONUS: "reason", Flow.SPEND: "description"}
-
-
-def _transaction_body(transaction: Transaction) -> dict[str, Any]:
-    free_text = transaction.metadata if transaction.flow is Flow.TOPUP else transaction.note
-    return {
-        "transactionId": transaction.id,
-        "type": transaction.flow.value,
-        "status": "completed",
-        "userId": transaction.user_id,
-        "assetSymbol": transaction.asset_symbol,
-        "amount": transaction.amount,
-        "balanceAfter": transaction.balance_after,
-        "idempotencyKey": transaction.idempotency_key,
-        FREE_TEXT_FIELD[transaction.flow]: free_text,
-        "createdAt": transaction.created_at,
-    }
 
 
 def _entry_body(entry: Entry) -> dict[str, Any]:
@@ -126,12 +115,14 @@ def _entry_body(entry: Entry) -> dict[str, Any]:
     }
 
 
-async def _execute(request: Request, response: Response, command: Command) -> dict[str, Any]:
-    posted: Posted = await _wallet(request).execute(command)
+async def _execute(
+    request: Request, response: Response, flow: Flow, body: schemas.FlowRequest, key: str | None
+) -> dict[str, Any]:
+    posted = await _wallet(request).execute(command_from(flow, body, header_key=key))
     if posted.is_replay:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    return _transaction_body(posted.transaction)
+    return transaction_body(posted.transaction)
 
 
 @router.get(
@@ -181,63 +172,39 @@ async def get_user(request: Request, userId: UserIdPath) -> Any:
     "/wallet/topup",
     status_code=201,
     response_model=schemas.TopupTransaction,
-    responses=FLOW_PROBLEMS,
+    responses=_flow_responses(schemas.TopupTransaction),
     summary="Purchase: treasury → user",
 )
 async def topup(
     request: Request, response: Response, body: schemas.TopupRequest, key: KeyHeader = None
 ) -> Any:
-    command = Command(
-        flow=Flow.TOPUP,
-        user_id=UserId(body.userId),
-        asset_symbol=body.assetSymbol,
-        amount=body.amount,
-        idempotency_key=_idempotency_key(body.idempotencyKey, key),
-        metadata=body.metadata,
-    )
-    return await _execute(request, response, command)
+    return await _execute(request, response, Flow.TOPUP, body, key)
 
 
 @router.post(
     "/wallet/bonus",
     status_code=201,
     response_model=schemas.BonusTransaction,
-    responses=FLOW_PROBLEMS,
+    responses=_flow_responses(schemas.BonusTransaction),
     summary="Free credits: bonus pool → user",
 )
 async def bonus(
     request: Request, response: Response, body: schemas.BonusRequest, key: KeyHeader = None
 ) -> Any:
-    command = Command(
-        flow=Flow.BONUS,
-        user_id=UserId(body.userId),
-        asset_symbol=body.assetSymbol,
-        amount=body.amount,
-        idempotency_key=_idempotency_key(body.idempotencyKey, key),
-        note=body.reason,
-    )
-    return await _execute(request, response, command)
+    return await _execute(request, response, Flow.BONUS, body, key)
 
 
 @router.post(
     "/wallet/spend",
     status_code=201,
     response_model=schemas.SpendTransaction,
-    responses=FLOW_PROBLEMS,
+    responses=_flow_responses(schemas.SpendTransaction),
     summary="User → revenue; 422 insufficient_funds when short",
 )
 async def spend(
     request: Request, response: Response, body: schemas.SpendRequest, key: KeyHeader = None
 ) -> Any:
-    command = Command(
-        flow=Flow.SPEND,
-        user_id=UserId(body.userId),
-        asset_symbol=body.assetSymbol,
-        amount=body.amount,
-        idempotency_key=_idempotency_key(body.idempotencyKey, key),
-        note=body.description,
-    )
-    return await _execute(request, response, command)
+    return await _execute(request, response, Flow.SPEND, body, key)
 
 
 @router.get(
@@ -274,7 +241,7 @@ async def transactions(
     items, next_seq = await _wallet(request).history(
         user_id=userId, flow=type, asset_symbol=assetSymbol, page=_page(limit, cursor, offset)
     )
-    return {"items": [_transaction_body(t) for t in items], "nextCursor": _encode_cursor(next_seq)}
+    return {"items": [transaction_body(t) for t in items], "nextCursor": _encode_cursor(next_seq)}
 
 
 @router.get(
@@ -285,12 +252,14 @@ async def transactions(
 async def transaction(
     request: Request,
     userId: UserIdPath,
-    transactionId: Annotated[str, Path(min_length=1, max_length=64)],
+    transactionId: Annotated[
+        str, Path(min_length=1, max_length=64, pattern=schemas.NO_NUL_PATTERN)
+    ],
 ) -> Any:
     found, found_entries = await _wallet(request).transaction(
         user_id=userId, transaction_id=transactionId
     )
-    return {**_transaction_body(found), "entries": [_entry_body(e) for e in found_entries]}
+    return {**transaction_body(found), "entries": [_entry_body(e) for e in found_entries]}
 
 
 @router.get("/wallet/ledger/{userId}", response_model=schemas.EntryPage, responses=READ_PROBLEMS)

@@ -10,6 +10,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, Str
 from wallet.domain.ledger import MAX_AMOUNT, SYSTEM_PREFIX
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
+# PostgreSQL text cannot hold NUL, so every other string refuses it at the edge.
+NO_NUL_PATTERN = r"^[^\x00]*$"
 MAX_METADATA_BYTES = 4096
 
 
@@ -28,10 +30,11 @@ def _small_metadata(value: dict[str, str]) -> dict[str, str]:
 UserIdText = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=ID_PATTERN)]
 NewUserId = Annotated[UserIdText, AfterValidator(_not_system)]
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
-AssetSymbol = Annotated[str, StringConstraints(min_length=1, max_length=32)]
+AssetSymbol = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=NO_NUL_PATTERN)]
 Amount = Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT, description="Smallest units.")]
-FreeText = Annotated[str, StringConstraints(max_length=500)]
-Metadata = Annotated[dict[str, str], AfterValidator(_small_metadata)]
+FreeText = Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL_PATTERN)]
+MetadataText = Annotated[str, StringConstraints(pattern=NO_NUL_PATTERN)]
+Metadata = Annotated[dict[MetadataText, MetadataText], AfterValidator(_small_metadata)]
 
 
 class Strict(BaseModel):
@@ -65,7 +68,7 @@ class SpendRequest(FlowRequest):
 class NewUser(Strict):
     id: NewUserId | None = Field(default=None, description="Made by the service when absent.")
     email: EmailStr
-    name: Annotated[str, StringConstraints(min_length=1, max_length=500)]
+    name: Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=NO_NUL_PATTERN)]
 
 
 class UserOut(BaseModel):

@@ -9,7 +9,8 @@ import asyncio
 import contextlib
 from dataclasses import dataclass
 
-from wallet.domain.ledger import Command
+from wallet.domain.errors import DatabaseUnavailable, WalletError
+from wallet.domain.ledger import Command, Posted
 from wallet.service.posting import Outcome, post
 from wallet.store.database import Database
 
@@ -63,14 +64,28 @@ class Batcher:
                 for pending in batch:
                     pending.outcome.cancel()
                 raise
-            except Exception as error:  # the whole batch failed: every caller hears of it
+            except DatabaseUnavailable as error:  # no command could apply: every caller hears so
                 for pending in batch:
-                    if not pending.outcome.done():
-                        pending.outcome.set_exception(error)
+                    _settle(pending, error)
+                continue
+            except Exception as error:
+                if len(batch) == 1:
+                    _settle(batch[0], error)
+                    continue
+                # One command the database refused must not fail the others: post each alone.
+                for pending in batch:
+                    await self._post_alone(pending)
                 continue
             for pending, outcome in zip(batch, outcomes, strict=True):
-                if not pending.outcome.done():  # its caller may have gone away
-                    pending.outcome.set_result(outcome)
+                _settle(pending, outcome)
+
+    async def _post_alone(self, pending: _Pending) -> None:
+        try:
+            (outcome,) = await post(self.database, [pending.command])
+        except Exception as error:
+            _settle(pending, error)
+        else:
+            _settle(pending, outcome)
 
     async def _gather(self) -> list[_Pending]:
         """Wait for a first command, then up to `max_wait_s` for the batch to fill."""
@@ -84,3 +99,13 @@ class Batcher:
                 await asyncio.wait_for(self._filled.wait(), self.max_wait_s)
         batch, self._waiting = self._waiting[: self.max_size], self._waiting[self.max_size :]
         return batch
+
+
+def _settle(pending: _Pending, outcome: Outcome | Exception) -> None:
+    """Hand the caller its outcome; an error that is not the wallet's is raised to it."""
+    if pending.outcome.done():  # its caller went away
+        return
+    if isinstance(outcome, Posted | WalletError):
+        pending.outcome.set_result(outcome)
+    else:
+        pending.outcome.set_exception(outcome)

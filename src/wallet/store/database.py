@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from wallet.domain.errors import Conflict, DatabaseUnavailable
+from wallet.domain.errors import Conflict, DatabaseUnavailable, InvalidRequest
 from wallet.settings import Settings
 
 # Serialization failure and deadlock: the transaction did nothing and may simply run again.
@@ -103,9 +103,13 @@ class Database:
 
 
 def _translate(error: exc.DBAPIError) -> Exception:
-    sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+    sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
     if sqlstate in RETRYABLE_SQLSTATES:
-        return TransientConflict(str(sqlstate))
-    if isinstance(error, exc.IntegrityError | exc.DataError):
+        return TransientConflict(sqlstate)
+    if isinstance(error, exc.IntegrityError) or sqlstate.startswith("23"):
         return Conflict("the request conflicts with the stored data")
+    if isinstance(error, exc.DataError) or sqlstate.startswith("22"):
+        return InvalidRequest("the database refused a value of the request", field="body")
+    if isinstance(error, exc.ProgrammingError):
+        return error  # a defect of the service, not of the request or the database
     return DatabaseUnavailable("the database cannot be reached")
