@@ -1,0 +1,284 @@
+"""What the API tests share: the facts API.md states (seed data, field sets), flow bodies with fresh
+idempotency keys, and the checks every answer must pass (transactions, entries, problem+json)."""
+
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+API = "/api/v1"
+ALICE = "550e8400-e29b-41d4-a716-446655440000"  # the seed users, as API.md names them
+BOB = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
+FLOWS = ("topup", "bonus", "spend")
+FREE_TEXT_FIELD = {"topup": "metadata", "bonus": "reason", "spend": "description"}
+SAMPLE_FREE_TEXT: dict[str, Any] = {
+    "topup": {"order": "A-1", "store": "web"},
+    "bonus": "welcome back",
+    "spend": "sword of dawn",
+}
+# Which account each flow takes the amount from and gives it to (None: the user).
+DEBITED = {"topup": "system:treasury", "bonus": "system:bonus_pool", "spend": None}
+CREDITED = {"topup": None, "bonus": None, "spend": "system:revenue"}
+
+ASSET_NAMES = {
+    "DIAMONDS": "Diamonds",
+    "GOLD_COINS": "Gold Coins",
+    "LOYALTY_POINTS": "Loyalty Points",
+}
+OPENING_BALANCES = {"DIAMONDS": 10, "GOLD_COINS": 1000, "LOYALTY_POINTS": 500}
+SEED_USERS = {ALICE: ("alice@example.com", "Alice"), BOB: ("bob@example.com", "Bob")}
+MAX_AMOUNT = 10**15
+MAX_BODY_BYTES = 64 * 1024
+
+TRANSACTION_FIELDS = frozenset(
+    {
+        "transactionId",
+        "type",
+        "status",
+        "userId",
+        "assetSymbol",
+        "amount",
+        "balanceAfter",
+        "idempotencyKey",
+        "createdAt",
+    }
+)
+ENTRY_FIELDS = frozenset(
+    {
+        "entryId",
+        "transactionId",
+        "account",
+        "assetSymbol",
+        "direction",
+        "amount",
+        "balanceAfter",
+        "createdAt",
+    }
+)
+USER_FIELDS = frozenset({"id", "email", "name", "createdAt"})
+PROBLEM_FIELDS = frozenset({"type", "title", "status", "detail", "code"})
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
+# What must never reach a client: stack traces, driver names, SQL, internal paths.
+LEAKS = (
+    "Traceback",
+    'File "',
+    "sqlalchemy",
+    "asyncpg",
+    "aiosqlite",
+    "sqlite3",
+    "SELECT ",
+    "/work/",
+)
+
+
+def new_key() -> str:
+    return f"test-{uuid.uuid4().hex}"
+
+
+def flow_body(
+    *,
+    user_id: str = ALICE,
+    asset: str = "GOLD_COINS",
+    amount: Any = 10,
+    key: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A flow request body: Alice's GOLD_COINS unless told, with a fresh key unless given one."""
+    return {
+        "userId": user_id,
+        "assetSymbol": asset,
+        "amount": amount,
+        "idempotencyKey": key or new_key(),
+        **extra,
+    }
+
+
+def flow_json_with_amount(amount_literal: str) -> str:
+    """A flow body as JSON text, its amount written exactly as given (NaN, 1e400, 10^5000...)."""
+    return json.dumps(flow_body(amount=0)).replace('"amount": 0', f'"amount": {amount_literal}')
+
+
+def without(body: Mapping[str, Any], *fields: str) -> dict[str, Any]:
+    return {name: value for name, value in body.items() if name not in fields}
+
+
+async def post_flow(
+    client: httpx.AsyncClient,
+    flow: str,
+    body: Mapping[str, Any],
+    *,
+    headers: Mapping[str, str] | None = None,
+) -> httpx.Response:
+    return await client.post(f"{API}/wallet/{flow}", json=body, headers=headers)
+
+
+async def post_raw(
+    client: httpx.AsyncClient,
+    path: str,
+    content: bytes | str | AsyncIterator[bytes],
+    *,
+    content_type: str | None = "application/json",
+) -> httpx.Response:
+    """POST exactly these bytes (a str is sent as UTF-8, lone surrogates included)."""
+    if isinstance(content, str):
+        content = content.encode("utf-8", "surrogatepass")
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    return await client.post(path, content=content, headers=headers)
+
+
+async def get_ok(client: httpx.AsyncClient, path: str, **params: Any) -> Any:
+    response = await client.get(path, params=params)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/json"
+    return response.json()
+
+
+async def balance_of(client: httpx.AsyncClient, user_id: str, asset: str) -> int:
+    body = await get_ok(client, f"{API}/wallet/balance/{user_id}/{asset}")
+    balance: int = body["balance"]
+    return balance
+
+
+async def balances_of(client: httpx.AsyncClient, user_id: str) -> dict[str, int]:
+    body = await get_ok(client, f"{API}/wallet/balances/{user_id}")
+    return {row["assetSymbol"]: row["balance"] for row in body["balances"]}
+
+
+async def account_state(client: httpx.AsyncClient, user_id: str) -> dict[str, Any]:
+    """Everything the API shows of a user's money: balances, transactions and ledger entries."""
+    return {
+        "balances": await balances_of(client, user_id),
+        "transactions": await get_ok(client, f"{API}/wallet/transactions/{user_id}", limit=500),
+        "ledger": await get_ok(client, f"{API}/wallet/ledger/{user_id}", limit=500),
+    }
+
+
+async def create_user(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
+    body = {"email": f"{uuid.uuid4().hex[:10]}@example.com", "name": "Carol", **fields}
+    response = await client.post(f"{API}/users", json=body)
+    assert response.status_code == 201, response.text
+    user: dict[str, Any] = response.json()
+    return user
+
+
+def assert_rfc3339_utc(text: Any) -> datetime:
+    assert isinstance(text, str)
+    assert RFC3339_UTC.fullmatch(text), text
+    return datetime.fromisoformat(text)
+
+
+def problem_of(response: httpx.Response) -> dict[str, Any]:
+    """The problem+json body of an error answer, after checking its shape (RFC 9457, API.md)."""
+    assert response.status_code >= 400, response.text
+    assert response.headers["content-type"] == PROBLEM_MEDIA_TYPE, response.headers
+    problem: dict[str, Any] = response.json()
+    expected_fields = PROBLEM_FIELDS | (
+        {"errors"} if problem.get("code") == "validation_error" else set()
+    )
+    assert set(problem) == expected_fields, problem
+    assert problem["status"] == response.status_code
+    for name in ("type", "title", "detail", "code"):
+        assert isinstance(problem[name], str), problem
+        assert problem[name], problem
+    assert re.fullmatch(r"[a-z]+(_[a-z]+)*", problem["code"]), problem
+    if "errors" in problem:
+        assert problem["errors"], problem
+        for error in problem["errors"]:
+            assert isinstance(error["field"], str), problem
+            assert error["field"], problem
+    text = response.text
+    for leak in LEAKS:
+        assert leak not in text, f"{leak!r} leaked in {text}"
+    return problem
+
+
+def describe(response: httpx.Response) -> str:
+    """The request and the answer, shortened, for assertion messages."""
+    request = response.request
+    try:
+        sent = request.content[:300]
+    except httpx.RequestNotRead:
+        sent = b"(streamed)"
+    return f"{request.method} {str(request.url)[:300]} {sent!r} -> {response.text[:500]}"
+
+
+def assert_problem(response: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    assert (response.status_code, _code_of(response)) == (status, code), describe(response)
+    return problem_of(response)
+
+
+def _code_of(response: httpx.Response) -> Any:
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    return body.get("code") if isinstance(body, dict) else None
+
+
+def outcome(response: httpx.Response) -> tuple[int, str | None]:
+    """The status and, for an error, its problem code (its shape checked)."""
+    if response.status_code < 400:
+        return response.status_code, None
+    return response.status_code, problem_of(response)["code"]
+
+
+def error_fields(problem: Mapping[str, Any]) -> set[str]:
+    """The fields a validation_error names."""
+    return {error["field"] for error in problem["errors"]}
+
+
+def assert_validation_error(response: httpx.Response, field: str) -> dict[str, Any]:
+    """422 validation_error whose `errors` name `field` (or a part of it, such as metadata.k)."""
+    problem = assert_problem(response, 422, "validation_error")
+    fields = error_fields(problem)
+    assert any(f == field or f.startswith(f"{field}.") for f in fields), describe(response)
+    return problem
+
+
+def assert_transaction(
+    body: Mapping[str, Any],
+    *,
+    flow: str,
+    amount: int,
+    balance_after: int,
+    key: str,
+    user_id: str = ALICE,
+    asset: str = "GOLD_COINS",
+    free_text: Any = None,
+) -> None:
+    """A transaction exactly as API.md describes it."""
+    assert set(body) == TRANSACTION_FIELDS | {FREE_TEXT_FIELD[flow]}, body
+    assert isinstance(body["transactionId"], str)
+    assert body["transactionId"]
+    assert type(body["amount"]) is int
+    assert type(body["balanceAfter"]) is int
+    assert {name: body[name] for name in body if name not in ("transactionId", "createdAt")} == {
+        "type": flow,
+        "status": "completed",
+        "userId": user_id,
+        "assetSymbol": asset,
+        "amount": amount,
+        "balanceAfter": balance_after,
+        "idempotencyKey": key,
+        FREE_TEXT_FIELD[flow]: free_text,
+    }
+    assert_rfc3339_utc(body["createdAt"])
+
+
+def assert_entry(entry: Mapping[str, Any]) -> None:
+    """A ledger entry exactly as API.md describes it."""
+    assert set(entry) == ENTRY_FIELDS, entry
+    assert isinstance(entry["entryId"], str)
+    assert entry["entryId"]
+    assert isinstance(entry["transactionId"], str)
+    assert entry["direction"] in ("debit", "credit")
+    assert type(entry["amount"]) is int
+    assert 1 <= entry["amount"] <= MAX_AMOUNT
+    assert type(entry["balanceAfter"]) is int
+    assert entry["assetSymbol"] in ASSET_NAMES
+    assert_rfc3339_utc(entry["createdAt"])

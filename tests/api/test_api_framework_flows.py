@@ -1,0 +1,159 @@
+"""The flows served through the framework routes (lean_flows=false) keep the same contract as the
+default lean path the other API tests exercise: a compact pass over each kind of answer."""
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from api_checks import (
+    ALICE,
+    API,
+    FLOWS,
+    FREE_TEXT_FIELD,
+    MAX_AMOUNT,
+    MAX_BODY_BYTES,
+    SAMPLE_FREE_TEXT,
+    account_state,
+    assert_problem,
+    assert_transaction,
+    assert_validation_error,
+    describe,
+    flow_body,
+    flow_json_with_amount,
+    new_key,
+    outcome,
+    post_flow,
+    post_raw,
+    without,
+)
+
+from wallet.http.app import create_app
+from wallet.settings import Settings
+
+
+@pytest.fixture
+async def framework_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the app with the lean flow path turned off, over the test database."""
+    if "lean_flows" not in Settings.model_fields:
+        pytest.skip("the service has a single flow path (no lean_flows setting)")
+    app = create_app(Settings(database_url=settings.database_url, lean_flows=False))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://wallet.test"
+        ) as http,
+    ):
+        yield http
+
+
+async def test_flows_answer_201_then_replay_200_then_409_on_another_request(
+    framework_client: httpx.AsyncClient,
+) -> None:
+    for flow in FLOWS:
+        field = FREE_TEXT_FIELD[flow]
+        body = flow_body(amount=20, **{field: SAMPLE_FREE_TEXT[flow]})
+        before = (await account_state(framework_client, ALICE))["balances"]["GOLD_COINS"]
+
+        first = await post_flow(framework_client, flow, body)
+        replay = await post_flow(framework_client, flow, body)
+        reused = await post_flow(framework_client, flow, {**body, "amount": 21})
+
+        assert first.status_code == 201, describe(first)
+        expected = before - 20 if flow == "spend" else before + 20
+        assert_transaction(
+            first.json(),
+            flow=flow,
+            amount=20,
+            balance_after=expected,
+            key=body["idempotencyKey"],
+            free_text=SAMPLE_FREE_TEXT[flow],
+        )
+        assert replay.status_code == 200, describe(replay)
+        assert replay.headers["idempotent-replayed"] == "true"
+        assert replay.json() == first.json()
+        assert_problem(reused, 409, "idempotency_key_reused")
+        assert (await account_state(framework_client, ALICE))["balances"]["GOLD_COINS"] == expected
+
+
+async def test_key_in_the_header_is_accepted_and_a_different_body_key_refused(
+    framework_client: httpx.AsyncClient,
+) -> None:
+    key = new_key()
+    body = without(flow_body(amount=5), "idempotencyKey")
+
+    in_header = await post_flow(framework_client, "topup", body, headers={"Idempotency-Key": key})
+    differing = await post_flow(
+        framework_client, "topup", flow_body(amount=5), headers={"Idempotency-Key": key}
+    )
+    missing = await post_flow(framework_client, "topup", body)
+
+    assert in_header.status_code == 201, describe(in_header)
+    assert in_header.json()["idempotencyKey"] == key
+    assert_validation_error(differing, "idempotencyKey")
+    assert_validation_error(missing, "idempotencyKey")
+
+
+async def test_bad_bodies_get_their_documented_answers_and_change_nothing(
+    framework_client: httpx.AsyncClient,
+) -> None:
+    before = await account_state(framework_client, ALICE)
+    validation_errors: list[tuple[str, str]] = [
+        (flow_json_with_amount(literal), "amount")
+        for literal in ("1.5", '"10"', "true", "0", "-1", str(MAX_AMOUNT + 1), "1e400")
+    ]
+    validation_errors += [
+        (flow_json_with_amount("1" + "0" * 5000), "amount"),
+        (json.dumps(flow_body(user_id="has space")), "userId"),
+        (json.dumps(flow_body(key="k" * 129)), "idempotencyKey"),
+        (json.dumps({**flow_body(), "unknown": 1}), "unknown"),
+        (json.dumps(without(flow_body(), "assetSymbol")), "assetSymbol"),
+    ]
+    others: list[tuple[str, tuple[int, str]]] = [
+        (json.dumps(flow_body(user_id="nobody")), (404, "user_not_found")),
+        (json.dumps(flow_body(user_id="system:treasury")), (404, "user_not_found")),
+        (json.dumps(flow_body(asset="NOPE")), (404, "asset_not_found")),
+        ("{", (400, "malformed_json")),
+        (flow_json_with_amount("NaN"), (400, "malformed_json")),
+        ("[]", (422, "validation_error")),
+    ]
+
+    for flow in FLOWS:
+        for text, field in validation_errors:
+            assert_validation_error(
+                await post_raw(framework_client, f"{API}/wallet/{flow}", text), field
+            )
+        for text, (status, code) in others:
+            response = await post_raw(framework_client, f"{API}/wallet/{flow}", text)
+            assert_problem(response, status, code)
+    short = await post_flow(framework_client, "spend", flow_body(amount=1001))
+    assert_problem(short, 422, "insufficient_funds")
+
+    assert await account_state(framework_client, ALICE) == before
+
+
+async def test_deep_nesting_oversized_and_non_json_bodies_are_refused(
+    framework_client: httpx.AsyncClient,
+) -> None:
+    before = await account_state(framework_client, ALICE)
+    depth = 20_000
+    oversized = json.dumps(flow_body()).encode() + b" " * MAX_BODY_BYTES
+
+    async def streamed() -> AsyncIterator[bytes]:
+        for start in range(0, len(oversized), 8192):
+            yield oversized[start : start + 8192]
+
+    for flow in FLOWS:
+        path = f"{API}/wallet/{flow}"
+        nested = await post_raw(framework_client, path, "[" * depth + "]" * depth)
+        assert outcome(nested) in {(400, "malformed_json"), (422, "validation_error")}, describe(
+            nested
+        )
+        assert_problem(await post_raw(framework_client, path, oversized), 413, "payload_too_large")
+        assert_problem(await post_raw(framework_client, path, streamed()), 413, "payload_too_large")
+        plain = await post_raw(
+            framework_client, path, json.dumps(flow_body()), content_type="text/plain"
+        )
+        assert_problem(plain, 415, "unsupported_media_type")
+
+    assert await account_state(framework_client, ALICE) == before
