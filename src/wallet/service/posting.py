@@ -50,30 +50,29 @@ async def post(database: Database, commands: Sequence[Command]) -> list[Outcome]
 
 
 async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> list[Outcome]:
+    lookup = await ledger.look_up_and_claim(
+        connection,
+        user_ids={c.user_id for c in commands},
+        symbols={c.asset_symbol for c in commands},
+        keys={c.idempotency_key for c in commands},
+        balance_keys={key for c in commands for key in _balance_keys(c)},
+    )
     outcomes: list[Outcome | None] = [None] * len(commands)
-
-    users = await ledger.existing_users(connection, (c.user_id for c in commands))
-    assets = await ledger.existing_assets(connection, (c.asset_symbol for c in commands))
     for index, command in enumerate(commands):
-        if command.user_id not in users:
+        if command.user_id not in lookup.users:
             outcomes[index] = UnknownUser(f"user {command.user_id} does not exist")
-        elif command.asset_symbol not in assets:
+        elif command.asset_symbol not in lookup.assets:
             outcomes[index] = UnknownAsset(f"asset {command.asset_symbol} does not exist")
     valid = [(i, c) for i, c in enumerate(commands) if outcomes[i] is None]
-
-    keys = {c.idempotency_key for _, c in valid}
-    claimed = await ledger.claim_keys(connection, keys)
-    stored = await ledger.stored_requests(connection, keys - claimed)
-
-    balances = await ledger.lock_balances(
-        connection,
-        {
-            (account, c.asset_symbol)
-            for _, c in valid
-            if c.idempotency_key in claimed
-            for account in (c.debited, c.credited)
-        },
+    stored = await ledger.stored_requests(
+        connection, {c.idempotency_key for _, c in valid} - lookup.claimed
     )
+
+    to_lock = {
+        key for _, c in valid if c.idempotency_key in lookup.claimed for key in _balance_keys(c)
+    }
+    await ledger.create_balances(connection, to_lock - lookup.balance_rows)
+    balances = await ledger.lock_balances(connection, to_lock)
     opening = dict(balances)
     created_at = datetime.now(
         UTC
@@ -82,7 +81,7 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
     posted_entries: list[Entry] = []
     for index, command in valid:
         key = command.idempotency_key
-        if key not in claimed and key not in stored:
+        if key not in lookup.claimed and key not in stored:
             # Taken by a transaction this one cannot see yet (only under snapshot isolation).
             raise TransientConflict(key)
         fingerprint = command.fingerprint()
@@ -100,10 +99,19 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         posted_entries.extend(pair)
         outcomes[index] = Posted(transaction, is_replay=False)
 
-    await ledger.update_balances(connection, {k: v for k, v in balances.items() if v != opening[k]})
-    await ledger.insert_postings(connection, list(applied.values()), posted_entries)
-    await ledger.release_keys(connection, claimed - applied.keys())
+    await ledger.write_postings(
+        connection,
+        changed={k: v for k, v in balances.items() if v != opening[k]},
+        posted=list(applied.values()),
+        posted_entries=posted_entries,
+        released=lookup.claimed - applied.keys(),
+        created_at=created_at,
+    )
     return [outcome for outcome in outcomes if outcome is not None]
+
+
+def _balance_keys(command: Command) -> tuple[ledger.BalanceKey, ledger.BalanceKey]:
+    return (command.debited, command.asset_symbol), (command.credited, command.asset_symbol)
 
 
 def _replay(
