@@ -24,7 +24,7 @@ class Settings(BaseSettings):
         description="Most commands in one transaction; 1 turns group commit off.",
     )
     batch_max_wait_ms: float = Field(
-        default=2.0,
+        default=1.0,
         ge=0,
         le=1000,
         description="Longest a command waits for others to share its transaction.",
