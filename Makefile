@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint typecheck pytest clean
+.PHONY: help install run test lint typecheck pytest bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ pytest: install ## The test suite on SQLite and PostgreSQL
 	$(BIN)/pytest --junitxml=.test-results/junit.xml
 
 test: lint typecheck pytest ## Everything CI runs: lint, types, tests
+
+bench: install ## Start a server, load it with wrk, print the table; WALLET_DATABASE_URL (scratch!), BENCH_ARGS=
+	$(BIN)/wallet bench $(BENCH_ARGS)
 
 clean: ## Remove the virtualenv, caches and the local database
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .test-results wallet.db wallet.db-*

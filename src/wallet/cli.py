@@ -1,6 +1,7 @@
 """The `wallet` command: migrate, seed, serve, verify."""
 
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Annotated, TypeVar
 
@@ -9,6 +10,8 @@ import uvicorn
 from rich.console import Console
 from rich.table import Table
 
+from wallet.bench import DEFAULT_CONFIGURATIONS, BenchRefused, PopulatePlan, load_plan
+from wallet.bench import run as run_bench
 from wallet.service.audit import verify as verify_ledger
 from wallet.service.seed import seed as seed_data
 from wallet.settings import Settings
@@ -86,3 +89,62 @@ def serve(
         log_level=settings.log_level,
         access_log=False,
     )
+
+
+@app.command()
+def bench(
+    users: Annotated[int, typer.Option(min=1, help="Bench users to seed and load.")] = 1000,
+    duration: Annotated[int, typer.Option(min=1, help="Seconds of load per cell.")] = 5,
+    warmup: Annotated[int, typer.Option(min=0, help="Seconds of unmeasured load first.")] = 1,
+    concurrency: Annotated[str, typer.Option(help="Client connections per cell.")] = "1,16,64,256",
+    scenarios: Annotated[str, typer.Option(help="spread (many users), hot (one user).")] = (
+        "spread,hot"
+    ),
+    flows: Annotated[str, typer.Option(help="Flows to drive: spend, topup, bonus.")] = (
+        "spend,topup"
+    ),
+    configuration: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--configuration",
+            "-C",
+            help="NAME[:WALLET_X=v,...,workers=N], repeatable; the first is the baseline. "
+            f"Default: {' and '.join(repr(c) for c in DEFAULT_CONFIGURATIONS)}.",
+        ),
+    ] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Server worker processes.")] = 2,
+    max_requests: Annotated[int, typer.Option(min=1, help="Most requests per cell.")] = 1_000_000,
+    markdown: Annotated[
+        bool, typer.Option("--markdown", help="Print the table as Markdown, for docs.")
+    ] = False,
+    populate: Annotated[
+        bool, typer.Option("--populate", help="Bulk-load a large ledger instead (PostgreSQL).")
+    ] = False,
+    populate_users: Annotated[int, typer.Option(min=1)] = 1_000_000,
+    populate_entries: Annotated[int, typer.Option(min=2)] = 10_000_000,
+    force: Annotated[
+        bool, typer.Option("--force", help="Populate a database that holds more than the seed.")
+    ] = False,
+) -> None:
+    """Load a server started for the run with wrk and print a table; then verify the ledger.
+    Runs on WALLET_DATABASE_URL: point it at a scratch database."""
+    try:
+        plan = (
+            PopulatePlan(users=populate_users, entries=populate_entries, is_forced=force)
+            if populate
+            else load_plan(
+                users=users,
+                duration_s=duration,
+                warmup_s=warmup,
+                concurrency=concurrency,
+                scenarios=scenarios,
+                flows=flows,
+                configurations=configuration or DEFAULT_CONFIGURATIONS,
+                workers=workers,
+                max_requests=max_requests,
+                is_markdown=markdown,
+            )
+        )
+    except BenchRefused as refusal:
+        raise typer.BadParameter(str(refusal)) from None
+    raise typer.Exit(run_bench(Settings(), plan=plan, argv=sys.argv, console=console))

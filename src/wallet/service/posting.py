@@ -107,7 +107,10 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         released=lookup.claimed - applied.keys(),
         created_at=created_at,
     )
-    return [outcome for outcome in outcomes if outcome is not None]
+    settled = [outcome for outcome in outcomes if outcome is not None]
+    if len(settled) != len(commands):  # a reply must never shift onto another caller
+        raise AssertionError("a command was left without an outcome")
+    return settled
 
 
 def _balance_keys(command: Command) -> tuple[ledger.BalanceKey, ledger.BalanceKey]:
