@@ -1,4 +1,4 @@
-"""The `wallet` command: migrate, seed, serve, verify."""
+"""The `wallet` command: migrate, seed, serve, verify, bench."""
 
 import asyncio
 import sys
@@ -12,6 +12,7 @@ from rich.table import Table
 
 from wallet.bench import DEFAULT_CONFIGURATIONS, BenchRefused, PopulatePlan, load_plan
 from wallet.bench import run as run_bench
+from wallet.domain.errors import WalletError
 from wallet.service.audit import verify as verify_ledger
 from wallet.service.seed import seed as seed_data
 from wallet.settings import Settings
@@ -28,17 +29,22 @@ console = Console()
 R = TypeVar("R")
 
 
-def _run(work: Callable[[Database], Awaitable[R]]) -> R:
-    """Run `work` against the configured database, then close it."""
+def _run(work: Callable[[Database], Awaitable[R]], settings: Settings | None = None) -> R:
+    """Run `work` against the configured database, then close it; a wallet error (such as an
+    unreachable database) ends the command with its message and exit code 1."""
 
     async def main() -> R:
-        database = Database(create_engine(Settings()))
+        database = Database(create_engine(settings or Settings()))
         try:
             return await work(database)
         finally:
             await database.close()
 
-    return asyncio.run(main())
+    try:
+        return asyncio.run(main())
+    except WalletError as error:
+        console.print(f"[red]{error.code}: {error.detail}[/]")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -56,9 +62,14 @@ def seed() -> None:
 
 
 @app.command()
-def verify() -> None:
+def verify(
+    timeout_s: Annotated[
+        float, typer.Option(min=1, help="Statement timeout: a large ledger takes minutes.")
+    ] = 3600,
+) -> None:
     """Recompute every balance from the ledger and check every invariant; exit 1 on a mismatch."""
-    checks = _run(verify_ledger)
+    settings = Settings().model_copy(update={"database_timeout_s": timeout_s})
+    checks = _run(verify_ledger, settings)
     table = Table("check", "result")
     for check in checks:
         shown = check.failures[:10]
