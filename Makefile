@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test lint typecheck pytest bench clean
+.PHONY: help install wrk run test lint typecheck pytest bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,12 +33,15 @@ lint: install ## ruff (lint and format) and the layer contract
 typecheck: install ## mypy --strict
 	$(BIN)/mypy
 
-pytest: install ## The test suite on SQLite and PostgreSQL
+wrk: ## wrk, the load client of `wallet bench` (Debian's package; needs root to install)
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
+
+pytest: install wrk ## The test suite on SQLite and PostgreSQL
 	$(BIN)/pytest --junitxml=.test-results/junit.xml
 
 test: lint typecheck pytest ## Everything CI runs: lint, types, tests
 
-bench: install ## Start a server, load it with wrk, print the table; WALLET_DATABASE_URL (scratch!), BENCH_ARGS=
+bench: install wrk ## Start a server, load it with wrk, print the table; WALLET_DATABASE_URL (scratch!), BENCH_ARGS=
 	$(BIN)/wallet bench $(BENCH_ARGS)
 
 clean: ## Remove the virtualenv, caches and the local database
