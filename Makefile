@@ -36,8 +36,10 @@ typecheck: install ## mypy --strict
 wrk: ## wrk, the load client of `wallet bench` (Debian's package; needs root to install)
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 
-pytest: install wrk ## The test suite on SQLite and PostgreSQL
+pytest: install wrk ## The suite on SQLite and PostgreSQL, then its PostgreSQL part under SERIALIZABLE
 	$(BIN)/pytest --junitxml=.test-results/junit.xml
+	WALLET_DATABASE_ISOLATION=serializable $(BIN)/pytest -k "not sqlite" \
+		--junitxml=.test-results/junit-serializable.xml
 
 test: lint typecheck pytest ## Everything CI runs: lint, types, tests
 

@@ -1,5 +1,7 @@
 """Typed settings, read once from the environment (prefix WALLET_) at the edge and passed down."""
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -12,6 +14,11 @@ class Settings(BaseSettings):
     database_url: str = Field(
         default="sqlite+aiosqlite:///wallet.db",
         description="SQLAlchemy URL: sqlite+aiosqlite:///FILE (default) or postgresql+asyncpg://...",
+    )
+    database_isolation: Literal["read_committed", "serializable"] = Field(
+        default="read_committed",
+        description="PostgreSQL isolation level of every transaction; serializable is how "
+        "CockroachDB and YugabyteDB run, and what the service is tested under too.",
     )
     database_pool_size: int = Field(default=20, ge=1, le=500, description="Connections per worker.")
     database_timeout_s: float = Field(

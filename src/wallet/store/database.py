@@ -35,6 +35,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         max_overflow=settings.database_pool_size // 2,
         pool_timeout=timeout,
         pool_pre_ping=True,  # a restarted database costs one failed ping, not failed requests
+        isolation_level=settings.database_isolation.replace("_", " ").upper(),
         connect_args={"timeout": timeout, "command_timeout": timeout},
     )
 
