@@ -8,7 +8,6 @@ import http.client
 import math
 import os
 import platform
-import random
 import resource
 import shlex
 import shutil
@@ -20,51 +19,55 @@ import sys
 import tempfile
 import time
 import uuid
-from array import array
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from string import Template
-from typing import Any, TypeVar
+from typing import TypeVar
 
-import sqlalchemy as sa
 from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
-from sqlalchemy import event
 
-from wallet.domain.errors import WalletError
-from wallet.domain.ledger import Command, Flow, SystemAccount, UserId
+from wallet.domain.ledger import Flow
 from wallet.service.audit import Check, verify
-from wallet.service.posting import post
-from wallet.service.seed import ALICE, seed
+from wallet.service.populate import (
+    ASSET,
+    FUNDING,
+    OnProgress,
+    PopulateRefused,
+    explain_reads,
+    load_ledger,
+    prepare_scratch,
+    prepare_users,
+    table_sizes,
+    vacuum_analyze,
+)
+from wallet.service.seed import ALICE
 from wallet.service.wallet import PageRequest, Wallet
 from wallet.settings import Settings
-from wallet.store import queries
 from wallet.store.database import Database, create_engine
-from wallet.store.migrate import migrate
 
-ASSET = "GOLD_COINS"
-FUNDING = 10**12  # each bench user's opening balance: no spend of 1 ever runs out
-SEED_USERS, SEED_TRANSACTIONS = 2, 6  # what `wallet seed` leaves: Alice and Bob, 3 top-ups each
-USER_BATCH = 500
 HEALTH_PATH = "/api/v1/health"
 LONG_TIMEOUT_S = 3600.0  # bulk loads, VACUUM and verify on 10M entries outlast the API's timeout
+STARTUP_TIMEOUT_S = 30.0
 STOP_GRACE_S = 15.0
 PAUSE_BETWEEN_CELLS_S = 0.5  # lets the batches of the last cell's unanswered requests drain
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MACHINE_WIDTH = 160  # a table for docs is not wrapped to an 80-column pipe
+TIMED_READS = 50
 T = TypeVar("T")
 
 
@@ -97,25 +100,24 @@ class Configuration:
 class LoadPlan:
     """What `wallet bench` runs: every configuration, scenario, flow and concurrency."""
 
-    users: int = 1000
-    duration_s: int = 5
-    warmup_s: int = 1
-    concurrencies: tuple[int, ...] = (1, 16, 64, 256)
-    scenarios: tuple[Scenario, ...] = (Scenario.SPREAD, Scenario.HOT)
-    flows: tuple[Flow, ...] = (Flow.SPEND, Flow.TOPUP)
-    configurations: tuple[Configuration, ...] = ()
-    max_requests: int = 1_000_000
-    startup_timeout_s: float = 30.0
-    is_markdown: bool = False  # print the table as Markdown, to paste into docs
+    users: int
+    duration_s: int
+    warmup_s: int
+    concurrencies: tuple[int, ...]
+    scenarios: tuple[Scenario, ...]
+    flows: tuple[Flow, ...]
+    configurations: tuple[Configuration, ...]
+    max_requests: int
+    is_markdown: bool  # print the table as Markdown, to paste into docs
 
 
 @dataclass(frozen=True, slots=True)
 class PopulatePlan:
     """What `wallet bench --populate` loads."""
 
-    users: int = 1_000_000
-    entries: int = 10_000_000
-    is_forced: bool = False
+    users: int
+    entries: int
+    is_forced: bool
 
 
 DEFAULT_CONFIGURATIONS = ("batching off:WALLET_BATCH_MAX_SIZE=1", "batching on")
@@ -175,7 +177,7 @@ def load_plan(
     configurations: Sequence[str],
     workers: int,
     max_requests: int,
-    is_markdown: bool = False,
+    is_markdown: bool,
 ) -> LoadPlan:
     """The plan the options describe, or BenchRefused naming the bad option."""
     try:
@@ -228,65 +230,21 @@ def _wrk_version(wrk: str) -> str:
     return (completed.stdout or completed.stderr).splitlines()[0].split(" Copyright")[0].strip()
 
 
-def database_description(database: Database) -> str:
-    """Backend and server version of a database that has been connected to."""
-    version = database.engine.dialect.server_version_info or ()
-    return f"{database.dialect} {'.'.join(str(part) for part in version)}"
-
-
 def provenance(database: Database, *, argv: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
-    """Lines that say when, where, on what and by which command a result was measured."""
-    url = sa.make_url(str(database.engine.url)).render_as_string(hide_password=True)
+    """Lines that say when, where, on what and by which command a result was measured; the
+    server version is known once the database has been connected to."""
+    url = database.engine.url.render_as_string(hide_password=True)
+    version = ".".join(str(part) for part in database.engine.dialect.server_version_info or ())
     command = shlex.join(["wallet", *argv[1:]])
     return [
         f"date: {datetime.now(UTC).isoformat(timespec='seconds')}",
         f"machine: {socket.gethostname()}, {os.cpu_count()} CPUs ({_cpu_model()}), "
         f"{_memory_total()} memory, {platform.system()} {platform.release()}",
-        f"database: {database_description(database)} at {url}",
+        f"database: {database.dialect} {version} at {url}",
         f"python: {platform.python_version()}",
         *extra,
         f"command: WALLET_DATABASE_URL={shlex.quote(url)} {command}",
     ]
-
-
-# ---- data -------------------------------------------------------------------------------
-
-
-def bench_user(index: int) -> UserId:
-    """The id of the index-th bench user; the Lua script builds the same ids."""
-    return UserId(f"bench-user-{index:06d}")
-
-
-async def prepare_users(database: Database, *, count: int) -> None:
-    """Migrate, seed, then create `count` bench users funded with FUNDING gold (idempotent)."""
-    await migrate(database)
-    await seed(database)
-    created_at = datetime.now(UTC)
-    for start in range(0, count, USER_BATCH):
-        batch = range(start, min(count, start + USER_BATCH))
-        async with database.transaction(is_write=True) as connection:
-            for index in batch:
-                user_id = bench_user(index)
-                await queries.insert_user(
-                    connection,
-                    user_id=user_id,
-                    email=f"{user_id}@example.com",
-                    name=f"Bench user {index}",
-                    created_at=created_at,
-                )
-        commands = [
-            Command(
-                flow=Flow.TOPUP,
-                user_id=bench_user(index),
-                asset_symbol=ASSET,
-                amount=FUNDING,
-                idempotency_key=f"bench-fund-{index}",
-            )
-            for index in batch
-        ]
-        for outcome in await post(database, commands):
-            if isinstance(outcome, WalletError):
-                raise BenchRefused(f"funding the bench users failed: {outcome}")
 
 
 # ---- the server -------------------------------------------------------------------------
@@ -309,6 +267,10 @@ class Server:
         with suppress(OSError):
             return self.log_path.read_text(errors="replace")[-3000:]
         return ""
+
+    def pids(self) -> list[int]:
+        """The server and every process it started."""
+        return [self.process.pid, *_children(self.process.pid)]
 
     def worker_pids(self) -> list[int]:
         """The processes that serve requests: the workers uvicorn spawned, or itself alone."""
@@ -398,7 +360,7 @@ def _is_healthy(port: int) -> bool:
 
 @contextmanager
 def running_server(
-    configuration: Configuration, *, database_url: str, workdir: Path, startup_timeout_s: float
+    configuration: Configuration, *, database_url: str, workdir: Path
 ) -> Iterator[Server]:
     """`wallet serve` on a free loopback port, healthy; stopped (SIGTERM, then SIGKILL of its
     process group after STOP_GRACE_S) whatever happens in the block."""
@@ -422,13 +384,13 @@ def running_server(
         )
     server = Server(configuration, process, port, log_path)
     try:
-        deadline = time.monotonic() + startup_timeout_s
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not _is_healthy(port):
             if process.poll() is not None:
                 raise BenchRefused(f"the server exited at start-up:\n{server.log_tail()}")
             if time.monotonic() > deadline:
                 raise BenchRefused(
-                    f"the server was not healthy within {startup_timeout_s:.0f} s:\n"
+                    f"the server was not healthy within {STARTUP_TIMEOUT_S:.0f} s:\n"
                     f"{server.log_tail()}"
                 )
             time.sleep(0.1)
@@ -580,8 +542,8 @@ def run_wrk(
         )
     )
     command = [wrk, f"-t{threads}", f"-c{cell.concurrency}", f"-d{duration_s}s", "--timeout", "10s"]
-    server_before = _cpu_times([server.process.pid, *_children(server.process.pid)])
-    database_before = _cpu_times(_postgres_pids() if watches_postgres else [])
+    server_before = _cpu_times(server.pids())
+    database_before = _cpu_times(_postgres_pids()) if watches_postgres else None
     client_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     try:
@@ -596,11 +558,11 @@ def run_wrk(
         raise BenchRefused(f"wrk did not finish within {duration_s + 60} s") from None
     wall = time.monotonic() - started
     client_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_cpu = _cpu_used(
-        server_before, _cpu_times([server.process.pid, *_children(server.process.pid)])
-    )
-    database_cpu = _cpu_used(
-        database_before, _cpu_times(_postgres_pids() if watches_postgres else [])
+    server_cpu = _cpu_used(server_before, _cpu_times(server.pids()))
+    database_cpu = (
+        None
+        if database_before is None
+        else _cpu_used(database_before, _cpu_times(_postgres_pids()))
     )
     client_cpu = (
         client_after.ru_utime
@@ -626,7 +588,7 @@ def run_wrk(
         is_capped=summary["capped_threads"] > 0,
         client_cpu=100 * client_cpu / wall,
         server_cpu=100 * server_cpu / wall,
-        database_cpu=100 * database_cpu / wall if watches_postgres else None,
+        database_cpu=None if database_cpu is None else 100 * database_cpu / wall,
     )
 
 
@@ -665,12 +627,7 @@ def run_configuration(
         for flow in plan.flows
         for concurrency in plan.concurrencies
     ]
-    with running_server(
-        configuration,
-        database_url=database_url,
-        workdir=workdir,
-        startup_timeout_s=plan.startup_timeout_s,
-    ) as server:
+    with running_server(configuration, database_url=database_url, workdir=workdir) as server:
         console.print(f"[dim]{configuration.name}: serving on {server.url}[/]")
         number = plan.configurations.index(configuration)
         if plan.warmup_s > 0:
@@ -814,7 +771,7 @@ def benchmark(settings: Settings, plan: LoadPlan, *, argv: Sequence[str], consol
         ],
     )
     for line in lines:
-        console.print(line, markup=False, highlight=False, soft_wrap=True)
+        _print_as_is(console, line)
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
     watches_postgres = _is_local_postgres(database)
     results = []
@@ -857,337 +814,6 @@ async def _run_on(database: Database, work: Awaitable[T]) -> T:
 
 
 # ---- --populate -------------------------------------------------------------------------
-
-ASSETS = ("GOLD_COINS", "LOYALTY_POINTS", "DIAMONDS")
-SYSTEM = (SystemAccount.TREASURY, SystemAccount.BONUS_POOL, SystemAccount.REVENUE)
-HEAVY_SHARE = 100  # one transaction in this many is the heavy user's: a long history to page
-STRIDES = (1_000_003, 999_983, 7_919)  # primes: k * stride mod users visits every user in turn
-CHUNK_TRANSACTIONS = 25_000
-CHUNK_USERS = 50_000
-COPY_TIMEOUT_S = 600.0
-NO_ROW = -1  # in the user balance array: the user never held the asset
-TIMED_READS = 50
-TRANSACTION_COLUMNS = (
-    "id",
-    "type",
-    "user_id",
-    "asset_symbol",
-    "amount",
-    "balance_after",
-    "idempotency_key",
-    "request_fingerprint",
-    "created_at",
-)
-ENTRY_COLUMNS = (
-    "id",
-    "transaction_id",
-    "account_id",
-    "asset_symbol",
-    "direction",
-    "amount",
-    "balance_after",
-    "created_at",
-)
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-Row = tuple[Any, ...]
-
-
-def _uuid7(moment_us: int, tag: int, number: int) -> str:
-    """A UUIDv7 string whose time is `moment_us` and whose random bits are `tag` and `number`."""
-    ms = moment_us // 1000
-    return (
-        f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7{tag & 0xFFF:03x}-"
-        f"{0x8000 | (number >> 48) & 0x3FFF:04x}-{number & 0xFFFFFFFFFFFF:012x}"
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    keys: list[Row]
-    transactions: list[Row]
-    entries: list[Row]
-
-
-class LedgerGenerator:
-    """Makes transactions that keep every invariant: users never go below zero, and every
-    balanceAfter continues its account's chain. Memory: one int64 per user and asset."""
-
-    def __init__(
-        self,
-        *,
-        users: int,
-        tag: str,
-        first_us: int,
-        system_balances: dict[tuple[str, str], int],
-    ) -> None:
-        self.users = users
-        self.tag = tag
-        self.tag_bits = int(tag, 16)
-        self.first_us = first_us
-        self.stride = next(p for p in STRIDES if users % p)
-        self.rng = random.Random(int(tag, 16))
-        self.user_balances = array("q", [NO_ROW]) * (users * len(ASSETS))
-        self.system_balances = dict(system_balances)
-        self.made = 0
-
-    def user_id(self, index: int) -> str:
-        return f"pop-{self.tag}-{index:07d}"
-
-    def user_of(self, number: int) -> int:
-        """The user of the number-th transaction: the heavy user (0), or the next in stride."""
-        return 0 if number % HEAVY_SHARE == 0 else number * self.stride % self.users
-
-    def chunk(self, count: int) -> Chunk:
-        """The next `count` transactions, with their keys and entries."""
-        keys: list[Row] = []
-        transactions: list[Row] = []
-        entries: list[Row] = []
-        rng = self.rng
-        balances = self.user_balances
-        system = self.system_balances
-        for number in range(self.made, self.made + count):
-            user = self.user_of(number)
-            draw = rng.random()
-            asset_index = 0 if draw < 0.6 else 1 if draw < 0.85 else 2
-            asset = ASSETS[asset_index]
-            slot = user * len(ASSETS) + asset_index
-            held = max(balances[slot], 0)
-            draw = rng.random()
-            size = rng.random()
-            if draw < 0.45 and held > 0:
-                flow, amount = Flow.SPEND, 1 + int(size * min(held, 500))
-            elif draw < 0.85:
-                flow, amount = Flow.TOPUP, 1 + int(size * 1000)
-            else:
-                flow, amount = Flow.BONUS, 1 + int(size * 100)
-            user_id = self.user_id(user)
-            if flow is Flow.SPEND:
-                debited, credited = user_id, str(SystemAccount.REVENUE)
-                user_after = held - amount
-                system[(credited, asset)] += amount
-                debited_after, credited_after = user_after, system[(credited, asset)]
-            else:
-                debited = str(
-                    SystemAccount.TREASURY if flow is Flow.TOPUP else SystemAccount.BONUS_POOL
-                )
-                credited = user_id
-                user_after = held + amount
-                system[(debited, asset)] -= amount
-                debited_after, credited_after = system[(debited, asset)], user_after
-            balances[slot] = user_after
-            moment_us = self.first_us + number
-            created_at = EPOCH + timedelta(microseconds=moment_us)
-            transaction_id = _uuid7(moment_us, self.tag_bits, number)
-            key = f"populate-{self.tag}-{number}"
-            fingerprint = Command(
-                flow=flow,
-                user_id=UserId(user_id),
-                asset_symbol=asset,
-                amount=amount,
-                idempotency_key=key,
-            ).fingerprint()
-            keys.append((key,))
-            transactions.append(
-                (
-                    transaction_id,
-                    flow.value,
-                    user_id,
-                    asset,
-                    amount,
-                    user_after,
-                    key,
-                    fingerprint,
-                    created_at,
-                )
-            )
-            debit_id = _uuid7(moment_us, self.tag_bits, 2 * number)
-            credit_id = _uuid7(moment_us, self.tag_bits, 2 * number + 1)
-            entries.append(
-                (
-                    debit_id,
-                    transaction_id,
-                    debited,
-                    asset,
-                    "debit",
-                    amount,
-                    debited_after,
-                    created_at,
-                )
-            )
-            entries.append(
-                (
-                    credit_id,
-                    transaction_id,
-                    credited,
-                    asset,
-                    "credit",
-                    amount,
-                    credited_after,
-                    created_at,
-                )
-            )
-        self.made += count
-        return Chunk(keys, transactions, entries)
-
-    def user_balance_rows(self, start: int, stop: int) -> list[Row]:
-        """Balance rows of users start..stop-1 for every asset they ever held."""
-        rows = []
-        for user in range(start, stop):
-            for asset_index, asset in enumerate(ASSETS):
-                held = self.user_balances[user * len(ASSETS) + asset_index]
-                if held != NO_ROW:
-                    rows.append((self.user_id(user), asset, held))
-        return rows
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    )
-
-
-async def _scalar(connection: Any, sql: str) -> Any:
-    return (await connection.execute(sa.text(sql))).scalar()
-
-
-def _refuse_sqlite(database: Database) -> None:
-    if database.dialect != "postgresql":
-        raise BenchRefused(
-            "--populate loads PostgreSQL only: point WALLET_DATABASE_URL at a scratch "
-            "PostgreSQL database (postgresql+asyncpg://...)"
-        )
-
-
-async def _refuse_unless_scratch(database: Database, plan: PopulatePlan) -> None:
-    async with database.transaction(is_write=False) as connection:
-        users = await _scalar(connection, "SELECT count(*) FROM accounts WHERE NOT is_system")
-        transactions = await _scalar(connection, "SELECT count(*) FROM transactions")
-    if (users > SEED_USERS or transactions > SEED_TRANSACTIONS) and not plan.is_forced:
-        raise BenchRefused(
-            f"the database already holds {users:,} users and {transactions:,} transactions, "
-            "more than the seed data: --populate wants a scratch database "
-            "(or --force to add to this one)"
-        )
-
-
-async def populate(database: Database, plan: PopulatePlan, *, console: Console) -> tuple[str, str]:
-    """Load plan.users users and plan.entries entries in one transaction, then VACUUM ANALYZE;
-    the ids of the heavy user and of a typical one."""
-    transactions_total = plan.entries // 2
-    tag = uuid.uuid4().hex[:4]
-    started = time.monotonic()
-    async with database.transaction(is_write=True) as connection:
-        # Writers wait until the load commits, so the system balances read here stay true.
-        await connection.execute(
-            sa.text(
-                "LOCK TABLE accounts, balances, idempotency_keys, transactions, entries "
-                "IN EXCLUSIVE MODE"
-            )
-        )
-        rows = await connection.execute(
-            sa.text(
-                "SELECT account_id, asset_symbol, balance FROM balances "
-                "WHERE account_id = ANY(:ids)"
-            ),
-            {"ids": [str(s) for s in SYSTEM]},
-        )
-        system_balances = {(str(s), a): 0 for s in SYSTEM for a in ASSETS}
-        system_balances.update({(r.account_id, r.asset_symbol): r.balance for r in rows})
-        latest = await _scalar(
-            connection,
-            "SELECT greatest((SELECT max(created_at) FROM accounts), "
-            "(SELECT max(created_at) FROM transactions))",
-        )
-        span_us = plan.users + transactions_total + 1000
-        now_us = (datetime.now(UTC) - EPOCH) // timedelta(microseconds=1)
-        latest_us = (latest - EPOCH) // timedelta(microseconds=1) if latest else 0
-        first_us = max(now_us - span_us, latest_us + 1000)
-        generator = LedgerGenerator(
-            users=plan.users,
-            tag=tag,
-            first_us=first_us + plan.users + 1000,
-            system_balances=system_balances,
-        )
-        raw = (await connection.get_raw_connection()).driver_connection
-        assert raw is not None
-
-        async def copy(table: str, records: list[Row], columns: Sequence[str]) -> None:
-            await raw.copy_records_to_table(
-                table, records=records, columns=list(columns), timeout=COPY_TIMEOUT_S
-            )
-
-        with _progress(console) as progress:
-            users_task = progress.add_task("users", total=plan.users)
-            for start in range(0, plan.users, CHUNK_USERS):
-                stop = min(plan.users, start + CHUNK_USERS)
-                await copy(
-                    "accounts",
-                    [
-                        (
-                            generator.user_id(i),
-                            False,
-                            f"{generator.user_id(i)}@example.com",
-                            f"Populated user {i}",
-                            EPOCH + timedelta(microseconds=first_us + i),
-                        )
-                        for i in range(start, stop)
-                    ],
-                    ("id", "is_system", "email", "name", "created_at"),
-                )
-                progress.update(users_task, completed=stop)
-            entries_task = progress.add_task("ledger entries", total=2 * transactions_total)
-            while generator.made < transactions_total:
-                chunk = generator.chunk(
-                    min(CHUNK_TRANSACTIONS, transactions_total - generator.made)
-                )
-                await copy("idempotency_keys", chunk.keys, ("key",))
-                await copy("transactions", chunk.transactions, TRANSACTION_COLUMNS)
-                await copy("entries", chunk.entries, ENTRY_COLUMNS)
-                progress.update(entries_task, completed=2 * generator.made)
-            balances_task = progress.add_task("user balances", total=plan.users)
-            for start in range(0, plan.users, CHUNK_USERS):
-                stop = min(plan.users, start + CHUNK_USERS)
-                await copy(
-                    "balances",
-                    generator.user_balance_rows(start, stop),
-                    ("account_id", "asset_symbol", "balance"),
-                )
-                progress.update(balances_task, completed=stop)
-        changed = [
-            {"account": account, "asset": asset, "balance": balance}
-            for (account, asset), balance in generator.system_balances.items()
-            if balance != system_balances[(account, asset)]
-        ]
-        if changed:
-            await connection.execute(
-                sa.text(
-                    "INSERT INTO balances (account_id, asset_symbol, balance) "
-                    "VALUES (:account, :asset, :balance) ON CONFLICT (account_id, asset_symbol) "
-                    "DO UPDATE SET balance = excluded.balance"
-                ),
-                changed,
-            )
-    loaded = time.monotonic() - started
-    console.print(
-        f"loaded {plan.users:,} users, {transactions_total:,} transactions and "
-        f"{2 * transactions_total:,} entries in {loaded:.1f} s "
-        f"({2 * transactions_total / loaded:,.0f} entries/s), one transaction",
-        highlight=False,
-    )
-    started = time.monotonic()
-    async with database.engine.connect() as connection:
-        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-        await autocommit.execute(
-            sa.text("VACUUM (ANALYZE) accounts, balances, idempotency_keys, transactions, entries")
-        )
-    console.print(f"VACUUM (ANALYZE) took {time.monotonic() - started:.1f} s", highlight=False)
-    return generator.user_id(0), generator.user_id(generator.user_of(1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -1233,58 +859,17 @@ async def time_reads(database: Database, users: Sequence[tuple[str, str]]) -> Ta
     return table
 
 
-async def explain_reads(database: Database, user: str, *, console: Console) -> None:
+async def show_plans(database: Database, user: str, *, console: Console) -> None:
     """EXPLAIN (ANALYZE, BUFFERS) of every distinct statement the reads run for `user`."""
-    statements: dict[str, Any] = {}
-
-    def capture(*args: Any) -> None:
-        _connection, _cursor, statement, parameters = args[:4]
-        statements.setdefault(statement, parameters)
-
     wallet = Wallet(database)
-    event.listen(database.engine.sync_engine, "before_cursor_execute", capture)
-    try:
+
+    async def reads() -> None:
         for read in READS:
             await read.run(wallet, user)
-    finally:
-        event.remove(database.engine.sync_engine, "before_cursor_execute", capture)
-    async with database.transaction(is_write=False) as connection:
-        raw = (await connection.get_raw_connection()).driver_connection
-        assert raw is not None
-        for statement, parameters in statements.items():
-            if not statement.lstrip().upper().startswith("SELECT"):
-                continue
-            plan = await raw.fetch(
-                "EXPLAIN (ANALYZE, BUFFERS) " + statement, *(parameters or ()), timeout=60
-            )
-            console.print(
-                f"\n{statement}\nparameters: {list(parameters or ())}",
-                markup=False,
-                highlight=False,
-                soft_wrap=True,
-            )
-            console.print(
-                "\n".join(row[0] for row in plan), markup=False, highlight=False, soft_wrap=True
-            )
 
-
-async def table_sizes(database: Database) -> Table:
-    """Rows (estimated after ANALYZE) and size with indexes of each ledger table."""
-    table = Table("table", "rows", "size with indexes", title="tables")
-    async with database.transaction(is_write=False) as connection:
-        for name in ("accounts", "balances", "transactions", "entries"):
-            row = (
-                await connection.execute(
-                    sa.text(
-                        "SELECT reltuples::bigint, "
-                        "pg_size_pretty(pg_total_relation_size(oid)) FROM pg_class "
-                        "WHERE oid = CAST(:name AS regclass)"
-                    ),
-                    {"name": name},
-                )
-            ).one()
-            table.add_row(name, f"{row[0]:,}", row[1])
-    return table
+    for explained in await explain_reads(database, reads):
+        _print_as_is(console, f"\n{explained.statement}\nparameters: {explained.parameters}")
+        _print_as_is(console, "\n".join(explained.lines))
 
 
 def populate_command(
@@ -1293,29 +878,52 @@ def populate_command(
     """`wallet bench --populate`: load, then show the plans and timings of the API's reads."""
     database = Database(create_engine(_with_long_timeout(settings)))
 
-    _refuse_sqlite(database)
-
     async def work() -> None:
-        await migrate(database)
-        await seed(database)
-        await _refuse_unless_scratch(database, plan)
+        await prepare_scratch(database, is_forced=plan.is_forced)
         for line in provenance(database, argv=argv):
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
+            _print_as_is(console, line)
         alice = str(ALICE)
         console.print(await time_reads(database, [("seed data only: Alice", alice)]))
-        heavy, typical = await populate(database, plan, console=console)
-        console.print(await table_sizes(database))
-        console.print(
-            await time_reads(
-                database,
-                [("heavy user", heavy), ("typical user", typical), ("Alice", alice)],
+        with _progress_bars(console) as show:
+            loaded = await load_ledger(
+                database, users=plan.users, entries=plan.entries, on_progress=show
             )
+        console.print(
+            f"loaded {loaded.users:,} users, {loaded.transactions:,} transactions and "
+            f"{loaded.entries:,} entries in {loaded.seconds:.1f} s "
+            f"({loaded.entries / loaded.seconds:,.0f} entries/s), one transaction",
+            highlight=False,
         )
+        started = time.monotonic()
+        await vacuum_analyze(database)
+        console.print(f"VACUUM (ANALYZE) took {time.monotonic() - started:.1f} s", highlight=False)
+        sizes = Table("table", "rows", "size with indexes", title="tables")
+        for size in await table_sizes(database):
+            sizes.add_row(size.name, f"{size.rows:,}", size.size)
+        console.print(sizes)
+        heavy = loaded.heavy_user
+        users = [("heavy user", heavy), ("typical user", loaded.typical_user), ("Alice", alice)]
+        console.print(await time_reads(database, users))
         console.print(f"\nplans for the heavy user {heavy}:")
-        await explain_reads(database, heavy, console=console)
+        await show_plans(database, heavy, console=console)
 
     asyncio.run(_run_on(database, work()))
     return 0
+
+
+@contextmanager
+def _progress_bars(console: Console) -> Iterator[OnProgress]:
+    """Shows a load's progress: a bar per phase, added when the phase starts."""
+    tasks: dict[str, TaskID] = {}
+    columns = (BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(TextColumn("{task.description}"), *columns, console=console) as progress:
+
+        def show(phase: str, done: int, total: int) -> None:
+            if phase not in tasks:
+                tasks[phase] = progress.add_task(phase, total=total)
+            progress.update(tasks[phase], completed=done)
+
+        yield show
 
 
 def run(
@@ -1332,8 +940,12 @@ def run(
         if isinstance(plan, PopulatePlan):
             return populate_command(settings, plan, argv=argv, console=console)
         return benchmark(settings, plan, argv=argv, console=console)
-    except BenchRefused as refusal:
-        console.print(
-            f"wallet bench: {refusal}", style="red", markup=False, highlight=False, soft_wrap=True
-        )
+    except (BenchRefused, PopulateRefused) as refusal:
+        _print_as_is(console, f"wallet bench: {refusal}", style="red")
         return 2
+
+
+def _print_as_is(console: Console, text: str, *, style: str | None = None) -> None:
+    """Text that may hold brackets or long lines (SQL, URLs, commands): no markup, no
+    highlighting, no wrapping."""
+    console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)

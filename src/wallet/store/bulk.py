@@ -182,9 +182,7 @@ def captured_statements(database: Database) -> Iterator[dict[str, Any]]:
         event.remove(database.engine.sync_engine, "before_cursor_execute", capture)
 
 
-async def explain_analyze(
-    connection: AsyncConnection, statements: Mapping[str, Any]
-) -> list[Plan]:
+async def explain_analyze(connection: AsyncConnection, statements: Mapping[str, Any]) -> list[Plan]:
     """EXPLAIN (ANALYZE, BUFFERS) of each SELECT among `statements`: ANALYZE runs the statement,
     so any other kind is skipped."""
     driver = await _driver(connection)
