@@ -8,9 +8,14 @@ from typing import Annotated, TypeVar
 import typer
 import uvicorn
 from rich.console import Console
-from rich.table import Table
 
-from wallet.bench import DEFAULT_CONFIGURATIONS, BenchRefused, PopulatePlan, load_plan
+from wallet.bench import (
+    DEFAULT_CONFIGURATIONS,
+    BenchRefused,
+    PopulatePlan,
+    checks_table,
+    load_plan,
+)
 from wallet.bench import run as run_bench
 from wallet.domain.errors import WalletError
 from wallet.service.audit import verify as verify_ledger
@@ -70,13 +75,7 @@ def verify(
     """Recompute every balance from the ledger and check every invariant; exit 1 on a mismatch."""
     settings = Settings().model_copy(update={"database_timeout_s": timeout_s})
     checks = _run(verify_ledger, settings)
-    table = Table("check", "result")
-    for check in checks:
-        shown = check.failures[:10]
-        more = len(check.failures) - len(shown)
-        result = "[green]ok[/]" if check.is_clean else "[red]" + "\n".join(shown) + "[/]"
-        table.add_row(check.name, result + (f"\n… and {more} more" if more > 0 else ""))
-    console.print(table)
+    console.print(checks_table(checks))
     if not all(check.is_clean for check in checks):
         console.print("[red]ledger verification FAILED[/]")
         raise typer.Exit(1)
