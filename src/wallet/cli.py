@@ -52,10 +52,19 @@ def _run(work: Callable[[Database], Awaitable[R]], settings: Settings | None = N
         raise typer.Exit(1) from None
 
 
+LongTimeout = Annotated[
+    float, typer.Option(min=1, help="Statement timeout, seconds: a large ledger takes minutes.")
+]
+
+
+def _with_timeout(timeout_s: float) -> Settings:
+    return Settings().model_copy(update={"database_timeout_s": timeout_s})
+
+
 @app.command()
-def migrate() -> None:
+def migrate(timeout_s: LongTimeout = 3600) -> None:
     """Create or upgrade the schema to the newest migration."""
-    _run(migrate_schema)
+    _run(migrate_schema, _with_timeout(timeout_s))
     console.print("schema is up to date")
 
 
@@ -67,14 +76,9 @@ def seed() -> None:
 
 
 @app.command()
-def verify(
-    timeout_s: Annotated[
-        float, typer.Option(min=1, help="Statement timeout: a large ledger takes minutes.")
-    ] = 3600,
-) -> None:
+def verify(timeout_s: LongTimeout = 3600) -> None:
     """Recompute every balance from the ledger and check every invariant; exit 1 on a mismatch."""
-    settings = Settings().model_copy(update={"database_timeout_s": timeout_s})
-    checks = _run(verify_ledger, settings)
+    checks = _run(verify_ledger, _with_timeout(timeout_s))
     console.print(checks_table(checks))
     if not all(check.is_clean for check in checks):
         console.print("[red]ledger verification FAILED[/]")

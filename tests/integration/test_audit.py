@@ -20,13 +20,14 @@ SUMS = "per-asset balances sum to zero"
 REPLAY = "balances equal their ledger replay"
 PAIRS = "each transaction has one debit and one credit"
 CHAINS = "balanceAfter chains replay"
+LINKS = "hash chains are unbroken"
 REVENUE = SystemAccount.REVENUE
 
 
 async def failures(database: Database) -> dict[str, list[str]]:
     """The failing checks, by name, with what each found (sorted: SQL gives no row order)."""
     checks = await verify(database)
-    assert [c.name for c in checks] == [SUMS, REPLAY, PAIRS, CHAINS]
+    assert [c.name for c in checks] == [SUMS, REPLAY, PAIRS, CHAINS, LINKS]
     return {c.name: sorted(c.failures) for c in checks if not c.is_clean}
 
 
@@ -74,6 +75,7 @@ async def test_verify_catches_a_changed_entry_amount(
         REPLAY: [f"{ALICE} GOLD_COINS: balance 900, ledger 899"],
         PAIRS: [f"transaction {spent.id}"],
         CHAINS: [f"entry {debit.id} ({ALICE} GOLD_COINS)"],
+        LINKS: [f"entry {debit.id} ({ALICE} GOLD_COINS): first broken link"],
     }
 
 
@@ -119,6 +121,7 @@ async def test_verify_catches_a_deleted_entry(
     assert await failures(database) == {
         REPLAY: [f"{REVENUE} GOLD_COINS: balance 100, ledger 0"],
         PAIRS: [f"transaction {spent.id}"],
+        LINKS: [f"{REVENUE} GOLD_COINS: a newest link but no entry"],
     }
 
 
@@ -128,7 +131,10 @@ async def test_verify_catches_a_changed_balance_after_of_a_system_entry(
     _, _, credit = await alice_gold_spend(wallet, make_command)
     await sql("UPDATE entries SET balance_after = 101 WHERE id = :id", id=credit.id)
 
-    assert await failures(database) == {CHAINS: [f"entry {credit.id} ({REVENUE} GOLD_COINS)"]}
+    assert await failures(database) == {
+        CHAINS: [f"entry {credit.id} ({REVENUE} GOLD_COINS)"],
+        LINKS: [f"entry {credit.id} ({REVENUE} GOLD_COINS): first broken link"],
+    }
 
 
 async def test_verify_catches_a_changed_balance_after_of_a_user_entry(
@@ -140,6 +146,7 @@ async def test_verify_catches_a_changed_balance_after_of_a_user_entry(
     assert await failures(database) == {
         PAIRS: [f"transaction {spent.id}"],
         CHAINS: [f"entry {debit.id} ({ALICE} GOLD_COINS)"],
+        LINKS: [f"entry {debit.id} ({ALICE} GOLD_COINS): first broken link"],
     }
 
 
@@ -160,6 +167,7 @@ async def test_verify_catches_a_changed_balance_after_in_the_middle_of_a_chain(
                 f"entry {later_credit.id} ({ALICE} GOLD_COINS)",
             ]
         ),
+        LINKS: [f"entry {debit.id} ({ALICE} GOLD_COINS): first broken link"],
     }
 
 
@@ -200,4 +208,33 @@ async def test_verify_catches_a_deleted_balance_row_whose_account_has_entries(
     assert await failures(database) == {
         SUMS: ["GOLD_COINS: -100"],
         REPLAY: [f"{REVENUE} GOLD_COINS: entries without a balance"],
+        LINKS: [f"{REVENUE} GOLD_COINS: the balance's newest link is not the last entry's"],
+    }
+
+
+async def test_only_the_hash_chain_catches_an_edit_that_keeps_every_sum_consistent(
+    database: Database, wallet: Wallet, make_command: MakeCommand, sql: Sql
+) -> None:
+    """Someone rewrites a spend of 100 as 90 in every row it touched, balances included: every
+    sum and balanceAfter still adds up, but the entries no longer match their links."""
+    spent, debit, credit = await alice_gold_spend(wallet, make_command)
+    await sql(
+        "UPDATE transactions SET amount = 90, balance_after = 910 WHERE id = :id", id=spent.id
+    )
+    await sql("UPDATE entries SET amount = 90, balance_after = 910 WHERE id = :id", id=debit.id)
+    await sql("UPDATE entries SET amount = 90, balance_after = 90 WHERE id = :id", id=credit.id)
+    await sql(
+        "UPDATE balances SET balance = CASE WHEN account_id = :alice THEN 910 ELSE 90 END"
+        " WHERE account_id IN (:alice, :revenue) AND asset_symbol = 'GOLD_COINS'",
+        alice=ALICE,
+        revenue=REVENUE,
+    )
+
+    assert await failures(database) == {
+        LINKS: sorted(
+            [
+                f"entry {debit.id} ({ALICE} GOLD_COINS): first broken link",
+                f"entry {credit.id} ({REVENUE} GOLD_COINS): first broken link",
+            ]
+        ),
     }

@@ -1,12 +1,13 @@
 """Double-entry: every transaction moves one amount of one asset from a debited account to a
 credited account, so per asset all balances sum to zero; user balances never go below zero,
-system accounts may (they issue credits); every balance stays within 64 bits."""
+system accounts may (they issue credits); every balance stays within 64 bits. Each account's
+entries of an asset form a hash chain, so an edit made behind the service's back shows."""
 
 import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import NewType
 
@@ -20,6 +21,8 @@ MAX_AMOUNT = 10**15
 MIN_BALANCE = -(2**63)
 MAX_BALANCE = 2**63 - 1
 SYSTEM_PREFIX = "system:"
+GENESIS_LINK = "0" * 64  # the link before an account's first entry
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 class SystemAccount(StrEnum):
@@ -127,6 +130,27 @@ class Entry:
     amount: int
     balance_after: int
     created_at: datetime
+    chain_hash: str = ""  # this entry's link in its account's chain; see `link`
+
+
+def link(previous: str, entry: Entry) -> str:
+    """The entry's link in its (account, asset) chain: a digest of the previous link and of
+    everything the entry states, so editing, deleting or reordering an entry breaks the chain."""
+    created_us = (entry.created_at - EPOCH) // timedelta(microseconds=1)
+    content = "|".join(
+        (
+            previous,
+            entry.id,
+            entry.transaction_id,
+            entry.account_id,
+            entry.asset_symbol,
+            entry.direction,
+            str(entry.amount),
+            str(entry.balance_after),
+            str(created_us),
+        )
+    )
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

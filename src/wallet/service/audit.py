@@ -2,6 +2,9 @@
 
 from dataclasses import dataclass, field
 
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from wallet.domain.ledger import GENESIS_LINK, link
 from wallet.store import audit
 from wallet.store.database import Database
 
@@ -24,6 +27,7 @@ async def verify(database: Database) -> list[Check]:
         orphans = await audit.entries_without_balance(connection)
         pairs = await audit.broken_pairs(connection)
         chains = await audit.broken_chains(connection)
+        links = await _broken_links(connection)
     return [
         Check("per-asset balances sum to zero", [f"{r.asset_symbol}: {r.total}" for r in sums]),
         Check(
@@ -41,4 +45,40 @@ async def verify(database: Database) -> list[Check]:
             "balanceAfter chains replay",
             [f"entry {r.id} ({r.account_id} {r.asset_symbol})" for r in chains],
         ),
+        Check("hash chains are unbroken", links),
     ]
+
+
+async def _broken_links(connection: AsyncConnection) -> list[str]:
+    """The first broken link of each (account, asset) chain, and every balance row whose newest
+    link is not its chain's last: an entry edited, deleted or reordered outside the service."""
+    broken: list[str] = []
+    chain: tuple[str, str] | None = None
+    previous = GENESIS_LINK
+    head: str | None = None
+    is_broken = False
+
+    def check_head() -> None:
+        if chain is not None and head != previous:
+            broken.append(
+                f"{chain[0]} {chain[1]}: the balance's newest link is not the last entry's"
+            )
+
+    async for entry, entry_head in audit.entries_by_chain(connection):
+        if (entry.account_id, entry.asset_symbol) != chain:
+            check_head()
+            chain, previous, head, is_broken = (
+                (entry.account_id, entry.asset_symbol),
+                GENESIS_LINK,
+                entry_head,
+                False,
+            )
+        if not is_broken and link(previous, entry) != entry.chain_hash:
+            broken.append(
+                f"entry {entry.id} ({entry.account_id} {entry.asset_symbol}): first broken link"
+            )
+            is_broken = True
+        previous = entry.chain_hash
+    check_head()
+    rows = await audit.linked_balances_without_entries(connection)
+    return broken + [f"{r.account_id} {r.asset_symbol}: a newest link but no entry" for r in rows]

@@ -11,7 +11,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from wallet.domain.errors import WalletError
-from wallet.domain.ledger import Command, Flow, SystemAccount, UserId
+from wallet.domain.ledger import (
+    EPOCH,
+    GENESIS_LINK,
+    AccountId,
+    Command,
+    Direction,
+    Entry,
+    Flow,
+    SystemAccount,
+    TransactionId,
+    UserId,
+    is_system_account,
+    link,
+)
 from wallet.service.posting import post
 from wallet.service.seed import seed
 from wallet.store import bulk, queries
@@ -30,7 +43,6 @@ STRIDES = (1_000_003, 999_983, 7_919)  # primes: k * stride mod users visits eve
 CHUNK_TRANSACTIONS = 25_000
 CHUNK_USERS = 50_000
 NO_ROW = -1  # in the user balance array: the user never held the asset
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 OnProgress = Callable[[str, int, int], None]  # phase, done so far, total
 
@@ -121,7 +133,7 @@ async def load_ledger(
     async with database.transaction(is_write=True) as connection:
         # Writers wait until the load commits, so the system balances read here stay true.
         await bulk.lock_ledger(connection)
-        system_before = {(str(s), a): 0 for s in SYSTEM for a in ASSETS}
+        system_before = {(str(s), a): (0, GENESIS_LINK) for s in SYSTEM for a in ASSETS}
         system_before.update(await bulk.balances_of_accounts(connection, [str(s) for s in SYSTEM]))
         latest = await bulk.latest_created_at(connection)
         span_us = users + transactions + 1000
@@ -150,9 +162,9 @@ async def load_ledger(
         await bulk.upsert_balances(
             connection,
             {
-                key: balance
+                key: (balance, generator.system_links[key])
                 for key, balance in generator.system_balances.items()
-                if balance != system_before[key]
+                if (balance, generator.system_links[key]) != system_before[key]
             },
         )
     return Loaded(
@@ -198,7 +210,8 @@ def _uuid7(moment_us: int, tag: int, number: int) -> str:
 
 class LedgerGenerator:
     """Makes users, then transactions that keep every invariant: users never go below zero, and
-    every balanceAfter continues its account's chain. Memory: one int64 per user and asset.
+    every balanceAfter and hash link continues its account's chains. Memory: one int64 and one
+    32-byte link per user and asset.
     User i is created at first_us + i; the n-th transaction users + 1000 µs later, plus n."""
 
     def __init__(
@@ -207,7 +220,7 @@ class LedgerGenerator:
         users: int,
         tag: str,
         first_us: int,
-        system_balances: dict[tuple[str, str], int],
+        system_balances: dict[tuple[str, str], tuple[int, str]],
     ) -> None:
         self.users = users
         self.tag = tag
@@ -217,7 +230,9 @@ class LedgerGenerator:
         self.stride = next(p for p in STRIDES if users % p)
         self.rng = random.Random(self.tag_bits)
         self.user_balances = array("q", [NO_ROW]) * (users * len(ASSETS))
-        self.system_balances = dict(system_balances)
+        self.user_links = bytearray(32 * users * len(ASSETS))  # all zero: GENESIS_LINK
+        self.system_balances = {key: balance for key, (balance, _) in system_balances.items()}
+        self.system_links = {key: link for key, (_, link) in system_balances.items()}
         self.made = 0
 
     def user_id(self, index: int) -> str:
@@ -305,39 +320,55 @@ class LedgerGenerator:
             )
             debit_id = _uuid7(moment_us, self.tag_bits, 2 * number)
             credit_id = _uuid7(moment_us, self.tag_bits, 2 * number + 1)
-            entries.append(
-                (
-                    debit_id,
-                    transaction_id,
-                    debited,
-                    asset,
-                    "debit",
-                    amount,
-                    debited_after,
-                    created_at,
+            for entry_id, account, direction, after in (
+                (debit_id, debited, Direction.DEBIT, debited_after),
+                (credit_id, credited, Direction.CREDIT, credited_after),
+            ):
+                entry = Entry(
+                    id=entry_id,
+                    transaction_id=TransactionId(transaction_id),
+                    account_id=AccountId(account),
+                    asset_symbol=asset,
+                    direction=direction,
+                    amount=amount,
+                    balance_after=after,
+                    created_at=created_at,
                 )
-            )
-            entries.append(
-                (
-                    credit_id,
-                    transaction_id,
-                    credited,
-                    asset,
-                    "credit",
-                    amount,
-                    credited_after,
-                    created_at,
+                entries.append(
+                    (
+                        entry_id,
+                        transaction_id,
+                        account,
+                        asset,
+                        direction.value,
+                        amount,
+                        after,
+                        created_at,
+                        self._extend_chain(entry, slot),
+                    )
                 )
-            )
         self.made += count
         return Chunk(keys, transactions, entries)
+
+    def _extend_chain(self, entry: Entry, user_slot: int) -> str:
+        """Link `entry` into its account's chain (the user's is kept at `user_slot`)."""
+        if is_system_account(entry.account_id):
+            key = (entry.account_id, entry.asset_symbol)
+            self.system_links[key] = link(self.system_links[key], entry)
+            return self.system_links[key]
+        where = slice(32 * user_slot, 32 * user_slot + 32)
+        new_link = link(self.user_links[where].hex(), entry)
+        self.user_links[where] = bytes.fromhex(new_link)
+        return new_link
 
     def user_balance_rows(self, start: int, stop: int) -> list[Row]:
         """Balance rows of users start..stop-1 for every asset they ever held."""
         rows = []
         for user in range(start, stop):
             for asset_index, asset in enumerate(ASSETS):
-                held = self.user_balances[user * len(ASSETS) + asset_index]
+                slot = user * len(ASSETS) + asset_index
+                held = self.user_balances[slot]
                 if held != NO_ROW:
-                    rows.append((self.user_id(user), asset, held))
+                    chain = self.user_links[32 * slot : 32 * slot + 32].hex()
+                    rows.append((self.user_id(user), asset, held, chain))
         return rows

@@ -5,6 +5,7 @@ key) fails alone; the others still apply."""
 import asyncio
 import random
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import uuid_utils
@@ -25,6 +26,7 @@ from wallet.domain.ledger import (
     Posted,
     Transaction,
     TransactionId,
+    link,
     move,
 )
 from wallet.store import ledger
@@ -78,11 +80,11 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         key for _, c in valid if c.idempotency_key in lookup.claimed for key in _balance_keys(c)
     }
     await ledger.create_balances(connection, to_lock - lookup.balance_rows)
-    balances = await ledger.lock_balances(connection, to_lock)
-    opening = dict(balances)
-    created_at = datetime.now(
-        UTC
-    )  # taken after the locks, so time follows the order of application
+    locked = await ledger.lock_balances(connection, to_lock)
+    balances = {key: balance for key, (balance, _) in locked.items()}
+    links = {key: chain_hash for key, (_, chain_hash) in locked.items()}
+    # Taken after the locks, so time follows the order of application.
+    created_at = datetime.now(UTC)
     applied: dict[str, tuple[str, Transaction]] = {}
     posted_entries: list[Entry] = []
     for index, command in valid:
@@ -100,14 +102,14 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         except WalletError as error:
             outcomes[index] = error
             continue
-        transaction, pair = _record(command, balances, created_at)
+        transaction, pair = _record(command, balances, links, created_at)
         applied[key] = (fingerprint, transaction)
         posted_entries.extend(pair)
         outcomes[index] = Posted(transaction, is_replay=False)
 
     await ledger.write_postings(
         connection,
-        changed={k: v for k, v in balances.items() if v != opening[k]},
+        changed={k: (balances[k], links[k]) for k in balances if links[k] != locked[k][1]},
         posted=list(applied.values()),
         posted_entries=posted_entries,
         released=lookup.claimed - applied.keys(),
@@ -134,13 +136,17 @@ def _replay(
 
 
 def _record(
-    command: Command, balances: dict[ledger.BalanceKey, int], created_at: datetime
+    command: Command,
+    balances: dict[ledger.BalanceKey, int],
+    links: dict[ledger.BalanceKey, str],
+    created_at: datetime,
 ) -> tuple[Transaction, tuple[Entry, Entry]]:
+    """The transaction and entries of an applied command; each entry extends its chain."""
     transaction_id = TransactionId(str(uuid_utils.uuid7()))
     asset = command.asset_symbol
 
     def entry(account: AccountId, direction: Direction) -> Entry:
-        return Entry(
+        unlinked = Entry(
             id=str(uuid_utils.uuid7()),
             transaction_id=transaction_id,
             account_id=account,
@@ -150,6 +156,8 @@ def _record(
             balance_after=balances[(account, asset)],
             created_at=created_at,
         )
+        links[(account, asset)] = link(links[(account, asset)], unlinked)
+        return replace(unlinked, chain_hash=links[(account, asset)])
 
     transaction = Transaction(
         id=transaction_id,

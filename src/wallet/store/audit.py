@@ -1,10 +1,13 @@
 """Read-only checks that the stored ledger keeps its invariants; each returns the offending rows."""
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from wallet.domain.ledger import GENESIS_LINK, Entry
+from wallet.store.queries import to_entry
 from wallet.store.tables import balances, entries, transactions
 
 signed_amount = sa.case(
@@ -131,6 +134,43 @@ async def broken_chains(connection: AsyncConnection) -> list[sa.Row[Any]]:
         await connection.execute(
             sa.select(chain.c.id, chain.c.account_id, chain.c.asset_symbol).where(
                 chain.c.previous + chain.c.delta != chain.c.balance_after
+            )
+        )
+    )
+
+
+async def entries_by_chain(
+    connection: AsyncConnection,
+) -> AsyncIterator[tuple[Entry, str | None]]:
+    """Every entry, chain by chain ((account, asset), oldest first), with the newest link its
+    balance row records (None when the row is missing); streamed, so memory stays flat."""
+    result = await connection.stream(
+        sa.select(entries, balances.c.chain_hash.label("head"))
+        .select_from(
+            entries.outerjoin(
+                balances,
+                sa.and_(
+                    balances.c.account_id == entries.c.account_id,
+                    balances.c.asset_symbol == entries.c.asset_symbol,
+                ),
+            )
+        )
+        .order_by(entries.c.account_id, entries.c.asset_symbol, entries.c.seq)
+    )
+    async for row in result:
+        yield to_entry(row), row.head
+
+
+async def linked_balances_without_entries(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """Balance rows that record a newest link although their chain has no entry."""
+    return list(
+        await connection.execute(
+            sa.select(balances.c.account_id, balances.c.asset_symbol).where(
+                balances.c.chain_hash != GENESIS_LINK,
+                ~sa.exists().where(
+                    entries.c.account_id == balances.c.account_id,
+                    entries.c.asset_symbol == balances.c.asset_symbol,
+                ),
             )
         )
     )

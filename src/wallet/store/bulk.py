@@ -24,7 +24,7 @@ LEDGER_TABLES = ", ".join(
     t.name for t in (accounts, balances, idempotency_keys, transactions, entries)
 )
 ACCOUNT_COLUMNS = ("id", "is_system", "email", "name", "created_at")
-BALANCE_COLUMNS = ("account_id", "asset_symbol", "balance")
+BALANCE_COLUMNS = ("account_id", "asset_symbol", "balance", "chain_hash")
 KEY_COLUMNS = ("key",)
 TRANSACTION_COLUMNS = (
     "id",
@@ -46,6 +46,7 @@ ENTRY_COLUMNS = (
     "amount",
     "balance_after",
     "created_at",
+    "chain_hash",
 )
 TABLE_SIZE = sa.text(
     "SELECT reltuples::bigint, pg_size_pretty(pg_total_relation_size(oid)) FROM pg_class "
@@ -93,14 +94,17 @@ async def lock_ledger(connection: AsyncConnection) -> None:
 
 async def balances_of_accounts(
     connection: AsyncConnection, account_ids: Sequence[str]
-) -> dict[tuple[str, str], int]:
-    """The stored balance of each (account, asset) of these accounts."""
+) -> dict[tuple[str, str], tuple[int, str]]:
+    """The stored balance and newest chain link of each (account, asset) of these accounts."""
     rows = await connection.execute(
-        sa.select(balances.c.account_id, balances.c.asset_symbol, balances.c.balance).where(
-            balances.c.account_id.in_(account_ids)
-        )
+        sa.select(
+            balances.c.account_id,
+            balances.c.asset_symbol,
+            balances.c.balance,
+            balances.c.chain_hash,
+        ).where(balances.c.account_id.in_(account_ids))
     )
-    return {(account, asset): balance for account, asset, balance in rows}
+    return {(account, asset): (balance, link) for account, asset, balance, link in rows}
 
 
 async def latest_created_at(connection: AsyncConnection) -> datetime | None:
@@ -132,20 +136,20 @@ async def copy_balances(connection: AsyncConnection, rows: Sequence[Row]) -> Non
 
 
 async def upsert_balances(
-    connection: AsyncConnection, new_balances: Mapping[tuple[str, str], int]
+    connection: AsyncConnection, new_balances: Mapping[tuple[str, str], tuple[int, str]]
 ) -> None:
-    """Set the balance of each (account, asset), creating the rows that are missing."""
+    """Set the balance and newest chain link of each (account, asset), creating missing rows."""
     if not new_balances:
         return
     insert = postgresql.insert(balances)
     await connection.execute(
         insert.on_conflict_do_update(
             index_elements=[balances.c.account_id, balances.c.asset_symbol],
-            set_={"balance": insert.excluded.balance},
+            set_={"balance": insert.excluded.balance, "chain_hash": insert.excluded.chain_hash},
         ),
         [
-            {"account_id": account, "asset_symbol": asset, "balance": balance}
-            for (account, asset), balance in new_balances.items()
+            {"account_id": account, "asset_symbol": asset, "balance": balance, "chain_hash": link}
+            for (account, asset), (balance, link) in new_balances.items()
         ],
     )
 

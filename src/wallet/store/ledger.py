@@ -150,7 +150,7 @@ async def create_balances(connection: AsyncConnection, keys: Iterable[BalanceKey
 
 
 LOCK_BALANCES = sa.text("""
-SELECT account_id, asset_symbol, balance FROM balances
+SELECT account_id, asset_symbol, balance, chain_hash FROM balances
 WHERE (account_id, asset_symbol) IN (
     SELECT * FROM unnest(CAST(:accounts AS text[]), CAST(:symbols AS text[]))
 )
@@ -160,8 +160,8 @@ FOR UPDATE""")
 
 async def lock_balances(
     connection: AsyncConnection, keys: Iterable[BalanceKey]
-) -> dict[BalanceKey, int]:
-    """Lock the existing balance rows of `keys` and return their balances.
+) -> dict[BalanceKey, tuple[int, str]]:
+    """Lock the existing balance rows of `keys` and return their balances and chain links.
 
     Every transaction locks in ascending (account, asset) order, by primary key, so none waits
     on another in a cycle. On SQLite, BEGIN IMMEDIATE already holds the one write lock."""
@@ -175,19 +175,26 @@ async def lock_balances(
         )
     else:
         rows = await connection.execute(
-            sa.select(balances.c.account_id, balances.c.asset_symbol, balances.c.balance).where(
-                sa.tuple_(balances.c.account_id, balances.c.asset_symbol).in_(ordered)
-            )
+            sa.select(
+                balances.c.account_id,
+                balances.c.asset_symbol,
+                balances.c.balance,
+                balances.c.chain_hash,
+            ).where(sa.tuple_(balances.c.account_id, balances.c.asset_symbol).in_(ordered))
         )
-    return {(AccountId(account), symbol): balance for account, symbol, balance in rows}
+    return {
+        (AccountId(account), symbol): (balance, chain_hash)
+        for account, symbol, balance, chain_hash in rows
+    }
 
 
 WRITE_POSTINGS = sa.text("""
 WITH moved AS (
-    UPDATE balances AS b SET balance = v.balance
+    UPDATE balances AS b SET balance = v.balance, chain_hash = v.chain_hash
     FROM unnest(
-        CAST(:b_accounts AS text[]), CAST(:b_symbols AS text[]), CAST(:b_balances AS bigint[])
-    ) AS v(account_id, asset_symbol, balance)
+        CAST(:b_accounts AS text[]), CAST(:b_symbols AS text[]), CAST(:b_balances AS bigint[]),
+        CAST(:b_links AS text[])
+    ) AS v(account_id, asset_symbol, balance, chain_hash)
     WHERE b.account_id = v.account_id AND b.asset_symbol = v.asset_symbol
 ), released AS (
     DELETE FROM idempotency_keys WHERE key = ANY(CAST(:released AS text[]))
@@ -210,16 +217,18 @@ WITH moved AS (
     ORDER BY t.position
 )
 INSERT INTO entries (
-    id, transaction_id, account_id, asset_symbol, direction, amount, balance_after, created_at
+    id, transaction_id, account_id, asset_symbol, direction, amount, balance_after, created_at,
+    chain_hash
 )
 SELECT e.id, e.transaction_id, e.account_id, e.asset_symbol, e.direction, e.amount,
-    e.balance_after, :created_at
+    e.balance_after, :created_at, e.chain_hash
 FROM unnest(
     CAST(:e_ids AS text[]), CAST(:e_transactions AS text[]), CAST(:e_accounts AS text[]),
     CAST(:e_symbols AS text[]), CAST(:e_directions AS text[]), CAST(:e_amounts AS bigint[]),
-    CAST(:e_balances AS bigint[])
+    CAST(:e_balances AS bigint[]), CAST(:e_links AS text[])
 ) WITH ORDINALITY AS e(
-    id, transaction_id, account_id, asset_symbol, direction, amount, balance_after, position
+    id, transaction_id, account_id, asset_symbol, direction, amount, balance_after, chain_hash,
+    position
 )
 ORDER BY e.position""")
 
@@ -227,13 +236,14 @@ ORDER BY e.position""")
 async def write_postings(
     connection: AsyncConnection,
     *,
-    changed: Mapping[BalanceKey, int],
+    changed: Mapping[BalanceKey, tuple[int, str]],
     posted: Sequence[tuple[str, Transaction]],
     posted_entries: Sequence[Entry],
     released: Iterable[str],
     created_at: datetime,
 ) -> None:
-    """Write each changed balance once, insert the transactions (with their request
+    """Write each changed balance (and its chain's newest link) once, insert the transactions
+    (with their request
     fingerprints) and entries in application order, so their `seq` follows it, and forget the
     claims of commands that failed: a failed request records nothing."""
     released = sorted(set(released))
@@ -245,7 +255,8 @@ async def write_postings(
             {
                 "b_accounts": [a for a, _ in changed],
                 "b_symbols": [s for _, s in changed],
-                "b_balances": list(changed.values()),
+                "b_balances": [balance for balance, _ in changed.values()],
+                "b_links": [chain_hash for _, chain_hash in changed.values()],
                 "released": released,
                 "created_at": created_at,
                 "t_ids": [t.id for _, t in posted],
@@ -267,6 +278,7 @@ async def write_postings(
                 "e_directions": [e.direction.value for e in posted_entries],
                 "e_amounts": [e.amount for e in posted_entries],
                 "e_balances": [e.balance_after for e in posted_entries],
+                "e_links": [e.chain_hash for e in posted_entries],
             },
         )
         return
@@ -277,10 +289,15 @@ async def write_postings(
                 balances.c.account_id == sa.bindparam("key_account"),
                 balances.c.asset_symbol == sa.bindparam("key_asset"),
             )
-            .values(balance=sa.bindparam("new_balance")),
+            .values(balance=sa.bindparam("new_balance"), chain_hash=sa.bindparam("new_link")),
             [
-                {"key_account": account, "key_asset": asset, "new_balance": balance}
-                for (account, asset), balance in changed.items()
+                {
+                    "key_account": account,
+                    "key_asset": asset,
+                    "new_balance": balance,
+                    "new_link": chain_hash,
+                }
+                for (account, asset), (balance, chain_hash) in changed.items()
             ],
         )
     if released:
@@ -319,6 +336,7 @@ async def write_postings(
                     "amount": e.amount,
                     "balance_after": e.balance_after,
                     "created_at": created_at,
+                    "chain_hash": e.chain_hash,
                 }
                 for e in posted_entries
             ],

@@ -150,7 +150,7 @@ async def find_transaction(
     entry_rows = await connection.execute(
         sa.select(entries).where(entries.c.transaction_id == transaction_id).order_by(entries.c.seq)
     )
-    return to_transaction(row), [_to_entry(r) for r in entry_rows]
+    return to_transaction(row), [to_entry(r) for r in entry_rows]
 
 
 async def list_entries(
@@ -165,7 +165,7 @@ async def list_entries(
     query = sa.select(entries).where(entries.c.account_id == account_id)
     if asset_symbol is not None:
         query = query.where(entries.c.asset_symbol == asset_symbol)
-    return await _page(connection, query, entries.c.seq, _to_entry, limit, before, offset)
+    return await _page(connection, query, entries.c.seq, to_entry, limit, before, offset)
 
 
 async def _page(
@@ -193,7 +193,7 @@ def _to_user(row: sa.Row[Any]) -> User:
     return User(UserId(row.id), row.email, row.name, as_utc(row.created_at))
 
 
-def _to_entry(row: sa.Row[Any]) -> Entry:
+def to_entry(row: sa.Row[Any]) -> Entry:
     return Entry(
         id=row.id,
         transaction_id=TransactionId(row.transaction_id),
@@ -203,4 +203,5 @@ def _to_entry(row: sa.Row[Any]) -> Entry:
         amount=row.amount,
         balance_after=row.balance_after,
         created_at=as_utc(row.created_at),
+        chain_hash=row.chain_hash,
     )

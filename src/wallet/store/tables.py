@@ -1,7 +1,10 @@
 """The schema. The database enforces the ledger's invariants too: amounts are positive, user
-balances never negative, each transaction has one debit and one credit entry, keys are unique."""
+balances never negative, each transaction has one debit and one credit entry, keys are unique.
+Each entry carries its hash-chain link; each balance row, the newest link of its chain."""
 
 import sqlalchemy as sa
+
+from wallet.domain.ledger import GENESIS_LINK
 
 metadata = sa.MetaData(
     naming_convention={
@@ -45,6 +48,8 @@ balances = sa.Table(
     sa.Column("account_id", sa.String(64), sa.ForeignKey("accounts.id"), primary_key=True),
     sa.Column("asset_symbol", sa.String(32), sa.ForeignKey("assets.symbol"), primary_key=True),
     sa.Column("balance", sa.BigInteger(), nullable=False),
+    # The link of this account and asset's newest entry (GENESIS_LINK before the first).
+    sa.Column("chain_hash", sa.String(64), nullable=False, server_default=GENESIS_LINK),
     sa.CheckConstraint(
         "balance >= 0 OR substr(account_id, 1, 7) = 'system:'", name="user_not_negative"
     ),
@@ -99,6 +104,7 @@ entries = sa.Table(
     sa.Column("amount", sa.BigInteger(), nullable=False),
     sa.Column("balance_after", sa.BigInteger(), nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("chain_hash", sa.String(64), nullable=False),
     sa.CheckConstraint("direction IN ('debit', 'credit')", name="direction"),
     sa.CheckConstraint(f"amount BETWEEN 1 AND {MAX_AMOUNT_SQL}", name="amount_range"),
     sa.CheckConstraint(
