@@ -7,7 +7,7 @@ PORT ?= 8000
 WORKERS ?= 1
 
 .DEFAULT_GOAL := help
-.PHONY: help install wrk run test lint typecheck pytest bench clean
+.PHONY: help install wrk run test lint typecheck pytest audit bench clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -42,6 +42,11 @@ pytest: install wrk ## The suite on SQLite and PostgreSQL, then its PostgreSQL p
 		--junitxml=.test-results/junit-serializable.xml
 
 test: lint typecheck pytest ## Everything CI runs: lint, types, tests
+
+# Not part of `make test`: pip-audit needs PyPI's JSON API or OSV, which this workplace's
+# network does not reach (--strict makes that a failure rather than a silent pass).
+audit: install ## Known vulnerabilities in the pinned dependencies (needs network to PyPI/OSV)
+	$(BIN)/pip-audit --strict --skip-editable
 
 bench: install wrk ## Start a server, load it with wrk, print the table; WALLET_DATABASE_URL (scratch!), BENCH_ARGS=
 	$(BIN)/wallet bench $(BENCH_ARGS)

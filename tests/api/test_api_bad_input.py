@@ -537,3 +537,15 @@ async def test_overlong_symbols_and_transaction_ids_in_reads_are_unknown_or_inva
 async def test_empty_asset_filter_is_a_validation_error(client: httpx.AsyncClient) -> None:
     for path in (f"{API}/wallet/transactions/{ALICE}", f"{API}/wallet/ledger/{ALICE}"):
         assert_validation_error(await client.get(path, params={"assetSymbol": ""}), "assetSymbol")
+
+
+async def test_a_method_a_route_does_not_have_is_405_naming_the_allowed_ones(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.delete(f"{API}/wallet/balances/{ALICE}")
+    assert_problem(response, 405, "method_not_allowed")
+    assert response.headers["allow"] == "GET"
+
+
+async def test_a_path_that_is_no_route_is_404_not_found(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get(f"{API}/nowhere"), 404, "not_found")

@@ -91,7 +91,9 @@ async def on_validation_error(_request: Request, error: Exception) -> JSONRespon
 async def on_http_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, HTTPException)
     code = CODE_OF_HTTP_STATUS.get(error.status_code, "http_error")
-    return problem(error.status_code, code, str(error.detail))
+    response = problem(error.status_code, code, str(error.detail))
+    response.headers.update(error.headers or {})  # e.g. Allow, which a 405 must carry
+    return response
 
 
 async def on_unexpected_error(_request: Request, error: Exception) -> JSONResponse:

@@ -15,6 +15,7 @@ from wallet.http.flows import command_from, transaction_body
 from wallet.service.wallet import PageRequest, Wallet
 
 router = APIRouter(prefix="/api/v1")
+MAX_POSITION = 2**63 - 1
 
 UserIdPath = Annotated[
     str, Path(min_length=1, max_length=64, pattern=schemas.ID_PATTERN, description="A user's id.")
@@ -91,7 +92,8 @@ def _decode_cursor(cursor: str | None) -> int | None:
         return None
     try:
         version, seq = base64.urlsafe_b64decode(cursor.encode()).decode().split(":")
-        if version == "v1" and seq.isdigit():
+        # ASCII digits only (str.isdigit takes other scripts' too), within a 64-bit position.
+        if version == "v1" and seq.isascii() and seq.isdigit() and int(seq) <= MAX_POSITION:
             return int(seq)
     except (binascii.Error, UnicodeError, ValueError):
         pass

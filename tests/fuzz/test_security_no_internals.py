@@ -1,0 +1,219 @@
+"""No answer echoes the service's internals: no SQL, driver or ORM name, stack trace or internal
+path reaches a client, in the 4xx answers to bad requests, in the 503s of a database that cannot
+be reached or is not migrated, or in the 500 of a defect, whose cause is logged, never sent."""
+
+import json
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy as sa
+import structlog
+from fuzz_checks import ALICE, API, BOB, FLOWS, app_client, leaks
+
+from wallet.service.wallet import Wallet
+from wallet.settings import Settings
+
+UNREACHABLE = Settings(
+    database_url="postgresql+asyncpg://postgres@127.0.0.1:1/none", database_timeout_s=1
+)
+# What a defect's exception could carry: SQL, a driver's name, a path and a line of a traceback.
+SECRET_CAUSE = (
+    'SELECT balance FROM balances WHERE account_id = $1 (asyncpg) File "/work/main/src/wallet/'
+    'store/queries.py", line 42, in balance_of'
+)
+Request = Callable[[httpx.AsyncClient], Awaitable[httpx.Response]]
+
+
+def flow(name: str = "topup", **fields: Any) -> dict[str, Any]:
+    return {
+        "userId": ALICE,
+        "assetSymbol": "GOLD_COINS",
+        "amount": 10,
+        "idempotencyKey": f"internals-{name}",
+        **fields,
+    }
+
+
+def post_raw(path: str, content: bytes, content_type: str = "application/json") -> Request:
+    return lambda client: client.post(path, content=content, headers={"content-type": content_type})
+
+
+def post_json(path: str, body: Any, **headers: str) -> Request:
+    return lambda client: client.post(path, json=body, headers=headers)
+
+
+def get(path: str, **params: Any) -> Request:
+    return lambda client: client.get(path, params=params)
+
+
+# (what is wrong, the request, the status API.md gives it)
+BAD_REQUESTS: list[tuple[str, Request, int]] = [
+    ("not JSON", post_raw(f"{API}/wallet/topup", b"{'userId': 1,"), 400),
+    ("not UTF-8", post_raw(f"{API}/wallet/spend", b'{"userId": "\xff\xfe"}'), 400),
+    ("NaN", post_raw(f"{API}/wallet/bonus", json.dumps(flow()).replace("10", "NaN").encode()), 400),
+    ("nested too deep", post_raw(f"{API}/wallet/topup", b"[" * 30_000 + b"]" * 30_000), 400),
+    ("too large", post_raw(f"{API}/wallet/topup", b" " * (64 * 1024 + 1)), 413),
+    ("not JSON media", post_raw(f"{API}/wallet/topup", b"userId=1", "text/plain"), 415),
+    ("users not JSON", post_raw(f"{API}/users", b"<xml/>", "application/xml"), 415),
+    ("amount a float", post_json(f"{API}/wallet/topup", flow(amount=1.5)), 422),
+    ("amount 2^64", post_json(f"{API}/wallet/topup", flow(amount=2**64)), 422),
+    ("missing fields", post_json(f"{API}/wallet/spend", {"userId": ALICE}), 422),
+    ("extra field", post_json(f"{API}/wallet/topup", flow(sql="SELECT 1")), 422),
+    ("malformed id", post_json(f"{API}/wallet/topup", flow(userId="a b")), 422),
+    ("NUL in free text", post_json(f"{API}/wallet/bonus", flow(reason="a\x00b")), 422),
+    ("free text too long", post_json(f"{API}/wallet/spend", flow(description="x" * 501)), 422),
+    ("metadata too large", post_json(f"{API}/wallet/topup", flow(metadata={"k": "v" * 5000})), 422),
+    ("keys differ", post_json(f"{API}/wallet/topup", flow(), **{"Idempotency-Key": "other"}), 422),
+    ("no key", post_json(f"{API}/wallet/topup", flow(idempotencyKey=None)), 422),
+    ("unknown user", post_json(f"{API}/wallet/topup", flow(userId="nobody")), 404),
+    ("unknown asset", post_json(f"{API}/wallet/topup", flow(assetSymbol="NOPE")), 404),
+    ("short of funds", post_json(f"{API}/wallet/spend", flow("spend", amount=10**15)), 422),
+    ("system account", post_json(f"{API}/wallet/bonus", flow(userId="system:treasury")), 404),
+    (
+        "user exists",
+        post_json(f"{API}/users", {"id": BOB, "email": "b@example.com", "name": "B"}),
+        409,
+    ),
+    ("invalid email", post_json(f"{API}/users", {"email": "not an email", "name": "N"}), 422),
+    (
+        "system id",
+        post_json(f"{API}/users", {"id": "system:x", "email": "s@x.io", "name": "S"}),
+        422,
+    ),
+    ("unknown route", get(f"{API}/wallet/nothing"), 404),
+    ("unknown user read", get(f"{API}/users/nobody"), 404),
+    ("malformed user read", get(f"{API}/wallet/balances/a%20b"), 422),
+    ("unknown asset read", get(f"{API}/wallet/balance/{ALICE}/NOPE"), 404),
+    ("unknown transaction", get(f"{API}/wallet/transactions/{ALICE}/nope"), 404),
+    ("limit out of range", get(f"{API}/users", limit=0), 422),
+    ("cursor with offset", get(f"{API}/users", cursor="djE6MQ==", offset=1), 422),
+    ("cursor not ours", get(f"{API}/wallet/ledger/{ALICE}", cursor="SELECT"), 422),
+    ("unknown type", get(f"{API}/wallet/transactions/{ALICE}", type="refund"), 422),
+]
+READS = (
+    f"{API}/assets",
+    f"{API}/users",
+    f"{API}/users/{ALICE}",
+    f"{API}/wallet/balance/{ALICE}/GOLD_COINS",
+    f"{API}/wallet/balances/{ALICE}",
+    f"{API}/wallet/transactions/{ALICE}",
+    f"{API}/wallet/transactions/{ALICE}/some-id",
+    f"{API}/wallet/ledger/{ALICE}",
+)
+
+
+def sent_text(request: httpx.Request) -> list[str]:
+    """The strings a request carried, so that an echo of them is not taken for a leak."""
+    try:
+        body = json.loads(request.content) if request.content else None
+    except (ValueError, RecursionError):
+        body = None
+    texts = [value for value in _strings(body) if value]
+    return [*texts, *(value for _, value in request.url.params.multi_items())]
+
+
+def _strings(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*_strings(k), *_strings(v))]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return []
+
+
+def assert_problem_without_internals(response: httpx.Response, status: int, code: str) -> None:
+    """The documented status and code, as problem+json, showing nothing of the service's insides."""
+    request = f"{response.request.method} {str(response.request.url)[:200]}"
+    assert response.status_code == status, f"{request} -> {response.status_code} {response.text}"
+    assert response.headers["content-type"] == "application/problem+json", request
+    problem = response.json()
+    assert problem["status"] == status
+    assert problem["code"] == code, f"{request} -> {response.text}"
+    found = leaks(response.text, *sent_text(response.request))
+    assert found == [], f"{request} -> {response.text}: {found}"
+    assert leaks(" ".join(f"{k}: {v}" for k, v in response.headers.items())) == []
+
+
+@pytest.mark.parametrize("lean_flows", [True, False], ids=["lean-flows", "framework-flows"])
+async def test_bad_requests_get_their_4xx_without_internals(
+    database_url: str, lean_flows: bool
+) -> None:
+    settings = Settings(database_url=database_url, lean_flows=lean_flows)
+    async with app_client(settings, raise_app_exceptions=False) as client:
+        for what, send, status in BAD_REQUESTS:
+            response = await send(client)
+            request = f"{what}: {response.request.method} {str(response.request.url)[:100]}"
+            assert response.status_code == status, f"{request} -> {response.text[:500]}"
+            assert response.headers["content-type"] == "application/problem+json", request
+            found = leaks(response.text, *sent_text(response.request))
+            assert found == [], f"{request} -> {response.text}: {found}"
+
+
+async def test_an_unreachable_database_is_503_without_internals() -> None:
+    for lean_flows in (True, False):
+        settings = UNREACHABLE.model_copy(update={"lean_flows": lean_flows})
+        async with app_client(settings, raise_app_exceptions=False) as client:
+            health = await client.get(f"{API}/health")
+            assert (health.status_code, health.json()) == (
+                503,
+                {"status": "unavailable", "database": "unavailable"},
+            )
+            for path in READS:
+                response = await client.get(path)
+                assert_problem_without_internals(response, 503, "database_unavailable")
+            for name in FLOWS:
+                response = await client.post(f"{API}/wallet/{name}", json=flow(name))
+                assert_problem_without_internals(response, 503, "database_unavailable")
+            response = await client.post(f"{API}/users", json={"email": "a@b.io", "name": "A"})
+            assert_problem_without_internals(response, 503, "database_unavailable")
+
+
+@pytest.mark.parametrize("database", ["missing directory", "not migrated"])
+async def test_a_broken_sqlite_database_is_503_without_internals(
+    tmp_path: Path, database: str
+) -> None:
+    file = tmp_path / "absent" / "wallet.db" if database == "missing directory" else tmp_path / "x"
+    settings = Settings(database_url=f"sqlite+aiosqlite:///{file}", database_timeout_s=1)
+    async with app_client(settings, raise_app_exceptions=False) as client:
+        for path in READS:
+            assert_problem_without_internals(await client.get(path), 503, "database_unavailable")
+        for name in FLOWS:
+            response = await client.post(f"{API}/wallet/{name}", json=flow(name))
+            assert_problem_without_internals(response, 503, "database_unavailable")
+
+
+@pytest.mark.parametrize(
+    "cause",
+    [
+        RuntimeError(SECRET_CAUSE),
+        sa.exc.ProgrammingError(SECRET_CAUSE, {"account_id": ALICE}, Exception("asyncpg")),
+    ],
+    ids=["defect", "bad SQL"],
+)
+async def test_a_defect_is_a_bare_500_whose_cause_is_not_sent(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, cause: Exception
+) -> None:
+    async def fail(*_args: Any, **_kwargs: Any) -> Any:
+        raise cause
+
+    for method in ("execute", "balance", "history", "create_user"):
+        monkeypatch.setattr(Wallet, method, fail)
+    for lean_flows in (True, False):
+        settings = Settings(database_url=database_url, lean_flows=lean_flows)
+        # Captured, the cause is kept for the assertion below (and not rendered to the console).
+        with structlog.testing.capture_logs() as logged:
+            async with app_client(settings, raise_app_exceptions=False) as client:
+                requests = [
+                    client.get(f"{API}/wallet/balance/{ALICE}/GOLD_COINS"),
+                    client.get(f"{API}/wallet/transactions/{ALICE}"),
+                    client.post(f"{API}/users", json={"email": "d@example.com", "name": "D"}),
+                    *(client.post(f"{API}/wallet/{name}", json=flow(name)) for name in FLOWS),
+                ]
+                for sending in requests:
+                    assert_problem_without_internals(await sending, 500, "internal_error")
+        causes = [entry.get("exc_info") for entry in logged if entry["log_level"] == "error"]
+        assert causes == [cause] * len(requests)
