@@ -86,7 +86,10 @@ class Database:
                 async with connection.begin():
                     yield connection
         except exc.DBAPIError as error:
-            raise _translate(error) from error
+            translated = _translate(error)
+            if translated is None:
+                raise  # a defect of the service, not of the request or the database
+            raise translated from error
         except (exc.TimeoutError, OSError) as error:
             raise DatabaseUnavailable("the database cannot be reached") from error
 
@@ -103,7 +106,7 @@ class Database:
         await self.engine.dispose()
 
 
-def _translate(error: exc.DBAPIError) -> Exception:
+def _translate(error: exc.DBAPIError) -> Exception | None:
     sqlstate = str(getattr(error.orig, "sqlstate", None) or "")
     if sqlstate in RETRYABLE_SQLSTATES:
         return TransientConflict(sqlstate)
@@ -112,5 +115,5 @@ def _translate(error: exc.DBAPIError) -> Exception:
     if isinstance(error, exc.DataError) or sqlstate.startswith("22"):
         return InvalidRequest("the database refused a value of the request", field="body")
     if isinstance(error, exc.ProgrammingError):
-        return error  # a defect of the service, not of the request or the database
+        return None
     return DatabaseUnavailable("the database cannot be reached")
