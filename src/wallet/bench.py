@@ -41,7 +41,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from wallet.domain.access import KEY_PATTERN, Scope
 from wallet.domain.ledger import Flow
+from wallet.service.access import Access
 from wallet.service.audit import Check, verify
 from wallet.service.populate import (
     ASSET,
@@ -68,6 +70,10 @@ PAUSE_BETWEEN_CELLS_S = 0.5  # lets the batches of the last cell's unanswered re
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 MACHINE_WIDTH = 160  # a table for docs is not wrapped to an 80-column pipe
 TIMED_READS = 50
+# The load's API key: rate limiting stays on, as in production (each request pays for its
+# check), with a budget so large it never refuses one; 0 would mean unlimited and skip the check.
+LOAD_KEY_BUDGET_PER_S = 1_000_000
+LOAD_KEY_SCOPES = frozenset({Scope.WALLET_CREDIT, Scope.WALLET_DEBIT})  # the three flows, no more
 T = TypeVar("T")
 
 
@@ -419,7 +425,7 @@ local is_hot = $is_hot
 local threads_count = $threads
 local max_per_thread = $max_per_thread
 local path = "/api/v1/wallet/$flow"
-local headers = {["Content-Type"] = "application/json"}
+local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer $api_key"}
 local threads = {}
 
 function setup(thread)
@@ -524,14 +530,19 @@ def run_wrk(
     duration_s: int,
     max_requests: int,
     prefix: str,
+    api_key: str,
     workdir: Path,
     watches_postgres: bool,
 ) -> Measurement:
-    """One wrk run of `duration_s` seconds (at most `max_requests` requests) against `server`."""
+    """One wrk run of `duration_s` seconds (at most `max_requests` requests) against `server`,
+    each request sending `api_key`."""
+    if KEY_PATTERN.fullmatch(api_key) is None:  # it goes into a Lua string literal as it is
+        raise BenchRefused("the load's API key is not one the service issues")
     threads = min(cell.concurrency, os.cpu_count() or 1)
     script = workdir / f"{prefix}.lua"
     script.write_text(
         LUA.substitute(
+            api_key=api_key,
             flow=cell.flow.value,
             prefix=prefix,
             users=users,
@@ -615,6 +626,7 @@ def run_configuration(
     wrk: str,
     database_url: str,
     run_id: str,
+    api_key: str,
     workdir: Path,
     watches_postgres: bool,
     console: Console,
@@ -639,6 +651,7 @@ def run_configuration(
                 duration_s=plan.warmup_s,
                 max_requests=plan.max_requests,
                 prefix=f"{run_id}-{number}-warmup",
+                api_key=api_key,
                 workdir=workdir,
                 watches_postgres=False,
             )
@@ -652,6 +665,7 @@ def run_configuration(
                 duration_s=plan.duration_s,
                 max_requests=plan.max_requests,
                 prefix=f"{run_id}-{number}-{index}",
+                api_key=api_key,
                 workdir=workdir,
                 watches_postgres=watches_postgres,
             )
@@ -751,11 +765,71 @@ def _is_local_postgres(database: Database) -> bool:
     return database.dialect == "postgresql" and host in (None, "", "127.0.0.1", "localhost", "::1")
 
 
+async def _create_load_key(database: Database, *, run_id: str) -> tuple[str, str]:
+    """A key of the run's own for the load (its id and its secret), as a client would hold."""
+    access = Access(
+        database,
+        default_reads_per_second=LOAD_KEY_BUDGET_PER_S,
+        default_writes_per_second=LOAD_KEY_BUDGET_PER_S,
+    )
+    key, secret = await access.create_key(
+        label=f"wallet bench {run_id}",
+        scopes=LOAD_KEY_SCOPES,
+        reads_per_second=LOAD_KEY_BUDGET_PER_S,
+        writes_per_second=LOAD_KEY_BUDGET_PER_S,
+    )
+    return key.id, secret
+
+
+async def _revoke_load_key(database: Database, key_id: str) -> None:
+    access = Access(database, default_reads_per_second=0, default_writes_per_second=0)
+    await access.revoke_key(key_id=key_id)
+
+
 def benchmark(settings: Settings, plan: LoadPlan, *, argv: Sequence[str], console: Console) -> int:
-    """Seed, measure every configuration, verify; the exit code (1: errors or a failed verify)."""
+    """Seed, make the load's API key, measure every configuration, revoke the key, verify; the
+    exit code (1: errors or a failed verify)."""
     wrk = find_wrk()
+    run_id = f"bench-{uuid.uuid4().hex[:8]}"
+    # One engine throughout (each asyncio.run closes its pool): the provenance names the server
+    # version the first connection learnt.
     database = Database(create_engine(_with_long_timeout(settings)))
     asyncio.run(_run_on(database, prepare_users(database, count=plan.users)))
+    key_id, api_key = asyncio.run(_run_on(database, _create_load_key(database, run_id=run_id)))
+    try:
+        results = _measure(
+            database,
+            plan,
+            database_url=settings.database_url.get_secret_value(),
+            wrk=wrk,
+            run_id=run_id,
+            api_key=api_key,
+            argv=argv,
+            console=console,
+        )
+    finally:
+        asyncio.run(_run_on(database, _revoke_load_key(database, key_id)))
+    errors = sum(m.errors for r in results for m in r.cells.values())
+    database = Database(create_engine(_with_long_timeout(settings)))
+    is_verified = asyncio.run(_run_on(database, _verify_and_show(database, console)))
+    if errors:
+        console.print(f"[red]{errors} requests failed[/] (status 400 or more, or socket errors)")
+    return 0 if is_verified and not errors else 1
+
+
+def _measure(
+    database: Database,
+    plan: LoadPlan,
+    *,
+    database_url: str,
+    wrk: str,
+    run_id: str,
+    api_key: str,
+    argv: Sequence[str],
+    console: Console,
+) -> list[ConfigurationResult]:
+    """Print the provenance, run every configuration (its servers on `database_url`, the
+    URL of `database`), print the results."""
     lines = provenance(
         database,
         argv=argv,
@@ -766,13 +840,15 @@ def benchmark(settings: Settings, plan: LoadPlan, *, argv: Sequence[str], consol
             f"data: {plan.users:,} bench users funded with {FUNDING:,} {ASSET}; "
             "spread = round-robin over them, hot = all on one user; amount 1 per request",
             *(f"server: {c.describe()}" for c in plan.configurations),
+            f"auth: one API key made for the run ({' '.join(sorted(LOAD_KEY_SCOPES))}), "
+            f"budgets {LOAD_KEY_BUDGET_PER_S:,}/s of reads and of writes: rate limiting on, "
+            "never refusing; revoked at the end",
             "CPU columns: percent of one core; wrk by getrusage, the server and PostgreSQL "
             "(on this machine) from /proc, missing backends that exit during a cell",
         ],
     )
     for line in lines:
         _print_as_is(console, line)
-    run_id = f"bench-{uuid.uuid4().hex[:8]}"
     watches_postgres = _is_local_postgres(database)
     results = []
     with tempfile.TemporaryDirectory(prefix="wallet-bench-") as workdir:
@@ -782,8 +858,9 @@ def benchmark(settings: Settings, plan: LoadPlan, *, argv: Sequence[str], consol
                     configuration,
                     plan,
                     wrk=wrk,
-                    database_url=settings.database_url,
+                    database_url=database_url,
                     run_id=run_id,
+                    api_key=api_key,
                     workdir=Path(workdir),
                     watches_postgres=watches_postgres,
                     console=console,
@@ -798,12 +875,7 @@ def benchmark(settings: Settings, plan: LoadPlan, *, argv: Sequence[str], consol
             f"peak {peak} MB (VmHWM)",
             highlight=False,
         )
-    errors = sum(m.errors for r in results for m in r.cells.values())
-    database = Database(create_engine(_with_long_timeout(settings)))
-    is_verified = asyncio.run(_run_on(database, _verify_and_show(database, console)))
-    if errors:
-        console.print(f"[red]{errors} requests failed[/] (status 400 or more, or socket errors)")
-    return 0 if is_verified and not errors else 1
+    return results
 
 
 async def _run_on(database: Database, work: Awaitable[T]) -> T:

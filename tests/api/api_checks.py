@@ -44,6 +44,7 @@ TRANSACTION_FIELDS = frozenset(
         "amount",
         "balanceAfter",
         "idempotencyKey",
+        "createdBy",
         "createdAt",
     }
 )
@@ -60,7 +61,7 @@ ENTRY_FIELDS = frozenset(
     }
 )
 USER_FIELDS = frozenset({"id", "email", "name", "createdAt"})
-PROBLEM_FIELDS = frozenset({"type", "title", "status", "detail", "code"})
+PROBLEM_FIELDS = frozenset({"type", "title", "status", "detail", "code", "requestId"})
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
 # What must never reach a client: stack traces, driver names, SQL, internal paths.
@@ -186,6 +187,8 @@ def problem_of(response: httpx.Response) -> dict[str, Any]:
         assert isinstance(problem[name], str), problem
         assert problem[name], problem
     assert re.fullmatch(r"[a-z]+(_[a-z]+)*", problem["code"]), problem
+    # API-operations.md: the request's id, in the body and the X-Request-ID header alike.
+    assert problem["requestId"] == response.headers["x-request-id"], problem
     if "errors" in problem:
         assert problem["errors"], problem
         for error in problem["errors"]:

@@ -181,12 +181,29 @@ async def test_a_caller_that_goes_away_does_not_disturb_the_others(
     assert all(isinstance(r, Posted) for i, r in enumerate(results) if i != 1)
 
 
-async def test_closing_cancels_commands_still_waiting(
+async def test_closing_finishes_commands_still_waiting_then_refuses_new_ones(
     database: Database, make_command: MakeCommand
 ) -> None:
     batcher = Batcher(database, max_size=100, max_wait_s=5)
     waiting = asyncio.create_task(batcher.submit(make_command(Flow.TOPUP, 2)))
     await asyncio.sleep(0.01)
+    await asyncio.wait_for(batcher.close(), 2)  # does not sit out the 5 s batch wait
+
+    assert isinstance(await waiting, Posted)
+    with pytest.raises(DatabaseUnavailable):
+        await batcher.submit(make_command(Flow.TOPUP, 2))
+
+
+async def test_a_caller_gone_before_its_batch_began_is_not_applied(
+    database: Database, make_command: MakeCommand, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes = record_batches(monkeypatch)
+    batcher = Batcher(database, max_size=100, max_wait_s=0.05)
+    kept = asyncio.create_task(batcher.submit(make_command(Flow.TOPUP, 2)))
+    gone = asyncio.create_task(batcher.submit(make_command(Flow.TOPUP, 3)))
+    await asyncio.sleep(0.01)  # both wait for the batch to fill
+    gone.cancel()
+    assert isinstance(await kept, Posted)
     await batcher.close()
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
+
+    assert sizes == [1]

@@ -2,6 +2,7 @@
 fails with exit code 1 once the ledger was tampered with. Synchronous tests: the CLI runs its
 own event loop."""
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from typer.testing import CliRunner
 
 from wallet.cli import app
 from wallet.service.seed import ALICE
+
+KEY = re.compile(r"wk_[A-Za-z0-9_-]{43}")
 
 
 @pytest.fixture
@@ -30,6 +33,7 @@ def succeeds(result: Result) -> str:
 
 
 def test_migrate_seed_and_verify_succeed_on_a_new_database(database_file: Path) -> None:
+    assert "created the schema at revision" in succeeds(wallet_command(database_file, "migrate"))
     assert "schema is up to date" in succeeds(wallet_command(database_file, "migrate"))
     assert "seed data is in place" in succeeds(wallet_command(database_file, "seed"))
     output = succeeds(wallet_command(database_file, "verify"))
@@ -45,13 +49,17 @@ def test_migrate_seed_and_verify_succeed_on_a_new_database(database_file: Path) 
 
 
 def test_migrate_and_seed_may_run_again(database_file: Path) -> None:
+    outputs = []
     for _ in range(2):
         succeeds(wallet_command(database_file, "migrate"))
-        succeeds(wallet_command(database_file, "seed"))
+        outputs.append(succeeds(wallet_command(database_file, "seed")))
     with sqlite3.connect(database_file) as connection:
         (entries,) = connection.execute("SELECT count(*) FROM entries").fetchone()
     assert entries == 12
     assert "ledger verified" in succeeds(wallet_command(database_file, "verify"))
+    # The first seed printed a first admin key, alone on its last line; the second none.
+    assert KEY.fullmatch(outputs[0].splitlines()[-1])
+    assert not KEY.search(outputs[1])
 
 
 def test_verify_exits_1_after_tampering(database_file: Path) -> None:
@@ -69,3 +77,81 @@ def test_verify_exits_1_after_tampering(database_file: Path) -> None:
     assert result.exit_code == 1, result.output
     assert "ledger verification FAILED" in result.output
     assert "GOLD_COINS: 1" in result.output
+
+
+def test_version_names_the_package() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert re.fullmatch(r"wallet \d+\.\d+\.\d+\n", result.output)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("WALLET_DATABASE_URL", "mysql://root:hunter2@db/wallet"),
+        ("WALLET_DATABASE_URL", "no url at all"),
+        ("WALLET_BATCH_MAX_SIZE", "0"),
+        ("WALLET_REDIS_URL", "http://cache:6379"),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_it_and_exit_2(variable: str, value: str) -> None:
+    result = CliRunner().invoke(app, ["migrate"], env={variable: value})
+
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert result.output.startswith(f"{variable}: ")
+    assert "hunter2" not in result.output
+    assert "Traceback" not in result.output
+
+
+def test_plain_database_urls_reach_the_async_driver(database_file: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["migrate"], env={"WALLET_DATABASE_URL": f"sqlite:///{database_file}"}
+    )
+    assert "created the schema" in succeeds(result)
+
+
+def test_keys_create_list_and_revoke(database_file: Path) -> None:
+    succeeds(wallet_command(database_file, "migrate"))
+    created = succeeds(
+        wallet_command(
+            database_file,
+            *("keys", "create", "--label", "shop-eu", "--scope", "wallet:read"),
+            *("--scope", "wallet:debit", "--writes-per-second", "5"),
+        )
+    )
+    secret = created.splitlines()[-1]
+    assert KEY.fullmatch(secret)
+    key_id = re.search(r"created key (\S+)", created)
+    assert key_id is not None
+
+    listed = succeeds(wallet_command(database_file, "keys", "list"))
+    assert "shop-eu" in listed
+    assert "wallet:debit wallet:read" in listed
+    assert secret not in listed
+    succeeds(wallet_command(database_file, "keys", "revoke", key_id.group(1)))
+    with sqlite3.connect(database_file) as connection:
+        (revoked_at,) = connection.execute("SELECT revoked_at FROM api_keys").fetchone()
+    assert revoked_at is not None
+
+    unknown = wallet_command(database_file, "keys", "revoke", "no-such-key")
+    assert unknown.exit_code == 1
+    assert "key_not_found" in unknown.output
+    bad_scope = wallet_command(database_file, "keys", "create", "--label", "x", "--scope", "god")
+    assert bad_scope.exit_code == 2
+
+
+def test_a_metrics_directory_that_does_not_exist_yet_is_made(
+    database_file: Path, tmp_path: Path
+) -> None:
+    metrics_dir = tmp_path / "not" / "yet"
+    result = CliRunner().invoke(
+        app,
+        ["migrate"],
+        env={
+            "WALLET_DATABASE_URL": f"sqlite:///{database_file}",
+            "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+        },
+    )
+    succeeds(result)
+    assert metrics_dir.is_dir()

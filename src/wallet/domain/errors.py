@@ -31,14 +31,6 @@ class IdempotencyKeyReused(WalletError):
     code = "idempotency_key_reused"
 
 
-class InsufficientFunds(WalletError):
-    code = "insufficient_funds"
-
-
-class BalanceLimitExceeded(WalletError):
-    code = "balance_limit_exceeded"
-
-
 class InvalidRequest(WalletError):
     """A request that breaks a rule the schema alone cannot express."""
 
@@ -57,3 +49,45 @@ class Conflict(WalletError):
 
 class DatabaseUnavailable(WalletError):
     code = "database_unavailable"
+
+
+class Refusal(WalletError):
+    """A refusal made by the ledger's state: final, stored under its idempotency key like a
+    success, so a retry gets the same answer (`is_replay` then says so)."""
+
+    def __init__(self, detail: str, *, is_replay: bool = False) -> None:
+        super().__init__(detail)
+        self.is_replay = is_replay
+
+
+class Unauthenticated(WalletError):
+    code = "unauthenticated"
+
+
+class InsufficientScope(WalletError):
+    code = "insufficient_scope"
+
+
+class UnknownKey(WalletError):
+    code = "key_not_found"
+
+
+class RateLimited(WalletError):
+    code = "rate_limited"
+
+
+class RequestTimeout(WalletError):
+    code = "request_timeout"
+
+
+class InsufficientFunds(Refusal):
+    code = "insufficient_funds"
+
+
+class BalanceLimitExceeded(Refusal):
+    code = "balance_limit_exceeded"
+
+
+REFUSALS: dict[str, type[Refusal]] = {
+    refusal.code: refusal for refusal in (InsufficientFunds, BalanceLimitExceeded)
+}

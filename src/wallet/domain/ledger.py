@@ -73,6 +73,7 @@ class Command:
     idempotency_key: str
     note: str | None = None
     metadata: Mapping[str, str] | None = None
+    created_by: str | None = None  # the API key's id; not part of the request's identity
 
     @property
     def debited(self) -> AccountId:
@@ -116,6 +117,7 @@ class Transaction:
     note: str | None
     metadata: Mapping[str, str] | None
     created_at: datetime
+    created_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

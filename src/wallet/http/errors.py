@@ -1,6 +1,7 @@
 """The one table from errors to HTTP statuses, and the problem+json (RFC 9457) bodies."""
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any
 
@@ -24,6 +25,17 @@ STATUS_OF: dict[type[errors.WalletError], int] = {
     errors.BalanceLimitExceeded: 422,
     errors.InvalidRequest: 422,
     errors.DatabaseUnavailable: 503,
+    errors.Unauthenticated: 401,
+    errors.InsufficientScope: 403,
+    errors.UnknownKey: 404,
+    errors.RateLimited: 429,
+    errors.RequestTimeout: 503,
+}
+# Headers an error's answer must carry besides the body.
+HEADERS_OF: dict[type[errors.WalletError], dict[str, str]] = {
+    errors.Unauthenticated: {"WWW-Authenticate": "Bearer"},
+    errors.DatabaseUnavailable: {"Retry-After": "1"},
+    errors.RequestTimeout: {"Retry-After": "1"},
 }
 CODE_OF_HTTP_STATUS = {
     400: "bad_request",
@@ -33,10 +45,17 @@ CODE_OF_HTTP_STATUS = {
     415: "unsupported_media_type",
 }
 log = structlog.get_logger()
+# The id of the request being answered, set by the gate (gate.py) for every problem body.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 
 def problem(
-    status: int, code: str, detail: str, *, errors: list[dict[str, str]] | None = None
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    errors: list[dict[str, str]] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {
         "type": f"urn:wallet:problem:{code}",
@@ -44,10 +63,11 @@ def problem(
         "status": status,
         "detail": detail,
         "code": code,
+        "requestId": REQUEST_ID.get(),
     }
     if errors is not None:
         body["errors"] = errors
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
 def wallet_problem(error: errors.WalletError) -> JSONResponse:
@@ -58,7 +78,12 @@ def wallet_problem(error: errors.WalletError) -> JSONResponse:
         if isinstance(error, errors.InvalidRequest)
         else None
     )
-    return problem(STATUS_OF[type(error)], error.code, error.detail, errors=field_errors)
+    headers = dict(HEADERS_OF.get(type(error), {}))
+    if isinstance(error, errors.Refusal) and error.is_replay:
+        headers["Idempotent-Replayed"] = "true"
+    return problem(
+        STATUS_OF[type(error)], error.code, error.detail, errors=field_errors, headers=headers
+    )
 
 
 def validation_problem(details: Sequence[Any]) -> JSONResponse:

@@ -15,8 +15,10 @@ FLOW_REQUESTS: dict[Flow, type[schemas.FlowRequest]] = {
 FREE_TEXT_FIELD = {Flow.TOPUP: "metadata", Flow.BONUS: "reason", Flow.SPEND: "description"}
 
 
-def command_from(flow: Flow, body: schemas.FlowRequest, *, header_key: str | None) -> Command:
-    """The command a validated request asks for."""
+def command_from(
+    flow: Flow, body: schemas.FlowRequest, *, header_key: str | None, created_by: str | None
+) -> Command:
+    """The command a validated request asks for, made with the API key `created_by`."""
     return Command(
         flow=flow,
         user_id=UserId(body.userId),
@@ -25,6 +27,7 @@ def command_from(flow: Flow, body: schemas.FlowRequest, *, header_key: str | Non
         idempotency_key=_idempotency_key(body.idempotencyKey, header_key),
         note=_note(body),
         metadata=body.metadata if isinstance(body, schemas.TopupRequest) else None,
+        created_by=created_by,
     )
 
 
@@ -48,6 +51,8 @@ def _idempotency_key(in_body: str | None, in_header: str | None) -> str:
 
 
 def transaction_body(transaction: Transaction) -> dict[str, Any]:
+    """The transaction as the API shows it, its fields in the order of the response models, so
+    both HTTP paths and the reads give one order."""
     free_text = transaction.metadata if transaction.flow is Flow.TOPUP else transaction.note
     return {
         "transactionId": transaction.id,
@@ -58,6 +63,7 @@ def transaction_body(transaction: Transaction) -> dict[str, Any]:
         "amount": transaction.amount,
         "balanceAfter": transaction.balance_after,
         "idempotencyKey": transaction.idempotency_key,
-        FREE_TEXT_FIELD[transaction.flow]: free_text,
+        "createdBy": transaction.created_by,
         "createdAt": transaction.created_at,
+        FREE_TEXT_FIELD[transaction.flow]: free_text,
     }

@@ -19,6 +19,7 @@ from wallet.domain.ledger import Flow
 from wallet.http import schemas
 from wallet.http.errors import problem, unexpected_problem, validation_problem, wallet_problem
 from wallet.http.flows import FLOW_REQUESTS, command_from, transaction_body
+from wallet.http.gate import api_key_of
 from wallet.http.limits import decode_json, read_json_body
 from wallet.service.wallet import Wallet
 
@@ -65,7 +66,11 @@ class LeanFlows:
         if details:
             return validation_problem(details)
         try:
-            posted = await self.wallet().execute(command_from(flow, request, header_key=header_key))
+            key = api_key_of(scope)
+            command = command_from(
+                flow, request, header_key=header_key, created_by=key.id if key else None
+            )
+            posted = await self.wallet().execute(command)
         except WalletError as error:
             return wallet_problem(error)
         except Exception as error:

@@ -8,6 +8,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from wallet.http.errors import problem
+from wallet.http.gate import ROUTE_KEY, UNROUTED
 
 MAX_BODY_BYTES = 64 * 1024
 METHODS_WITH_BODY = frozenset({"POST", "PUT", "PATCH"})
@@ -70,7 +71,11 @@ class BodyLimits:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in METHODS_WITH_BODY:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in METHODS_WITH_BODY
+            or scope.get(ROUTE_KEY, UNROUTED) == UNROUTED  # routing answers 404 or 405 first
+        ):
             await self.app(scope, receive, send)
             return
         body = await read_json_body(scope, receive)

@@ -8,11 +8,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
 
+from wallet.domain.access import ApiKey, Scope
 from wallet.domain.errors import InvalidRequest
 from wallet.domain.ledger import Entry, Flow, User
 from wallet.http import schemas
 from wallet.http.flows import command_from, transaction_body
+from wallet.http.gate import PUBLIC, api_key_of, requires
+from wallet.service.access import Access
 from wallet.service.wallet import PageRequest, Wallet
+from wallet.store.migrate import schema_state
 
 router = APIRouter(prefix="/api/v1")
 MAX_POSITION = 2**63 - 1
@@ -77,6 +81,11 @@ def _wallet(request: Request) -> Wallet:
     return wallet
 
 
+def _access(request: Request) -> Access:
+    access: Access = request.app.state.access
+    return access
+
+
 def _page(limit: int, cursor: str | None, offset: int | None) -> PageRequest:
     if cursor is not None and offset is not None:
         raise InvalidRequest("cursor and offset cannot be used together", field="offset")
@@ -120,7 +129,9 @@ def _entry_body(entry: Entry) -> dict[str, Any]:
 async def _execute(
     request: Request, response: Response, flow: Flow, body: schemas.FlowRequest, key: str | None
 ) -> dict[str, Any]:
-    posted = await _wallet(request).execute(command_from(flow, body, header_key=key))
+    api_key = api_key_of(request.scope)
+    command = command_from(flow, body, header_key=key, created_by=api_key.id if api_key else None)
+    posted = await _wallet(request).execute(command)
     if posted.is_replay:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
@@ -131,6 +142,7 @@ async def _execute(
     "/health",
     response_model=schemas.Health,
     responses={503: {"model": schemas.Health, "description": "The database cannot be reached."}},
+    openapi_extra=PUBLIC,
 )
 async def health(request: Request) -> Any:
     if await _wallet(request).database.is_reachable():
@@ -138,7 +150,27 @@ async def health(request: Request) -> Any:
     return JSONResponse({"status": "unavailable", "database": "unavailable"}, status_code=503)
 
 
-@router.get("/assets", response_model=list[schemas.AssetOut], responses=_problems(503))
+@router.get(
+    "/health/ready",
+    response_model=schemas.Ready,
+    responses={503: {"model": schemas.Ready, "description": "Not ready; `reason` says why."}},
+    response_model_exclude_none=True,
+    openapi_extra=PUBLIC,
+)
+async def ready(request: Request) -> Any:
+    """Ready for traffic: the database answers and its schema is at the newest migration."""
+    reason = await schema_state(_wallet(request).database)
+    if reason is None:
+        return {"status": "ready"}
+    return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+
+
+@router.get(
+    "/assets",
+    response_model=list[schemas.AssetOut],
+    responses=_problems(503),
+    openapi_extra=requires(Scope.WALLET_READ),
+)
 async def list_assets(request: Request) -> Any:
     return [
         {"symbol": a.symbol, "name": a.name, "description": a.description}
@@ -146,7 +178,12 @@ async def list_assets(request: Request) -> Any:
     ]
 
 
-@router.get("/users", response_model=schemas.UserPage, responses=_problems(422, 503))
+@router.get(
+    "/users",
+    response_model=schemas.UserPage,
+    responses=_problems(422, 503),
+    openapi_extra=requires(Scope.WALLET_READ),
+)
 async def list_users(
     request: Request, limit: Limit = 50, cursor: Cursor = None, offset: Offset = None
 ) -> Any:
@@ -159,13 +196,19 @@ async def list_users(
     status_code=201,
     response_model=schemas.UserOut,
     responses=_problems(400, 409, 413, 415, 422, 503),
+    openapi_extra=requires(Scope.USERS_WRITE),
 )
 async def create_user(request: Request, body: schemas.NewUser) -> Any:
     user = await _wallet(request).create_user(user_id=body.id, email=body.email, name=body.name)
     return _user_body(user)
 
 
-@router.get("/users/{userId}", response_model=schemas.UserOut, responses=READ_PROBLEMS)
+@router.get(
+    "/users/{userId}",
+    response_model=schemas.UserOut,
+    responses=READ_PROBLEMS,
+    openapi_extra=requires(Scope.WALLET_READ),
+)
 async def get_user(request: Request, userId: UserIdPath) -> Any:
     return _user_body(await _wallet(request).user(user_id=userId))
 
@@ -176,6 +219,7 @@ async def get_user(request: Request, userId: UserIdPath) -> Any:
     response_model=schemas.TopupTransaction,
     responses=_flow_responses(schemas.TopupTransaction),
     summary="Purchase: treasury → user",
+    openapi_extra=requires(Scope.WALLET_CREDIT),
 )
 async def topup(
     request: Request, response: Response, body: schemas.TopupRequest, key: KeyHeader = None
@@ -189,6 +233,7 @@ async def topup(
     response_model=schemas.BonusTransaction,
     responses=_flow_responses(schemas.BonusTransaction),
     summary="Free credits: bonus pool → user",
+    openapi_extra=requires(Scope.WALLET_CREDIT),
 )
 async def bonus(
     request: Request, response: Response, body: schemas.BonusRequest, key: KeyHeader = None
@@ -202,6 +247,7 @@ async def bonus(
     response_model=schemas.SpendTransaction,
     responses=_flow_responses(schemas.SpendTransaction),
     summary="User → revenue; 422 insufficient_funds when short",
+    openapi_extra=requires(Scope.WALLET_DEBIT),
 )
 async def spend(
     request: Request, response: Response, body: schemas.SpendRequest, key: KeyHeader = None
@@ -213,13 +259,19 @@ async def spend(
     "/wallet/balance/{userId}/{assetSymbol}",
     response_model=schemas.Balance,
     responses=READ_PROBLEMS,
+    openapi_extra=requires(Scope.WALLET_READ),
 )
 async def balance(request: Request, userId: UserIdPath, assetSymbol: AssetPath) -> Any:
     amount = await _wallet(request).balance(user_id=userId, asset_symbol=assetSymbol)
     return {"userId": userId, "assetSymbol": assetSymbol, "balance": amount}
 
 
-@router.get("/wallet/balances/{userId}", response_model=schemas.Balances, responses=READ_PROBLEMS)
+@router.get(
+    "/wallet/balances/{userId}",
+    response_model=schemas.Balances,
+    responses=READ_PROBLEMS,
+    openapi_extra=requires(Scope.WALLET_READ),
+)
 async def balances(request: Request, userId: UserIdPath) -> Any:
     rows = await _wallet(request).balances(user_id=userId)
     return {
@@ -229,7 +281,10 @@ async def balances(request: Request, userId: UserIdPath) -> Any:
 
 
 @router.get(
-    "/wallet/transactions/{userId}", response_model=schemas.TransactionPage, responses=READ_PROBLEMS
+    "/wallet/transactions/{userId}",
+    response_model=schemas.TransactionPage,
+    responses=READ_PROBLEMS,
+    openapi_extra=requires(Scope.WALLET_READ),
 )
 async def transactions(
     request: Request,
@@ -250,6 +305,7 @@ async def transactions(
     "/wallet/transactions/{userId}/{transactionId}",
     response_model=schemas.AnyTransactionDetail,
     responses=READ_PROBLEMS,
+    openapi_extra=requires(Scope.WALLET_READ),
 )
 async def transaction(
     request: Request,
@@ -264,7 +320,12 @@ async def transaction(
     return {**transaction_body(found), "entries": [_entry_body(e) for e in found_entries]}
 
 
-@router.get("/wallet/ledger/{userId}", response_model=schemas.EntryPage, responses=READ_PROBLEMS)
+@router.get(
+    "/wallet/ledger/{userId}",
+    response_model=schemas.EntryPage,
+    responses=READ_PROBLEMS,
+    openapi_extra=requires(Scope.WALLET_READ),
+)
 async def ledger(
     request: Request,
     userId: UserIdPath,
@@ -277,3 +338,66 @@ async def ledger(
         user_id=userId, asset_symbol=assetSymbol, page=_page(limit, cursor, offset)
     )
     return {"items": [_entry_body(e) for e in items], "nextCursor": _encode_cursor(next_seq)}
+
+
+def _key_body(key: ApiKey) -> dict[str, Any]:
+    return {
+        "keyId": key.id,
+        "label": key.label,
+        "scopes": sorted(key.scopes),
+        "readsPerSecond": key.reads_per_second,
+        "writesPerSecond": key.writes_per_second,
+        "createdAt": key.created_at,
+        "revokedAt": key.revoked_at,
+    }
+
+
+@router.post(
+    "/keys",
+    status_code=201,
+    response_model=schemas.CreatedKey,
+    responses=_problems(400, 413, 415, 422, 503),
+    openapi_extra=requires(Scope.ADMIN),
+)
+async def create_key(request: Request, body: schemas.NewKey) -> Any:
+    """A new API key; its secret `key` is in this response only."""
+    key, secret = await _access(request).create_key(
+        label=body.label,
+        scopes=frozenset(body.scopes),
+        reads_per_second=body.readsPerSecond,
+        writes_per_second=body.writesPerSecond,
+    )
+    body_out = _key_body(key)
+    del body_out["revokedAt"]
+    return {"keyId": key.id, "key": secret, **body_out}
+
+
+@router.get(
+    "/keys",
+    response_model=schemas.KeyPage,
+    responses=_problems(422, 503),
+    openapi_extra=requires(Scope.ADMIN),
+)
+async def list_keys(
+    request: Request, limit: Limit = 50, cursor: Cursor = None, offset: Offset = None
+) -> Any:
+    page = _page(limit, cursor, offset)
+    keys, next_seq = await _access(request).keys(
+        limit=page.limit, before=page.before, offset=page.offset
+    )
+    return {"items": [_key_body(k) for k in keys], "nextCursor": _encode_cursor(next_seq)}
+
+
+@router.delete(
+    "/keys/{keyId}",
+    status_code=204,
+    responses=_problems(404, 422, 503),
+    openapi_extra=requires(Scope.ADMIN),
+)
+async def revoke_key(
+    request: Request,
+    keyId: Annotated[str, Path(min_length=1, max_length=36, pattern=schemas.ID_PATTERN)],
+) -> Response:
+    """Revoke a key: within 2 seconds every worker refuses it."""
+    await _access(request).revoke_key(key_id=keyId)
+    return Response(status_code=204)

@@ -5,14 +5,19 @@ import json
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
+from wallet.domain.access import Scope
 from wallet.domain.ledger import MAX_AMOUNT, SYSTEM_PREFIX
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 # PostgreSQL text cannot hold NUL, so every other string refuses it at the edge.
 NO_NUL_PATTERN = r"^[^\x00]*$"
 MAX_METADATA_BYTES = 4096
+# An address is stored to be shown, never sent to: any local part and domain without '@',
+# spaces or NUL. The schema carries this pattern, so what it admits is exactly what is accepted
+# (special-use domains such as example.test included).
+EMAIL_PATTERN = r"^[^@\s\x00]{1,64}@[^@\s\x00]{1,255}$"
 
 
 def _not_system(value: str) -> str:
@@ -67,7 +72,7 @@ class SpendRequest(FlowRequest):
 
 class NewUser(Strict):
     id: NewUserId | None = Field(default=None, description="Made by the service when absent.")
-    email: EmailStr
+    email: Annotated[str, StringConstraints(max_length=320, pattern=EMAIL_PATTERN)]
     name: Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=NO_NUL_PATTERN)]
 
 
@@ -95,6 +100,10 @@ class TransactionBase(BaseModel):
         description="The user's balance of the asset right after this transaction."
     )
     idempotencyKey: str
+    createdBy: str | None = Field(
+        description="The id of the API key that made it; null when auth was disabled, and on "
+        "transactions older than API keys."
+    )
     createdAt: datetime
 
 
@@ -195,4 +204,48 @@ class Problem(BaseModel):
     status: int
     detail: str
     code: str
+    requestId: str | None = Field(description="The request's X-Request-ID.")
     errors: list[FieldError] | None = Field(default=None, description="With validation_error only.")
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "unavailable"]
+    reason: str | None = Field(default=None, description="Why the service is not ready.")
+
+
+KeyLabel = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=NO_NUL_PATTERN)]
+Budget = Annotated[
+    int, Field(strict=True, ge=0, le=1_000_000, description="Per second; 0: unlimited.")
+]
+
+
+class NewKey(Strict):
+    label: KeyLabel
+    scopes: list[Scope] = Field(min_length=1, max_length=len(Scope))
+    readsPerSecond: Budget | None = Field(default=None, description="Default: the service's.")
+    writesPerSecond: Budget | None = Field(default=None, description="Default: the service's.")
+
+
+class KeyOut(BaseModel):
+    keyId: str
+    label: str
+    scopes: list[Scope]
+    readsPerSecond: int
+    writesPerSecond: int
+    createdAt: datetime
+    revokedAt: datetime | None
+
+
+class CreatedKey(BaseModel):
+    keyId: str
+    key: str = Field(description="The secret: shown in this response only, never again.")
+    label: str
+    scopes: list[Scope]
+    readsPerSecond: int
+    writesPerSecond: int
+    createdAt: datetime
+
+
+class KeyPage(BaseModel):
+    items: list[KeyOut]
+    nextCursor: str | None

@@ -7,8 +7,11 @@ each caller gets its own outcome, and only after the batch has committed."""
 
 import asyncio
 import contextlib
+import contextvars
+import time
 from dataclasses import dataclass
 
+from wallet import metrics
 from wallet.domain.errors import DatabaseUnavailable, WalletError
 from wallet.domain.ledger import Command, Posted
 from wallet.service.posting import Outcome, post
@@ -19,6 +22,7 @@ from wallet.store.database import Database
 class _Pending:
     command: Command
     outcome: "asyncio.Future[Outcome]"
+    context: contextvars.Context  # the caller's: its trace and log context
 
 
 class Batcher:
@@ -33,12 +37,17 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._filled = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._is_closing = False
 
     async def submit(self, command: Command) -> Outcome:
         """Queue `command` and wait for its outcome; raises what failed its whole batch."""
+        if self._is_closing:
+            raise DatabaseUnavailable("the service is shutting down")
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="wallet-batcher")
-        pending = _Pending(command, asyncio.get_running_loop().create_future())
+        pending = _Pending(
+            command, asyncio.get_running_loop().create_future(), contextvars.copy_context()
+        )
         self._waiting.append(pending)
         self._arrived.set()
         if len(self._waiting) >= self.max_size:
@@ -46,38 +55,46 @@ class Batcher:
         return await pending.outcome
 
     async def close(self) -> None:
-        """Stop after the batch in flight; commands still waiting fail as cancelled."""
+        """Finish every command already submitted (the batch in flight and those waiting),
+        then stop: a server shutting down answers what it accepted."""
+        self._is_closing = True
+        self._arrived.set()
+        self._filled.set()  # no more waiting for a batch to fill
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        for pending in self._waiting:
-            pending.outcome.cancel()
-        self._waiting.clear()
+            await self._task
 
     async def _run(self) -> None:
-        while True:
+        while self._waiting or not self._is_closing:
             batch = await self._gather()
-            try:
-                outcomes = await post(self.database, [p.command for p in batch])
-            except asyncio.CancelledError:
-                for pending in batch:
-                    pending.outcome.cancel()
-                raise
-            except DatabaseUnavailable as error:  # no command could apply: every caller hears so
-                for pending in batch:
-                    _settle(pending, error)
-                continue
-            except Exception as error:
-                if len(batch) == 1:
-                    _settle(batch[0], error)
-                    continue
-                # One command the database refused must not fail the others: post each alone.
-                for pending in batch:
-                    await self._post_alone(pending)
-                continue
-            for pending, outcome in zip(batch, outcomes, strict=True):
-                _settle(pending, outcome)
+            if batch:
+                # In the context of the request that opened the batch, so its trace holds the
+                # batch's database spans.
+                await asyncio.create_task(self._post(batch), context=batch[0].context)
+
+    async def _post(self, batch: list[_Pending]) -> None:
+        metrics.BATCH_SIZE.observe(len(batch))
+        started = time.perf_counter()
+        try:
+            outcomes = await post(self.database, [p.command for p in batch])
+        except asyncio.CancelledError:
+            for pending in batch:
+                pending.outcome.cancel()
+            raise
+        except DatabaseUnavailable as error:  # no command could apply: every caller hears so
+            for pending in batch:
+                _settle(pending, error)
+            return
+        except Exception as error:
+            if len(batch) == 1:
+                _settle(batch[0], error)
+                return
+            # One command the database refused must not fail the others: post each alone.
+            for pending in batch:
+                await self._post_alone(pending)
+            return
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        for pending, outcome in zip(batch, outcomes, strict=True):
+            _settle(pending, outcome)
 
     async def _post_alone(self, pending: _Pending) -> None:
         try:
@@ -90,15 +107,18 @@ class Batcher:
     async def _gather(self) -> list[_Pending]:
         """Wait for a first command, then up to `max_wait_s` for the batch to fill."""
         while not self._waiting:
+            if self._is_closing:
+                return []
             self._arrived.clear()
             await self._arrived.wait()
-        if len(self._waiting) < self.max_size:
+        if len(self._waiting) < self.max_size and not self._is_closing:
             self._filled.clear()
             # Waiting on an Event (not on a queue's get) can time out without losing a command.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._filled.wait(), self.max_wait_s)
         batch, self._waiting = self._waiting[: self.max_size], self._waiting[self.max_size :]
-        return batch
+        # A caller that gave up before its batch began (deadline, disconnect) is not applied.
+        return [pending for pending in batch if not pending.outcome.done()]
 
 
 def _settle(pending: _Pending, outcome: Outcome | Exception) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from wallet.domain.errors import (
     DatabaseUnavailable,
     IdempotencyKeyReused,
+    Refusal,
     UnknownAsset,
     UnknownUser,
     WalletError,
@@ -86,6 +87,7 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
     # Taken after the locks, so time follows the order of application.
     created_at = datetime.now(UTC)
     applied: dict[str, tuple[str, Transaction]] = {}
+    refused: dict[str, tuple[str, Refusal]] = {}
     posted_entries: list[Entry] = []
     for index, command in valid:
         key = command.idempotency_key
@@ -93,12 +95,16 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
             # Taken by a transaction this one cannot see yet (only under snapshot isolation).
             raise TransientConflict(key)
         fingerprint = command.fingerprint()
-        earlier = stored.get(key) or applied.get(key)
+        earlier = stored.get(key) or applied.get(key) or refused.get(key)
         if earlier is not None:
             outcomes[index] = _replay(command, fingerprint, *earlier)
             continue
         try:
             move(balances, command)
+        except Refusal as refusal:  # final: kept under its key like a success
+            refused[key] = (fingerprint, refusal)
+            outcomes[index] = refusal
+            continue
         except WalletError as error:
             outcomes[index] = error
             continue
@@ -112,7 +118,8 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         changed={k: (balances[k], links[k]) for k in balances if links[k] != locked[k][1]},
         posted=list(applied.values()),
         posted_entries=posted_entries,
-        released=lookup.claimed - applied.keys(),
+        refused=refused,
+        released=lookup.claimed - applied.keys() - refused.keys(),
         created_at=created_at,
     )
     settled = [outcome for outcome in outcomes if outcome is not None]
@@ -126,13 +133,15 @@ def _balance_keys(command: Command) -> tuple[ledger.BalanceKey, ledger.BalanceKe
 
 
 def _replay(
-    command: Command, fingerprint: str, stored_fingerprint: str, transaction: Transaction
+    command: Command, fingerprint: str, stored_fingerprint: str, earlier: Transaction | Refusal
 ) -> Outcome:
     if fingerprint != stored_fingerprint:
         return IdempotencyKeyReused(
             f"idempotency key {command.idempotency_key} was used for a different request"
         )
-    return Posted(transaction, is_replay=True)
+    if isinstance(earlier, Refusal):
+        return type(earlier)(earlier.detail, is_replay=True)
+    return Posted(earlier, is_replay=True)
 
 
 def _record(
@@ -170,6 +179,7 @@ def _record(
         note=command.note,
         metadata=command.metadata,
         created_at=created_at,
+        created_by=command.created_by,
     )
     return transaction, (
         entry(command.debited, Direction.DEBIT),

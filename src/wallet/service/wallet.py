@@ -7,7 +7,14 @@ from typing import TypeVar
 import uuid_utils
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from wallet.domain.errors import UnknownAsset, UnknownTransaction, UnknownUser, UserExists
+from wallet import metrics
+from wallet.domain.errors import (
+    Refusal,
+    UnknownAsset,
+    UnknownTransaction,
+    UnknownUser,
+    UserExists,
+)
 from wallet.domain.ledger import Asset, Command, Entry, Flow, Posted, Transaction, User
 from wallet.service.batcher import Batcher
 from wallet.service.posting import post
@@ -40,7 +47,13 @@ class Wallet:
         else:
             (outcome,) = await post(self.database, [command])
         if isinstance(outcome, Exception):
+            if isinstance(outcome, Refusal) and outcome.is_replay:
+                metrics.REPLAYS.labels(command.flow.value).inc()
             raise outcome
+        if outcome.is_replay:
+            metrics.REPLAYS.labels(command.flow.value).inc()
+        else:
+            metrics.MONEY_MOVED.labels(command.flow.value, command.asset_symbol).inc(command.amount)
         return outcome
 
     async def assets(self) -> list[Asset]:

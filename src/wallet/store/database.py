@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy import event, exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from wallet import metrics
 from wallet.domain.errors import Conflict, DatabaseUnavailable, InvalidRequest
 from wallet.settings import Settings
 
@@ -23,18 +24,32 @@ class TransientConflict(Exception):
 
 def create_engine(settings: Settings) -> AsyncEngine:
     """An engine for the configured URL, tuned for this service's transactions."""
-    url = sa.make_url(settings.database_url)
+    url = sa.make_url(settings.database_url.get_secret_value())
     timeout = settings.database_timeout_s
     if url.get_backend_name() == "sqlite":
-        engine = create_async_engine(url, pool_timeout=timeout)
+        # hide_parameters: a logged error never carries the bound values (emails, metadata).
+        engine = create_async_engine(url, pool_timeout=timeout, hide_parameters=True)
         _use_explicit_sqlite_transactions(engine, busy_timeout_ms=int(timeout * 1000))
-        return engine
+    else:
+        engine = _create_postgres_engine(url, settings)
+    _count_connections_in_use(engine)
+    return engine
+
+
+def _count_connections_in_use(engine: AsyncEngine) -> None:
+    event.listen(engine.sync_engine, "checkout", lambda *_: metrics.POOL_IN_USE.inc())
+    event.listen(engine.sync_engine, "checkin", lambda *_: metrics.POOL_IN_USE.dec())
+
+
+def _create_postgres_engine(url: sa.URL, settings: Settings) -> AsyncEngine:
+    timeout = settings.database_timeout_s
     return create_async_engine(
         url,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size // 2,
         pool_timeout=timeout,
         pool_pre_ping=True,  # a restarted database costs one failed ping, not failed requests
+        hide_parameters=True,
         isolation_level=settings.database_isolation.replace("_", " ").upper(),
         connect_args={"timeout": timeout, "command_timeout": timeout},
     )

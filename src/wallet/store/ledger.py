@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from wallet.domain.errors import REFUSALS, Refusal
 from wallet.domain.ledger import AccountId, Entry, Flow, Transaction, TransactionId, UserId
 from wallet.store.tables import accounts, assets, balances, entries, idempotency_keys, transactions
 
@@ -126,15 +127,28 @@ async def look_up_and_claim(
 
 async def stored_requests(
     connection: AsyncConnection, keys: Iterable[str]
-) -> dict[str, tuple[str, Transaction]]:
-    """For keys taken by earlier requests: the request's fingerprint and the transaction it made."""
+) -> dict[str, tuple[str, Transaction | Refusal]]:
+    """For keys taken by earlier requests: the request's fingerprint and what it got, the
+    transaction it made or the refusal the ledger gave it."""
     keys = set(keys)
     if not keys:
         return {}
     rows = await connection.execute(
         sa.select(transactions).where(transactions.c.idempotency_key.in_(keys))
     )
-    return {row.idempotency_key: (row.request_fingerprint, to_transaction(row)) for row in rows}
+    stored: dict[str, tuple[str, Transaction | Refusal]] = {
+        row.idempotency_key: (row.request_fingerprint, to_transaction(row)) for row in rows
+    }
+    refusals = await connection.execute(
+        sa.select(idempotency_keys).where(
+            idempotency_keys.c.key.in_(keys - stored.keys()),
+            idempotency_keys.c.refusal_code.is_not(None),
+        )
+    )
+    for row in refusals:
+        refusal = REFUSALS[row.refusal_code](row.refusal_detail, is_replay=True)
+        stored[row.key] = (row.request_fingerprint, refusal)
+    return stored
 
 
 async def create_balances(connection: AsyncConnection, keys: Iterable[BalanceKey]) -> None:
@@ -198,21 +212,30 @@ WITH moved AS (
     WHERE b.account_id = v.account_id AND b.asset_symbol = v.asset_symbol
 ), released AS (
     DELETE FROM idempotency_keys WHERE key = ANY(CAST(:released AS text[]))
+), refused AS (
+    UPDATE idempotency_keys AS k
+    SET request_fingerprint = r.fingerprint, refusal_code = r.code, refusal_detail = r.detail
+    FROM unnest(
+        CAST(:r_keys AS text[]), CAST(:r_fingerprints AS text[]), CAST(:r_codes AS text[]),
+        CAST(:r_details AS text[])
+    ) AS r(key, fingerprint, code, detail)
+    WHERE k.key = r.key
 ), posted AS (
     INSERT INTO transactions (
         id, type, user_id, asset_symbol, amount, balance_after, idempotency_key,
-        request_fingerprint, note, metadata, created_at
+        request_fingerprint, note, metadata, created_at, created_by
     )
     SELECT t.id, t.type, t.user_id, t.asset_symbol, t.amount, t.balance_after, t.key,
-        t.fingerprint, t.note, CAST(t.metadata AS json), :created_at
+        t.fingerprint, t.note, CAST(t.metadata AS json), :created_at, t.created_by
     FROM unnest(
         CAST(:t_ids AS text[]), CAST(:t_types AS text[]), CAST(:t_users AS text[]),
         CAST(:t_symbols AS text[]), CAST(:t_amounts AS bigint[]),
         CAST(:t_balances AS bigint[]), CAST(:t_keys AS text[]),
-        CAST(:t_fingerprints AS text[]), CAST(:t_notes AS text[]), CAST(:t_metadata AS text[])
+        CAST(:t_fingerprints AS text[]), CAST(:t_notes AS text[]), CAST(:t_metadata AS text[]),
+        CAST(:t_created_by AS text[])
     ) WITH ORDINALITY AS t(
         id, type, user_id, asset_symbol, amount, balance_after, key, fingerprint, note,
-        metadata, position
+        metadata, created_by, position
     )
     ORDER BY t.position
 )
@@ -239,15 +262,16 @@ async def write_postings(
     changed: Mapping[BalanceKey, tuple[int, str]],
     posted: Sequence[tuple[str, Transaction]],
     posted_entries: Sequence[Entry],
+    refused: Mapping[str, tuple[str, Refusal]],
     released: Iterable[str],
     created_at: datetime,
 ) -> None:
     """Write each changed balance (and its chain's newest link) once, insert the transactions
-    (with their request
-    fingerprints) and entries in application order, so their `seq` follows it, and forget the
-    claims of commands that failed: a failed request records nothing."""
+    (with their request fingerprints) and entries in application order, so their `seq` follows
+    it, keep each refusal under its key, and forget the claims of commands that failed
+    otherwise: such a request records nothing."""
     released = sorted(set(released))
-    if not (changed or posted or released):
+    if not (changed or posted or refused or released):
         return
     if _is_postgres(connection):
         await connection.execute(
@@ -258,6 +282,10 @@ async def write_postings(
                 "b_balances": [balance for balance, _ in changed.values()],
                 "b_links": [chain_hash for _, chain_hash in changed.values()],
                 "released": released,
+                "r_keys": list(refused),
+                "r_fingerprints": [fingerprint for fingerprint, _ in refused.values()],
+                "r_codes": [refusal.code for _, refusal in refused.values()],
+                "r_details": [refusal.detail for _, refusal in refused.values()],
                 "created_at": created_at,
                 "t_ids": [t.id for _, t in posted],
                 "t_types": [t.flow.value for _, t in posted],
@@ -271,6 +299,7 @@ async def write_postings(
                 "t_metadata": [
                     None if t.metadata is None else json.dumps(t.metadata) for _, t in posted
                 ],
+                "t_created_by": [t.created_by for _, t in posted],
                 "e_ids": [e.id for e in posted_entries],
                 "e_transactions": [e.transaction_id for e in posted_entries],
                 "e_accounts": [e.account_id for e in posted_entries],
@@ -304,6 +333,25 @@ async def write_postings(
         await connection.execute(
             sa.delete(idempotency_keys).where(idempotency_keys.c.key.in_(released))
         )
+    if refused:
+        await connection.execute(
+            sa.update(idempotency_keys)
+            .where(idempotency_keys.c.key == sa.bindparam("refused_key"))
+            .values(
+                request_fingerprint=sa.bindparam("fingerprint"),
+                refusal_code=sa.bindparam("code"),
+                refusal_detail=sa.bindparam("detail"),
+            ),
+            [
+                {
+                    "refused_key": key,
+                    "fingerprint": fingerprint,
+                    "code": refusal.code,
+                    "detail": refusal.detail,
+                }
+                for key, (fingerprint, refusal) in refused.items()
+            ],
+        )
     if posted:
         await connection.execute(
             sa.insert(transactions),
@@ -320,6 +368,7 @@ async def write_postings(
                     "note": t.note,
                     "metadata": t.metadata,
                     "created_at": created_at,
+                    "created_by": t.created_by,
                 }
                 for fingerprint, t in posted
             ],
@@ -355,6 +404,7 @@ def to_transaction(row: sa.Row[Any]) -> Transaction:
         note=row.note,
         metadata=row.metadata,
         created_at=as_utc(row.created_at),
+        created_by=row.created_by,
     )
 
 

@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from wallet.domain.access import ApiKey, Scope
 from wallet.domain.ledger import (
     AccountId,
     Asset,
@@ -20,7 +21,7 @@ from wallet.domain.ledger import (
     UserId,
 )
 from wallet.store.ledger import as_utc, insert_on_conflict, to_transaction
-from wallet.store.tables import accounts, assets, balances, entries, transactions
+from wallet.store.tables import accounts, api_keys, assets, balances, entries, transactions
 
 T = TypeVar("T")
 
@@ -168,6 +169,49 @@ async def list_entries(
     return await _page(connection, query, entries.c.seq, to_entry, limit, before, offset)
 
 
+async def list_api_keys(
+    connection: AsyncConnection, *, limit: int, before: int | None, offset: int | None
+) -> tuple[list[ApiKey], int | None]:
+    return await _page(
+        connection, sa.select(api_keys), api_keys.c.seq, _to_api_key, limit, before, offset
+    )
+
+
+async def find_api_key(connection: AsyncConnection, key_hash: str) -> ApiKey | None:
+    row = (
+        await connection.execute(sa.select(api_keys).where(api_keys.c.key_hash == key_hash))
+    ).first()
+    return _to_api_key(row) if row else None
+
+
+async def has_api_key(connection: AsyncConnection) -> bool:
+    return (await connection.execute(sa.select(api_keys.c.seq).limit(1))).first() is not None
+
+
+async def insert_api_key(connection: AsyncConnection, key: ApiKey, *, key_hash: str) -> None:
+    await connection.execute(
+        sa.insert(api_keys).values(
+            id=key.id,
+            label=key.label,
+            key_hash=key_hash,
+            scopes=" ".join(sorted(key.scopes)),
+            reads_per_second=key.reads_per_second,
+            writes_per_second=key.writes_per_second,
+            created_at=key.created_at,
+        )
+    )
+
+
+async def revoke_api_key(connection: AsyncConnection, key_id: str, *, at: datetime) -> bool:
+    """Mark the key revoked (once: a second revocation keeps the first time); False if unknown."""
+    result = await connection.execute(
+        sa.update(api_keys)
+        .where(api_keys.c.id == key_id)
+        .values(revoked_at=sa.func.coalesce(api_keys.c.revoked_at, at))
+    )
+    return result.rowcount > 0
+
+
 async def _page(
     connection: AsyncConnection,
     query: sa.Select[Any],
@@ -187,6 +231,18 @@ async def _page(
     has_more = len(rows) > limit
     rows = rows[:limit]
     return [convert(r) for r in rows], (rows[-1].seq if has_more else None)
+
+
+def _to_api_key(row: sa.Row[Any]) -> ApiKey:
+    return ApiKey(
+        id=row.id,
+        label=row.label,
+        scopes=frozenset(Scope(s) for s in row.scopes.split()),
+        reads_per_second=row.reads_per_second,
+        writes_per_second=row.writes_per_second,
+        created_at=as_utc(row.created_at),
+        revoked_at=None if row.revoked_at is None else as_utc(row.revoked_at),
+    )
 
 
 def _to_user(row: sa.Row[Any]) -> User:

@@ -59,8 +59,35 @@ idempotency_keys = sa.Table(
     "idempotency_keys",
     metadata,
     # A key is claimed here first, inside the flow's transaction, so concurrent requests with
-    # one key queue on this row; a failed flow deletes its claim before committing.
+    # one key queue on this row. A request the ledger's state refused keeps its claim with the
+    # refusal, so a retry gets the same answer; any other failure deletes its claim.
     sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("request_fingerprint", sa.String(64)),
+    sa.Column("refusal_code", sa.String(64)),
+    sa.Column("refusal_detail", sa.String(500)),
+    sa.CheckConstraint(
+        "(refusal_code IS NULL) = (request_fingerprint IS NULL)"
+        " AND (refusal_code IS NULL) = (refusal_detail IS NULL)",
+        name="refusal_complete",
+    ),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(36), nullable=False, unique=True),
+    sa.Column("label", sa.String(100), nullable=False),
+    # SHA-256 of the key, hex; the key itself is never stored.
+    sa.Column("key_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("scopes", sa.String(200), nullable=False),  # space-separated
+    sa.Column("reads_per_second", sa.Integer(), nullable=False),
+    sa.Column("writes_per_second", sa.Integer(), nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("revoked_at", Timestamp),
+    sa.CheckConstraint("length(key_hash) = 64", name="key_hash_length"),
+    sa.CheckConstraint("length(scopes) > 0", name="has_scope"),
+    sa.CheckConstraint("reads_per_second >= 0 AND writes_per_second >= 0", name="budgets"),
 )
 
 transactions = sa.Table(
@@ -85,6 +112,8 @@ transactions = sa.Table(
     sa.Column("note", sa.String(500)),
     sa.Column("metadata", sa.JSON()),
     sa.Column("created_at", Timestamp, nullable=False),
+    # The API key that made it; null for rows older than keys, and with auth disabled.
+    sa.Column("created_by", sa.String(36), sa.ForeignKey("api_keys.id")),
     sa.CheckConstraint("type IN ('topup', 'bonus', 'spend')", name="type"),
     sa.CheckConstraint(f"amount BETWEEN 1 AND {MAX_AMOUNT_SQL}", name="amount_range"),
     sa.CheckConstraint("balance_after >= 0", name="user_not_negative"),

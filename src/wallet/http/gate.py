@@ -1,0 +1,207 @@
+"""What every request passes through before a route runs, and what is recorded after it:
+its id, its API key, the key's scope for the route and its rate budget, the request's deadline,
+the response headers every answer carries, one log line and the request metrics."""
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import structlog
+from opentelemetry import trace
+from starlette.routing import BaseRoute, Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from wallet import metrics
+from wallet.domain.access import ApiKey
+from wallet.domain.access import Scope as KeyScope
+from wallet.domain.errors import (
+    InsufficientScope,
+    RateLimited,
+    RequestTimeout,
+    Unauthenticated,
+    WalletError,
+)
+from wallet.http.errors import REQUEST_ID, wallet_problem
+from wallet.http.rate_limits import RateLimits
+from wallet.service.access import Access
+
+SCOPE_FIELD = "x-required-scope"
+ROUTE_KEY = "wallet.route"  # in the ASGI scope: the template of the route the request matched
+UNROUTED = "other"  # no route (404), or a route without this method (405)
+PUBLIC: dict[str, Any] = {"security": []}
+# Routes the framework adds, which need no key.
+PUBLIC_PATHS = frozenset({"/", "/openapi.json", "/docs", "/docs/assets", "/metrics"})
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+READ_METHODS = frozenset({"GET", "HEAD"})
+ANSWER_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
+log = structlog.get_logger()
+
+
+def requires(scope: KeyScope) -> dict[str, Any]:
+    """A route's declaration of the scope a key needs for it (read by the gate, and shown in
+    the OpenAPI document)."""
+    return {
+        "security": [{"bearerAuth": [scope.value]}, {"apiKeyHeader": [scope.value]}],
+        SCOPE_FIELD: scope.value,
+    }
+
+
+def required_scope(route: BaseRoute) -> KeyScope | None:
+    """The scope `route` needs; None for a public one. A route that declares neither is a
+    defect: `scoped` refuses it when the app is built."""
+    extra = getattr(route, "openapi_extra", None) or {}
+    if SCOPE_FIELD in extra:
+        return KeyScope(extra[SCOPE_FIELD])
+    if extra.get("security") == [] or getattr(route, "path", None) in PUBLIC_PATHS:
+        return None
+    raise LookupError(f"route {getattr(route, 'path', route)} declares no scope")
+
+
+def scoped(routes: Sequence[BaseRoute]) -> list[tuple[BaseRoute, KeyScope | None]]:
+    """Each route with the scope it needs; raises LookupError for a route that declares none."""
+    return [(route, required_scope(route)) for route in routes]
+
+
+class Gate:
+    """Pure ASGI middleware, outermost of the service's own."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        routes: Sequence[tuple[BaseRoute, KeyScope | None]],
+        access: Callable[[], Access],
+        rate_limits: Callable[[], RateLimits],
+        is_auth_disabled: bool,
+        timeout_s: float,
+    ) -> None:
+        self.app = app
+        self.access = access
+        self.rate_limits = rate_limits
+        self.is_auth_disabled = is_auth_disabled
+        self.timeout_s = timeout_s
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        request_id = _request_id(headers.get(b"x-request-id"))
+        request_id_token = REQUEST_ID.set(request_id)
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        trace.get_current_span().set_attribute("wallet.request_id", request_id)
+        answer_headers = [(b"x-request-id", request_id.encode()), *ANSWER_HEADERS]
+        status = 500
+        is_started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status, is_started
+            if message["type"] == "http.response.start":
+                status, is_started = message["status"], True
+                message["headers"] = [*message.get("headers", ()), *answer_headers]
+            await send(message)
+
+        template, needed = self._route(scope)
+        scope[ROUTE_KEY] = template
+        key: ApiKey | None = None
+        try:
+            if needed is not None:
+                key = await self._admit(scope, headers, needed, answer_headers)
+            async with asyncio.timeout(self.timeout_s):
+                await self.app(scope, receive, send_with_headers)
+        except WalletError as refusal:
+            await wallet_problem(refusal)(scope, receive, send_with_headers)
+        except TimeoutError:
+            if not is_started:
+                timeout = RequestTimeout(
+                    f"the request did not finish within {self.timeout_s:g} s; a retry with the "
+                    "same idempotency key gives the definite answer"
+                )
+                await wallet_problem(timeout)(scope, receive, send_with_headers)
+        finally:
+            elapsed = time.perf_counter() - started
+            method = scope["method"]
+            metrics.REQUESTS.labels(template, method, str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(template, method).observe(elapsed)
+            log.info(
+                "request",
+                method=method,
+                route=template,
+                status=status,
+                latency_ms=round(elapsed * 1000, 3),
+                key_id=key.id if key else None,
+            )
+            structlog.contextvars.unbind_contextvars("request_id")
+            REQUEST_ID.reset(request_id_token)
+
+    def _route(self, scope: Scope) -> tuple[str, KeyScope | None]:
+        """The matching route's template and scope; for no route, or another method's route,
+        (UNROUTED, None): routing answers 404 or 405 without asking for a key."""
+        for route, needed in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return (route.path if isinstance(route, Route) else UNROUTED), needed
+        return UNROUTED, None
+
+    async def _admit(
+        self,
+        scope: Scope,
+        headers: dict[bytes, bytes],
+        needed: KeyScope,
+        answer_headers: list[tuple[bytes, bytes]],
+    ) -> ApiKey | None:
+        """The request's key, having checked its scope and taken one request from its budget;
+        None when auth is disabled. Raises the refusal otherwise."""
+        if self.is_auth_disabled:
+            log.warning("auth disabled: request let through without a key")
+            return None
+        try:
+            key = await self.access().authenticate(_presented_key(headers))
+            if not key.allows(needed):
+                raise InsufficientScope(f"this route needs the scope {needed.value}")
+        except (Unauthenticated, InsufficientScope) as refusal:
+            metrics.AUTH_FAILURES.labels(refusal.code).inc()
+            raise
+        scope.setdefault("state", {})["api_key"] = key
+        is_read = scope["method"] in READ_METHODS
+        verdict = await self.rate_limits().spend(
+            key_id=key.id,
+            budget="reads" if is_read else "writes",
+            per_second=key.reads_per_second if is_read else key.writes_per_second,
+        )
+        if verdict is not None:
+            answer_headers.extend(verdict.headers())
+            if not verdict.is_allowed:
+                metrics.RATE_LIMITED.labels(verdict.budget).inc()
+                raise RateLimited(
+                    f"over the key's {verdict.budget} budget; retry in {verdict.reset_s} s"
+                )
+        return key
+
+
+def _request_id(presented: bytes | None) -> str:
+    if presented is not None:
+        text = presented.decode("latin-1")
+        if REQUEST_ID_PATTERN.fullmatch(text):
+            return text
+    return uuid.uuid4().hex
+
+
+def _presented_key(headers: dict[bytes, bytes]) -> str | None:
+    authorization = headers.get(b"authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.decode("latin-1").partition(" ")
+        return credentials.strip() if scheme.lower() == "bearer" else None
+    api_key = headers.get(b"x-api-key")
+    return None if api_key is None else api_key.decode("latin-1").strip()
+
+
+def api_key_of(scope: Scope) -> ApiKey | None:
+    """The key the gate admitted the request with (None with auth disabled)."""
+    key: ApiKey | None = scope.get("state", {}).get("api_key")
+    return key
