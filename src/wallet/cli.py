@@ -117,14 +117,12 @@ def seed() -> None:
     from wallet.service.seed import seed as seed_data
 
     settings = load_settings()
-    first_key = _run(
-        lambda database: seed_data(
-            database,
-            reads_per_second=settings.default_reads_per_second,
-            writes_per_second=settings.default_writes_per_second,
-        ),
-        settings,
-    )
+
+    async def seed_and_first_key(database: "Database") -> str | None:
+        await seed_data(database)
+        return await _access(database, settings).create_first_key()
+
+    first_key = _run(seed_and_first_key, settings)
     console.print("seed data is in place")
     if first_key is not None:
         console.print(
@@ -171,9 +169,7 @@ def serve(
     """Serve the HTTP API. SIGTERM stops it gracefully: it stops accepting, answers every
     request it accepted, then exits."""
     settings = load_settings()
-    workers = workers or settings.workers
-    if workers is None:
-        workers = (os.cpu_count() or 1) if settings.database_backend == "postgresql" else 1
+    workers = workers or worker_count(settings)
     metrics_dir = _clean_metrics_dir()
     import uvicorn
 
@@ -194,6 +190,13 @@ def serve(
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def worker_count(settings: Settings) -> int:
+    """WALLET_WORKERS, else one per CPU on PostgreSQL and one on SQLite (a single writer)."""
+    if settings.workers is not None:
+        return settings.workers
+    return (os.cpu_count() or 1) if settings.database_backend == "postgresql" else 1
 
 
 def _clean_metrics_dir() -> Path | None:

@@ -98,6 +98,42 @@ async def test_bench_prints_a_row_per_cell_and_configuration_then_verifies(
     assert all("×" in rest for name, _, rest in rows if name == "on"), output
     assert "worker RSS, batching on:" in output
     assert "ledger verified: every invariant holds" in output
+    await _check_the_load_used_its_own_rate_limited_key(postgres_database_url, output)
+
+
+async def _check_the_load_used_its_own_rate_limited_key(database_url: str, output: str) -> None:
+    """The bench made an API key for its load with budgets (not 0: unlimited would skip rate
+    limiting) that never refuse, sent it with every request, never printed it, and revoked it."""
+    assert "auth: one API key made for the run" in output, output
+    assert not re.search(r"wk_[A-Za-z0-9_-]{43}", output), "the bench printed its key"
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            keys = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT id, scopes, reads_per_second, writes_per_second, revoked_at"
+                        " FROM api_keys WHERE label LIKE 'wallet bench %'"
+                    )
+                )
+            ).all()
+            makers = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT created_by, count(*) FROM transactions"
+                        " WHERE idempotency_key LIKE 'bench-%'"
+                        " AND idempotency_key NOT LIKE 'bench-fund-%' GROUP BY created_by"
+                    )
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    assert len(keys) == 1, keys
+    (key_id, scopes, reads, writes, revoked_at) = keys[0]
+    assert (scopes, reads, writes) == ("wallet:credit wallet:debit", 1_000_000, 1_000_000)
+    assert revoked_at is not None, "the bench left its key live"
+    assert [maker for maker, _ in makers] == [key_id], makers
+    assert makers[0][1] > 0
 
 
 @pytest.mark.postgres_only

@@ -4,8 +4,10 @@ and the invariants a load must leave behind in the ledger."""
 
 import asyncio
 import itertools
+import json
 import os
 import random
+import re
 import signal
 import socket
 import sys
@@ -23,6 +25,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy import event
 
+from conftest import bearer
 from wallet.http.app import create_app
 from wallet.service.audit import verify
 from wallet.settings import Settings
@@ -62,26 +65,32 @@ class ConnectionPeak:
 
 @asynccontextmanager
 async def in_process_client(
-    settings: Settings, *, peak: ConnectionPeak | None = None
+    settings: Settings, *, key: str, peak: ConnectionPeak | None = None
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client of one app made from `settings`, its lifespan running throughout."""
+    """An HTTP client of one app made from `settings`, its lifespan running throughout, sending
+    the API key `key` with every request."""
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         if peak is not None:
             peak.watch(app.state.wallet.database)
         async with httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://wallet.test", timeout=60
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://wallet.test",
+            timeout=60,
+            headers=bearer(key),
         ) as client:
             yield client
 
 
-def network_client(base_url: str, *, connections: int = 64) -> httpx.AsyncClient:
-    """A client of a server on 127.0.0.1 over real HTTP; proxy variables are ignored."""
+def network_client(base_url: str, *, key: str | None, connections: int = 64) -> httpx.AsyncClient:
+    """A client of a server on 127.0.0.1 over real HTTP, sending the API key `key` (None: no
+    key, for the public health check); proxy variables are ignored."""
     return httpx.AsyncClient(
         base_url=base_url,
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         timeout=httpx.Timeout(30.0),
         trust_env=False,
+        headers=None if key is None else bearer(key),
     )
 
 
@@ -243,6 +252,7 @@ class LoadReport:
     codes: Counter[str] = field(default_factory=Counter)
     applied: int = 0
     duplicated_keys: int = 0
+    refusals_replayed: int = 0  # refused keys sent again after the load, each a replay
 
 
 def _describe(replies: Sequence[Reply], limit: int = 8) -> str:
@@ -251,9 +261,16 @@ def _describe(replies: Sequence[Reply], limit: int = 8) -> str:
     return f"{len(replies)} replies:\n  {shown}{more}"
 
 
+def without_request_id(body: dict[str, Any]) -> dict[str, Any]:
+    """A problem body but its requestId, which names the one request answered."""
+    return {name: value for name, value in body.items() if name != "requestId"}
+
+
 def check_replies(replies: Sequence[Reply]) -> dict[str, Reply]:
     """Check every key's replies against the idempotency contract; return the applied (201)
-    reply of each key that was applied."""
+    reply of each key that was applied. A refusal by the ledger's state (422
+    insufficient_funds) is final, as a success is (API-operations.md): it is made once and its
+    key's other requests replay it, never apply."""
     server_errors = [r for r in replies if r.status >= 500]
     assert not server_errors, f"5xx answers: {_describe(server_errors)}"
     by_key: dict[str, list[Reply]] = defaultdict(list)
@@ -279,6 +296,16 @@ def check_replies(replies: Sequence[Reply]) -> dict[str, Reply]:
         ]
         if replayed and not created:
             problems.append(f"key {key} replayed but never applied: {_describe(group)}")
+        if refused and (created or replayed):
+            problems.append(f"key {key} both refused and applied: {_describe(group)}")
+        first_refusals = [r for r in refused if not r.is_replayed]
+        if refused and len(first_refusals) != 1:
+            problems.append(
+                f"key {key} refused {len(first_refusals)} times without Idempotent-Replayed, "
+                f"not once and then replayed: {_describe(refused)}"
+            )
+        if len({json.dumps(without_request_id(r.body), sort_keys=True) for r in refused}) > 1:
+            problems.append(f"key {key} refused with different answers: {_describe(refused)}")
         for reply in created:
             body = reply.body
             sent = (request.flow, request.user_id, request.asset, request.amount, key)
@@ -297,8 +324,36 @@ def check_replies(replies: Sequence[Reply]) -> dict[str, Reply]:
                 created and reply.body.get("transactionId") != created[0].body["transactionId"]
             ):
                 problems.append(f"200 is not a replay of the applied request: {reply}")
+    # Every transaction names the API key that made it: here the one key the load was sent with.
+    makers = {r.body.get("createdBy") for r in applied.values()}
+    if applied and (len(makers) != 1 or not all(isinstance(m, str) and m for m in makers)):
+        problems.append(f"201s made by {makers}, not by the one key the load was sent with")
     assert not problems, "\n".join(problems[:20]) + f"\n({len(problems)} problems)"
     return applied
+
+
+async def check_refusals_are_final(
+    client: httpx.AsyncClient, replies: Sequence[Reply], *, concurrency: int = 32
+) -> int:
+    """Send the request of every refused key once more: each must get its first refusal again,
+    with Idempotent-Replayed, whatever the balance is now (API-operations.md: a refusal is
+    final). How many keys were checked."""
+    first: dict[str, Reply] = {}
+    for reply in replies:
+        if reply.status == 422 and not reply.is_replayed:
+            first.setdefault(reply.request.key, reply)
+    again = await send_all(client, [r.request for r in first.values()], concurrency=concurrency)
+    wrong = [
+        f"{reply} (first: {earlier.status} {earlier.body})"
+        for earlier, reply in zip(first.values(), again, strict=True)
+        if reply.status != 422
+        or not reply.is_replayed
+        or without_request_id(reply.body) != without_request_id(earlier.body)
+    ]
+    assert not wrong, f"{len(wrong)} refusals not replayed as they were:\n  " + "\n  ".join(
+        wrong[:10]
+    )
+    return len(first)
 
 
 def _by_asset(items: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -354,8 +409,10 @@ async def check_load(
     assets: Sequence[str],
 ) -> LoadReport:
     """The replies keep the idempotency contract; every 201 is in the ledger exactly once and
-    nothing else is; each (new) user's balances equal the sum of their applied flows."""
+    nothing else is; each (new) user's balances equal the sum of their applied flows; every
+    refused request, sent again, is refused again as a replay and moves nothing."""
     applied = check_replies(replies)
+    refusals_replayed = await check_refusals_are_final(client, replies)
 
     expected: Counter[tuple[str, str]] = Counter()
     for reply in applied.values():
@@ -393,6 +450,7 @@ async def check_load(
         codes=Counter(r.code for r in replies if r.code),
         applied=len(applied),
         duplicated_keys=sum(1 for c in duplicated.values() if c > 1),
+        refusals_replayed=refusals_replayed,
     )
 
 
@@ -436,6 +494,27 @@ async def run_wallet_command(
         raise
     assert process.returncode is not None
     return process.returncode, output.decode(errors="replace")
+
+
+KEY_LINE = re.compile(r"wk_[A-Za-z0-9_-]{43}")
+# Budgets of the keys of the load: high enough that the rate limiter, on as in production,
+# never refuses a request of these tests.
+LOAD_BUDGET_PER_S = 1_000_000
+
+
+async def create_key_with_cli(database_url: str, *, label: str) -> str:
+    """A new admin key from `wallet keys create`, as an operator makes one for a client of a
+    server started with the CLI: the key is alone on the last line of its output."""
+    exit_code, output = await run_wallet_command(
+        *("keys", "create", "--label", label, "--scope", "admin"),
+        *("--reads-per-second", str(LOAD_BUDGET_PER_S)),
+        *("--writes-per-second", str(LOAD_BUDGET_PER_S)),
+        database_url=database_url,
+    )
+    assert exit_code == 0, output
+    key = output.splitlines()[-1]
+    assert KEY_LINE.fullmatch(key), output
+    return key
 
 
 def free_port() -> int:
@@ -483,7 +562,7 @@ class Server:
 
 async def _wait_healthy(server: Server, *, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    async with network_client(server.base_url, connections=1) as client:
+    async with network_client(server.base_url, key=None, connections=1) as client:
         for _ in range(int(timeout_s / 0.1)):
             if time.monotonic() > deadline:
                 break

@@ -20,6 +20,7 @@ from concurrent_load import (
     send,
 )
 
+from conftest import create_key
 from wallet.service.seed import ALICE
 from wallet.settings import Settings
 
@@ -54,6 +55,7 @@ async def _healthy_again(client: httpx.AsyncClient, *, within_s: float) -> httpx
 async def test_health_and_flows_recover_when_the_database_returns(
     postgres_database_url: str, batch_max_size: int
 ) -> None:
+    key = await create_key(postgres_database_url)
     upstream_port = sa.make_url(postgres_database_url).port or 5432
     proxy = TcpProxy(upstream_port=upstream_port)
     await proxy.start()
@@ -64,7 +66,7 @@ async def test_health_and_flows_recover_when_the_database_returns(
         batch_max_size=batch_max_size,
     )
     try:
-        async with in_process_client(settings) as client:
+        async with in_process_client(settings, key=key) as client:
             response = await _health(client)
             assert response.status_code == 200, response.text
             first = await _spend(client, f"before-{uuid.uuid4().hex}")

@@ -9,6 +9,7 @@ from concurrent_load import (
     GOLD,
     assert_ledger_verifies,
     check_load,
+    create_key_with_cli,
     mixed_requests,
     network_client,
     new_users,
@@ -26,13 +27,14 @@ async def test_two_workers_under_concurrent_load_keep_every_invariant(
 ) -> None:
     rng = random.Random(1125)
     assets = (GOLD, "DIAMONDS")
+    key = await create_key_with_cli(postgres_database_url, label="concurrency-load")
     async with running_server(
         postgres_database_url,
         workers=2,
         log_path=tmp_path / "server.log",
         settings={"batch_max_size": batch_max_size},
     ) as server:
-        async with network_client(server.base_url, connections=64) as client:
+        async with network_client(server.base_url, key=key, connections=64) as client:
             users = await new_users(client, label="served", count=10)
             requests = mixed_requests(rng, users, count=250, duplicate_share=0.15, assets=assets)
             assert len(requests) >= 280
@@ -41,6 +43,7 @@ async def test_two_workers_under_concurrent_load_keep_every_invariant(
         assert report.applied > 100, report
         assert report.codes["insufficient_funds"] > 0, report
         assert report.statuses[200] > 0, report
+        assert report.refusals_replayed > 0, report
 
     assert not server.was_killed, f"the server ignored SIGTERM:\n{server.log_tail()}"
     assert server.process.returncode == 0, server.log_tail()

@@ -19,6 +19,7 @@ from fault_driver import (
     LEDGER,
     OUTAGES,
     RECOVERY,
+    REFUSALS,
     REVENUE,
     SIGN,
     SOURCE,
@@ -126,6 +127,7 @@ def _check_key(operation: Operation, violations: Violations) -> None:
     ids = {a.body["transactionId"] for a in successes if a.body and "transactionId" in a.body}
     if len(ids) > 1:
         violations.add(IDEMPOTENCY, f"one key, {len(ids)} transactions: {operation.describe()}")
+    _check_refusal(operation, violations)
     if not successes:
         return
     first = successes[0].body
@@ -139,6 +141,49 @@ def _check_key(operation: Operation, violations: Violations) -> None:
         )
 
 
+def _without_request_id(body: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A problem body but its requestId, which names the one request answered."""
+    return None if body is None else {k: v for k, v in body.items() if k != "requestId"}
+
+
+def _check_refusal(operation: Operation, violations: Violations) -> None:
+    """One key the ledger refused (422 insufficient_funds): a refusal is final
+    (API-operations.md), so it is made once, never followed by a success, each later request
+    of the key replays it (Idempotent-Replayed) with the same body, and so does a retry sent
+    after the run."""
+    refusals = operation.refusals
+    if not refusals:
+        return
+    if operation.successes:
+        violations.add(REFUSALS, f"refused, and applied too: {operation.describe()}")
+    made = [a for a in refusals if not a.is_replayed]
+    if len(made) > 1:
+        violations.add(
+            REFUSALS, f"refused {len(made)} times, not once then replayed: {operation.describe()}"
+        )
+    if not made:
+        # A replayed refusal without its first is fine when that answer was lost.
+        lost = [a for a in operation.answers() if a.status is None or a.status >= 500]
+        if not lost:
+            violations.add(REFUSALS, f"refusal replayed but never made: {operation.describe()}")
+    first = _without_request_id(refusals[0].body)
+    if any(_without_request_id(a.body) != first for a in refusals):
+        violations.add(REFUSALS, f"one key, different refusals: {operation.describe()}")
+    replays = operation.answers(phases=("replay",))
+    final = replays[-1] if replays else None
+    if (
+        final is None
+        or final.status != 422
+        or not final.is_replayed
+        or _without_request_id(final.body) != first
+    ):
+        violations.add(
+            REFUSALS,
+            f"a final retry is not the first refusal again (first: {first}): "
+            f"{operation.describe()}",
+        )
+
+
 def check_undetermined(recorder: Recorder, violations: Violations) -> None:
     for operation in recorder.operations:
         if not operation.has_definite_answer:
@@ -147,45 +192,52 @@ def check_undetermined(recorder: Recorder, violations: Violations) -> None:
             )
 
 
-def _applied_unheard(operation: Operation) -> list[Attempt]:
-    """For a key applied although no request of it was answered 201: the answers before the
-    first replay (one of them, or a lost request, is the one that applied)."""
+def _decided_unheard(operation: Operation) -> list[Attempt]:
+    """For a key the ledger decided (applied it, or refused it for good) although no request
+    of it heard the decision made (a 201, or a 422 without Idempotent-Replayed): the answers
+    before the first replay of it (one of them, or a lost request, is the one that made it)."""
     answers = operation.answers()
-    if not operation.successes or any(a.status == 201 for a in answers):
+    decided = [a for a in answers if a.is_success or a.status == 422]
+    if not decided or any(
+        a.status == 201 or (a.status == 422 and not a.is_replayed) for a in answers
+    ):
         return []
-    return answers[: answers.index(operation.successes[0])]
+    return answers[: answers.index(decided[0])]
 
 
 def check_503s_were_not_applied(
     recorder: Recorder, faults: Sequence[Fault], violations: Violations
 ) -> None:
-    """A 503 means "not applied", unless the database connection broke during the commit: a
-    key whose requests were all answered 503 (none lost) before a replay must have met a fault
-    that cuts connections."""
+    """A 503 means "not applied" (nor refused: nothing stored under the key), unless the
+    database connection broke during the commit: a key whose requests were all answered 503
+    (none lost) before a replay of a success or of a refusal must have met a fault that cuts
+    connections."""
     windows = [
         (f.injected_at - 0.5, (f.lifted_at or f.injected_at) + 3.0)
         for f in faults
         if f.may_break_commits
     ]
     for operation in recorder.operations:
-        before = _applied_unheard(operation)
+        before = _decided_unheard(operation)
         if not before or any(a.status is None for a in before):
-            continue  # no key applied unheard, or a lost request may be the one that applied
+            continue  # no key decided unheard, or a lost request may be the one that decided
         if not any(
             a.started_at <= end and a.ended_at >= start for a in before for start, end in windows
         ):
             violations.add(
                 ANSWERS,
-                "answered 503 database_unavailable, yet applied (a retry was a replay) while no "
-                f"fault cut the database connections: {operation.describe()}",
+                "answered 503 database_unavailable, yet applied or refused (a retry was a "
+                f"replay) while no fault cut the database connections: {operation.describe()}",
             )
 
 
 async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violations) -> None:
     """Every key answered 2xx is in the ledger once, with the amounts sent and its two entries;
-    nothing else of the run is there; per asset the balances sum to zero; no user balance is
-    negative; each user's balances are the sum of the flows announced to them."""
+    nothing else of the run is there; every key answered 422 keeps its refusal, and no other
+    key of the run holds one; per asset the balances sum to zero; no user balance is negative;
+    each user's balances are the sum of the flows announced to them."""
     announced = {op.key: op for op in recorder.operations if op.successes}
+    refused = {op.key: op for op in recorder.operations if op.refusals}
     sent = {op.key: op for op in recorder.operations}
     users = {op.user_id for op in recorder.operations}
     connection = await cluster.connect()
@@ -199,6 +251,11 @@ async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violati
             "SELECT e.transaction_id, e.account_id, e.asset_symbol, e.direction, e.amount"
             " FROM entries e JOIN transactions t ON t.id = e.transaction_id"
             " WHERE t.idempotency_key LIKE $1",
+            KEY_PREFIX + "%",
+        )
+        refusal_rows = await connection.fetch(
+            "SELECT key, refusal_code FROM idempotency_keys"
+            " WHERE key LIKE $1 AND refusal_code IS NOT NULL",
             KEY_PREFIX + "%",
         )
         sums = await connection.fetch(
@@ -254,6 +311,18 @@ async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violati
         if key not in announced:
             where = sent[key].describe() if key in sent else "a key this run never sent"
             violations.add(LEDGER, f"applied, but no 2xx announced it: {key}: {where}")
+
+    stored_refusals = {row["key"]: row["refusal_code"] for row in refusal_rows}
+    for key, operation in refused.items():
+        if stored_refusals.get(key) != "insufficient_funds":
+            violations.add(
+                REFUSALS,
+                f"refused, but the refusal stored under its key is {stored_refusals.get(key)}: "
+                f"{operation.describe()}",
+            )
+    for key in stored_refusals.keys() - refused.keys():
+        where = sent[key].describe() if key in sent else "a key this run never sent"
+        violations.add(REFUSALS, f"a refusal is stored, but no 422 announced it: {key}: {where}")
 
     for row in sums:
         if row["total"] != 0:
@@ -321,21 +390,22 @@ def summary(
     statuses = Counter(str(a.status or (a.error or "").split(":")[0]) for a in load)
     slowest = max((a.ended_at - a.started_at for a in load), default=0.0)
     settled = {op.key for op in recorder.operations if op.answers(phases=("settle",))}
-    behind: Counter[str] = Counter()  # keys applied while their client heard no 201
+    behind: Counter[str] = Counter()  # keys decided while their client heard no decision
     for operation in recorder.operations:
-        before = _applied_unheard(operation)
+        before = _decided_unheard(operation)
         if before:
             behind["a lost answer" if any(a.status is None for a in before) else "a 503"] += 1
     lines = [
         f"faults: {len(recorder.operations)} operations, {len(faults)} faults injected, "
         f"{violations.total} violations",
         f"faults: {len(load)} attempts in {seconds:.0f} s, answers {dict(sorted(statuses.items()))}"
-        f"; slowest {slowest:.2f} s; applied unheard, behind {dict(behind)}; "
+        f"; slowest {slowest:.2f} s; decided unheard, behind {dict(behind)}; "
         f"{len(settled)} settled after the load; "
-        f"{len(recorder.attempts(phases=('replay',)))} replays checked",
+        f"{len(recorder.attempts(phases=('replay',)))} replays checked, "
+        f"{sum(1 for op in recorder.operations if op.refusals)} of refused keys",
     ]
-    unheard = [op for op in recorder.operations if _applied_unheard(op)]
-    lines += [f"faults:   applied unheard: {op.describe()}" for op in unheard[:5]]
+    unheard = [op for op in recorder.operations if _decided_unheard(op)]
+    lines += [f"faults:   decided unheard: {op.describe()}" for op in unheard[:5]]
     for fault in faults:
         recovery = f"{fault.recovery_s:.2f} s" if fault.recovery_s is not None else "never"
         seen = ""

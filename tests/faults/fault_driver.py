@@ -9,6 +9,7 @@ import asyncio
 import os
 import pwd
 import random
+import re
 import shutil
 import signal
 import socket
@@ -42,12 +43,23 @@ CLOCK_ORIGIN = time.monotonic()  # reports give times in seconds since the drive
 ANSWERS = "answers"  # a 5xx other than 503 database_unavailable, or an answer out of contract
 HANGS = "hangs"  # no answer within the client timeout
 IDEMPOTENCY = "idempotency"
+REFUSALS = "refusals"  # a refusal not final: made twice, then applied, or not replayed as it was
 LEDGER = "ledger"
 BALANCES = "balances"
 VERIFY = "verify"
 OUTAGES = "outages"
 RECOVERY = "recovery"
-CATEGORIES = (ANSWERS, HANGS, IDEMPOTENCY, LEDGER, BALANCES, VERIFY, OUTAGES, RECOVERY)
+CATEGORIES = (
+    ANSWERS,
+    HANGS,
+    IDEMPOTENCY,
+    REFUSALS,
+    LEDGER,
+    BALANCES,
+    VERIFY,
+    OUTAGES,
+    RECOVERY,
+)
 
 
 # ---- a throwaway PostgreSQL cluster --------------------------------------------------------
@@ -236,6 +248,27 @@ def run_wallet_command(*args: str, database_url: str, timeout_s: float = 120) ->
         check=False,
     )
     return done.returncode, done.stdout + done.stderr
+
+
+API_KEY = re.compile(r"wk_[A-Za-z0-9_-]{43}")
+# The clients' key budget: rate limiting stays on, as in production, but never refuses this load
+# (a 429 would be an answer out of contract here).
+CLIENT_BUDGET_PER_S = 1_000_000
+
+
+def create_api_key(database_url: str, *, label: str) -> str:
+    """A key for the run's clients, made as an operator makes one: `wallet keys create`, which
+    prints the key alone on its last line."""
+    code, output = run_wallet_command(
+        *("keys", "create", "--label", label, "--scope", "admin"),
+        *("--reads-per-second", str(CLIENT_BUDGET_PER_S)),
+        *("--writes-per-second", str(CLIENT_BUDGET_PER_S)),
+        database_url=database_url,
+    )
+    lines = output.splitlines()
+    if code != 0 or not lines or not API_KEY.fullmatch(lines[-1]):
+        raise AssertionError(f"wallet keys create exited {code}:\n{output}")
+    return lines[-1]
 
 
 # ---- the server as a process group ---------------------------------------------------------
@@ -497,8 +530,14 @@ class Operation:
         return [a for a in self.answers() if a.is_success]
 
     @property
+    def refusals(self) -> list[Attempt]:
+        """The 422s: a refusal by the ledger's state is final, stored under the key like a
+        success (API-operations.md), so a retry replays it."""
+        return [a for a in self.answers() if a.status == 422]
+
+    @property
     def has_definite_answer(self) -> bool:
-        """Answered with anything but a 503 or a 5xx: applied, or refused for good."""
+        """Answered with anything but a 503 or a 5xx: applied, or refused for good (a 422)."""
         return any(a.status is not None and a.status < 500 for a in self.answers())
 
     def describe(self) -> str:
@@ -529,13 +568,15 @@ class Recorder:
         return [a for op in self.operations for a in op.attempts if a.phase in phases]
 
 
-def network_client(base_url: str, *, connections: int = 64) -> httpx.AsyncClient:
-    """A client of the server on 127.0.0.1; proxy variables are ignored."""
+def network_client(base_url: str, *, key: str | None, connections: int = 64) -> httpx.AsyncClient:
+    """A client of the server on 127.0.0.1 sending the API key `key` (None: none, for the
+    public health check); proxy variables are ignored."""
     return httpx.AsyncClient(
         base_url=base_url,
         limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
         timeout=httpx.Timeout(CLIENT_TIMEOUT_S),
         trust_env=False,
+        headers=None if key is None else {"Authorization": f"Bearer {key}"},
     )
 
 
@@ -706,10 +747,13 @@ async def settle(client: httpx.AsyncClient, recorder: Recorder, *, seed: int) ->
     await _resend(client, recorder, pending, phase="settle", seed=seed, within_s=30)
 
 
-async def replay_every_success(client: httpx.AsyncClient, recorder: Recorder, *, seed: int) -> None:
-    """Send every request that was answered 2xx again, with its key: each must be a replay."""
-    succeeded = [op for op in recorder.operations if op.successes]
-    await _resend(client, recorder, succeeded, phase="replay", seed=seed + 1, within_s=60)
+async def replay_every_final_answer(
+    client: httpx.AsyncClient, recorder: Recorder, *, seed: int
+) -> None:
+    """Send every request that was answered 2xx or 422 again, with its key: each must be a
+    replay of that answer (a refusal is as final as a success)."""
+    decided = [op for op in recorder.operations if op.successes or op.refusals]
+    await _resend(client, recorder, decided, phase="replay", seed=seed + 1, within_s=60)
 
 
 # ---- faults --------------------------------------------------------------------------------
@@ -766,7 +810,7 @@ async def wait_for_recovery(fault: Fault, recorder: Recorder, *, within_s: float
 
 async def check_health_while_away(server: WalletServer, fault: Fault) -> None:
     """Health answers 503 in plain JSON while the database is away."""
-    async with network_client(server.base_url, connections=1) as client:
+    async with network_client(server.base_url, key=None, connections=1) as client:
         try:
             response = await client.get(f"{API}/health")
         except httpx.TransportError as error:

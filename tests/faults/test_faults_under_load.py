@@ -1,7 +1,8 @@
 """Money under faults: the real server (two workers) on a PostgreSQL cluster of the suite's own,
 32 clients moving money and retrying every request with its key, while workers, the whole
 server and the database are killed, restarted and stalled in turn. Afterwards nothing may have
-been lost, applied twice or created: every check below reads the record of that one run."""
+been lost, applied twice or created, and every refusal must have stayed final (a 422 is stored
+under its key, so a retry replays it): every check below reads the record of that one run."""
 
 import asyncio
 import os
@@ -32,6 +33,7 @@ from fault_driver import (
     LEDGER,
     OUTAGES,
     RECOVERY,
+    REFUSALS,
     VERIFY,
     Cluster,
     ClusterUnavailable,
@@ -40,9 +42,10 @@ from fault_driver import (
     Recorder,
     WalletServer,
     check_health_while_away,
+    create_api_key,
     create_users,
     network_client,
-    replay_every_success,
+    replay_every_final_answer,
     run_clients,
     run_wallet_command,
     settle,
@@ -302,6 +305,12 @@ def cluster() -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="module")
+def api_key(cluster: Cluster) -> str:
+    """The clients' API key, made with `wallet keys create` as an operator would."""
+    return create_api_key(cluster.url, label="fault-clients")
+
+
+@pytest.fixture(scope="module")
 def server(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[WalletServer]:
     """The server the run starts (and restarts); nothing of it outlives the module, even when
     the run is cut short (a timeout leaves the run's own clean-up undone)."""
@@ -321,14 +330,14 @@ def server(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 @pytest.fixture(scope="module")
-async def run(cluster: Cluster, server: WalletServer) -> Run:
+async def run(cluster: Cluster, server: WalletServer, api_key: str) -> Run:
     """Load the server, inject every fault in turn, settle and replay every key, then check."""
     started = time.monotonic()
     recorder = Recorder()
     faults: list[Fault] = []
     try:
         await server.start()
-        async with network_client(server.base_url) as client:
+        async with network_client(server.base_url, key=api_key) as client:
             users = await create_users(client, count=USERS)
             stage = Stage(cluster, server, recorder, random.Random(SEED))
             stop = asyncio.Event()
@@ -341,7 +350,7 @@ async def run(cluster: Cluster, server: WalletServer) -> Run:
                 stop.set()
                 await load
             await settle(client, recorder, seed=SEED)
-            await replay_every_success(client, recorder, seed=SEED)
+            await replay_every_final_answer(client, recorder, seed=SEED)
     finally:
         await server.stop()
 
@@ -383,6 +392,14 @@ def test_every_success_is_in_the_ledger_once_with_the_amounts_sent(run: Run) -> 
 
 def test_no_key_is_applied_twice_and_every_retry_gets_the_first_transaction(run: Run) -> None:
     run.assert_clean(IDEMPOTENCY)
+
+
+def test_every_refusal_is_final_and_every_retry_gets_it_again(run: Run) -> None:
+    """API-operations.md: a 422 insufficient_funds is stored under its key like a success, so
+    a retry (after a 503, a lost answer or the run) replays it, and the key never applies."""
+    refused = [op for op in run.recorder.operations if op.refusals]
+    assert refused, "no request of the run was refused: the rule went untested"
+    run.assert_clean(REFUSALS)
 
 
 def test_assets_sum_to_zero_and_no_user_balance_is_negative(run: Run) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import httpx
 import sqlalchemy as sa
 
+from conftest import bearer
 from wallet.http.app import create_app
 from wallet.service.audit import verify
 from wallet.settings import Settings
@@ -55,15 +56,18 @@ def leaks(text: str, *sent: str) -> list[str]:
 
 @asynccontextmanager
 async def app_client(
-    settings: Settings, *, raise_app_exceptions: bool = True
+    settings: Settings, *, key: str, raise_app_exceptions: bool = True
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client of the real app (its lifespan run) for `settings`. With
-    raise_app_exceptions=False a crash is seen as the client would see it: the 500 answer."""
+    """An HTTP client of the real app (its lifespan run) for `settings`, sending the API key
+    `key` with every request. With raise_app_exceptions=False a crash is seen as the client
+    would see it: the 500 answer."""
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=transport, base_url="http://wallet.test") as client,
+        httpx.AsyncClient(
+            transport=transport, base_url="http://wallet.test", headers=bearer(key)
+        ) as client,
     ):
         yield client
 

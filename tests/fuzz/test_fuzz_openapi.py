@@ -5,7 +5,10 @@ headers). Afterwards `wallet verify` finds the ledger whole.
 
 schemathesis' pytest loader (`schemathesis.pytest.from_fixture`) cannot run under pytest 9.2 (it
 reads `Function._nodeid`, which pytest removed), so the test drives schemathesis' own engine, the
-one `schemathesis run` uses, and reports each failing case with its request and response."""
+one `schemathesis run` uses, and reports each failing case with its request and response.
+
+Every request carries an admin API key (API-operations.md), so the run reaches every route;
+what the service answers without a key, or with a lesser one, is not fuzzed here (yet)."""
 
 import asyncio
 import base64
@@ -63,9 +66,21 @@ def cursor(seq: int) -> str:
 
 
 TRANSACTION = object()  # stands for one of Alice's seed transactions in EXAMPLES
+REVOCABLE_KEY = object()  # stands for the id of a key made to be revoked, in EXAMPLES
 # One request per operation that must succeed on the seed data: the examples phase sends them.
 EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", f"{API}/health"): {},
+    ("GET", f"{API}/health/ready"): {},
+    ("POST", f"{API}/keys"): {
+        "body": {
+            "label": "fuzz-example",
+            "scopes": ["wallet:read", "wallet:debit"],
+            "readsPerSecond": 5,
+            "writesPerSecond": 0,
+        }
+    },
+    ("GET", f"{API}/keys"): {"query": {"limit": 1}},
+    ("DELETE", f"{API}/keys/{{keyId}}"): {"path": {"keyId": REVOCABLE_KEY}},
     ("GET", f"{API}/assets"): {},
     ("GET", f"{API}/users"): {"query": {"limit": 1, "cursor": cursor(99)}},
     ("POST", f"{API}/users"): {"body": {"email": "o'brien@example.com", "name": "O'Brien"}},
@@ -138,10 +153,20 @@ def describe_failure(recorder: ScenarioRecorder, case_id: str, result: Any) -> s
     )
 
 
-def real_data(schema: Any, *, transactions: dict[str, list[str]]) -> None:
+@dataclass(frozen=True, slots=True)
+class SeedData:
+    """Real rows for the run to name: each seed user's transactions, and a key to revoke (not
+    the run's own: revoking that would turn every later request into a 401)."""
+
+    transactions: dict[str, list[str]]
+    revocable_key_id: str
+
+
+def real_data(schema: Any, *, seed: SeedData) -> None:
     """Hooks that point the run at real seed data: one explicit example per operation that must
     succeed (the examples phase), and about half of the generated ids, symbols, filters and flow
     bodies in the fuzzing phase, so the run reaches 200 and 201 answers, not only 404s and 422s."""
+    transactions = seed.transactions
     pairs = [(user, transaction) for user, ids in transactions.items() for transaction in ids]
     path_values = {
         "userId": st.sampled_from([ALICE, BOB]),
@@ -179,9 +204,9 @@ def real_data(schema: Any, *, transactions: dict[str, list[str]]) -> None:
     def before_add_examples(context: Any, examples: list[Any]) -> None:
         operation = context.operation
         example = EXAMPLES[operation.method.upper(), operation.path]
+        real = {TRANSACTION: transactions[ALICE][0], REVOCABLE_KEY: seed.revocable_key_id}
         path_parameters = {
-            name: transactions[ALICE][0] if value is TRANSACTION else value
-            for name, value in example.get("path", {}).items()
+            name: real.get(value, value) for name, value in example.get("path", {}).items()
         }
         examples.append(
             operation.Case(
@@ -221,15 +246,17 @@ def real_data(schema: Any, *, transactions: dict[str, list[str]]) -> None:
         )
 
 
-def fuzz(settings: Settings, *, transactions: dict[str, list[str]]) -> FuzzRun:
-    """Load the document from the real app, run schemathesis over it, and stop the app."""
+def fuzz(settings: Settings, *, key: str, seed: SeedData) -> FuzzRun:
+    """Load the document from the real app, run schemathesis over it with the API key `key`
+    on every request, and stop the app."""
     app = create_app(settings)
     run = FuzzRun()
+    config = {**CONFIG, "headers": {"Authorization": f"Bearer {key}"}}
     try:
         schema = schemathesis.openapi.from_asgi(
-            "/openapi.json", app, config=schemathesis.Config.from_dict(CONFIG)
+            "/openapi.json", app, config=schemathesis.Config.from_dict(config)
         )
-        real_data(schema, transactions=transactions)
+        real_data(schema, seed=seed)
         for event in from_schema(schema).execute():
             if isinstance(event, events.ScenarioFinished):
                 run.record(event.phase.value, event.recorder)
@@ -243,29 +270,33 @@ def fuzz(settings: Settings, *, transactions: dict[str, list[str]]) -> FuzzRun:
     return run
 
 
-async def seed_transactions(settings: Settings) -> dict[str, list[str]]:
-    """The ids of each seed user's transactions."""
-    async with app_client(settings) as client:
+async def seed_data(settings: Settings, *, key: str) -> SeedData:
+    """The ids of each seed user's transactions, and of a new key to revoke."""
+    async with app_client(settings, key=key) as client:
         transactions = {}
         for user in (ALICE, BOB):
             response = await client.get(f"{API}/wallet/transactions/{user}")
             assert response.status_code == 200, response.text
             transactions[user] = [item["transactionId"] for item in response.json()["items"]]
-    return transactions
+        response = await client.post(
+            f"{API}/keys", json={"label": "fuzz-revocable", "scopes": ["wallet:read"]}
+        )
+        assert response.status_code == 201, response.text
+    return SeedData(transactions=transactions, revocable_key_id=response.json()["keyId"])
 
 
 async def test_schemathesis_finds_no_server_error_and_no_answer_outside_the_document(
-    settings: Settings, database_url: str
+    settings: Settings, database_url: str, admin_key: str
 ) -> None:
-    transactions = await seed_transactions(settings)
+    seed = await seed_data(settings, key=admin_key)
 
     # The engine is synchronous and drives the app on a loop of its own: keep this loop free.
-    run = await asyncio.to_thread(fuzz, settings, transactions=transactions)
+    run = await asyncio.to_thread(fuzz, settings, key=admin_key, seed=seed)
 
     assert run.failures == [], "\n\n".join(run.failures[:20])
     assert run.stop_reason == StopReason.COMPLETED, run.stop_reason
     operations = {label for _, label in run.cases}
-    assert len(operations) == 13, sorted(operations)
+    assert len(operations) == len(EXAMPLES) == 17, sorted(operations)
     for phase in ("examples", "coverage", "fuzzing"):
         assert {label for p, label in run.cases if p == phase} == operations, phase
     assert set(run.checks) == set(CHECKS), run.checks

@@ -13,12 +13,15 @@ import sqlalchemy as sa
 import structlog
 from fuzz_checks import ALICE, API, BOB, FLOWS, app_client, leaks
 
+from wallet.domain.access import new_secret
 from wallet.service.wallet import Wallet
 from wallet.settings import Settings
 
 UNREACHABLE = Settings(
     database_url="postgresql+asyncpg://postgres@127.0.0.1:1/none", database_timeout_s=1
 )
+# A key a client was given before its database went away: the service cannot look it up now.
+HELD_KEY = new_secret()
 # What a defect's exception could carry: SQL, a driver's name, a path and a line of a traceback.
 SECRET_CAUSE = (
     'SELECT balance FROM balances WHERE account_id = $1 (asyncpg) File "/work/main/src/wallet/'
@@ -140,10 +143,10 @@ def assert_problem_without_internals(response: httpx.Response, status: int, code
 
 @pytest.mark.parametrize("lean_flows", [True, False], ids=["lean-flows", "framework-flows"])
 async def test_bad_requests_get_their_4xx_without_internals(
-    database_url: str, lean_flows: bool
+    database_url: str, admin_key: str, lean_flows: bool
 ) -> None:
     settings = Settings(database_url=database_url, lean_flows=lean_flows)
-    async with app_client(settings, raise_app_exceptions=False) as client:
+    async with app_client(settings, key=admin_key, raise_app_exceptions=False) as client:
         for what, send, status in BAD_REQUESTS:
             response = await send(client)
             request = f"{what}: {response.request.method} {str(response.request.url)[:100]}"
@@ -156,7 +159,7 @@ async def test_bad_requests_get_their_4xx_without_internals(
 async def test_an_unreachable_database_is_503_without_internals() -> None:
     for lean_flows in (True, False):
         settings = UNREACHABLE.model_copy(update={"lean_flows": lean_flows})
-        async with app_client(settings, raise_app_exceptions=False) as client:
+        async with app_client(settings, key=HELD_KEY, raise_app_exceptions=False) as client:
             health = await client.get(f"{API}/health")
             assert (health.status_code, health.json()) == (
                 503,
@@ -178,7 +181,7 @@ async def test_a_broken_sqlite_database_is_503_without_internals(
 ) -> None:
     file = tmp_path / "absent" / "wallet.db" if database == "missing directory" else tmp_path / "x"
     settings = Settings(database_url=f"sqlite+aiosqlite:///{file}", database_timeout_s=1)
-    async with app_client(settings, raise_app_exceptions=False) as client:
+    async with app_client(settings, key=HELD_KEY, raise_app_exceptions=False) as client:
         for path in READS:
             assert_problem_without_internals(await client.get(path), 503, "database_unavailable")
         for name in FLOWS:
@@ -195,7 +198,7 @@ async def test_a_broken_sqlite_database_is_503_without_internals(
     ids=["defect", "bad SQL"],
 )
 async def test_a_defect_is_a_bare_500_whose_cause_is_not_sent(
-    database_url: str, monkeypatch: pytest.MonkeyPatch, cause: Exception
+    database_url: str, admin_key: str, monkeypatch: pytest.MonkeyPatch, cause: Exception
 ) -> None:
     async def fail(*_args: Any, **_kwargs: Any) -> Any:
         raise cause
@@ -206,7 +209,7 @@ async def test_a_defect_is_a_bare_500_whose_cause_is_not_sent(
         settings = Settings(database_url=database_url, lean_flows=lean_flows)
         # Captured, the cause is kept for the assertion below (and not rendered to the console).
         with structlog.testing.capture_logs() as logged:
-            async with app_client(settings, raise_app_exceptions=False) as client:
+            async with app_client(settings, key=admin_key, raise_app_exceptions=False) as client:
                 requests = [
                     client.get(f"{API}/wallet/balance/{ALICE}/GOLD_COINS"),
                     client.get(f"{API}/wallet/transactions/{ALICE}"),

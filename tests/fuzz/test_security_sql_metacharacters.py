@@ -151,11 +151,11 @@ def flow_body(key: str, *, amount: int = 1, **fields: Any) -> dict[str, Any]:
 
 @pytest.fixture(params=[True, False], ids=["lean-flows", "framework-flows"])
 async def flow_client(
-    request: pytest.FixtureRequest, database_url: str
+    request: pytest.FixtureRequest, database_url: str, admin_key: str
 ) -> AsyncIterator[httpx.AsyncClient]:
     """The real app on both paths that serve the flows: the lean ASGI one and FastAPI's routes."""
     settings = Settings(database_url=database_url, lean_flows=request.param)
-    async with app_client(settings) as client:
+    async with app_client(settings, key=admin_key) as client:
         yield client
 
 
@@ -324,7 +324,7 @@ async def test_sql_metacharacters_in_query_parameters_match_nothing(
 
 
 async def test_forged_cursors_are_refused_or_read_as_positions(
-    settings: Settings, database_url: str
+    settings: Settings, database_url: str, admin_key: str
 ) -> None:
     """A cursor is opaque but a client can forge one: its position reaches SQL as a bound
     integer, and one out of range or not a number is a 422 (or reads as a position), not a 5xx."""
@@ -342,7 +342,7 @@ async def test_forged_cursors_are_refused_or_read_as_positions(
         "v1:",
     )
     # raise_app_exceptions=False: a crash shows as the 500 answer a client would get.
-    async with app_client(settings, raise_app_exceptions=False) as client:
+    async with app_client(settings, key=admin_key, raise_app_exceptions=False) as client:
         for text in forged:
             cursor = base64.urlsafe_b64encode(text.encode()).decode()
             for path in (

@@ -10,8 +10,9 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from wallet.cli import app
+from wallet.cli import app, worker_count
 from wallet.service.seed import ALICE
+from wallet.settings import Settings
 
 KEY = re.compile(r"wk_[A-Za-z0-9_-]{43}")
 
@@ -155,3 +156,21 @@ def test_a_metrics_directory_that_does_not_exist_yet_is_made(
     )
     succeeds(result)
     assert metrics_dir.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("environment", "expected"),
+    [
+        ({"WALLET_DATABASE_URL": "sqlite:///wallet.db"}, 1),
+        ({"WALLET_DATABASE_URL": "postgresql://u@h/db"}, 6),
+        ({"WALLET_DATABASE_URL": "postgres://u@h/db", "WALLET_WORKERS": "3"}, 3),
+        ({"WALLET_DATABASE_URL": "sqlite:///wallet.db", "WALLET_WORKERS": "2"}, 2),
+    ],
+)
+def test_serve_picks_its_worker_count(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], expected: int
+) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert worker_count(Settings()) == expected

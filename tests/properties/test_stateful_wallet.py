@@ -1,6 +1,7 @@
 """Stateful property: random flows, batches, retries and replays driven through the service layer
 (`Wallet` and `post()`) agree, step by step, with a plain model of balances and idempotency keys,
-on SQLite and on PostgreSQL; the ledger verifies clean throughout."""
+on SQLite and on PostgreSQL; the ledger verifies clean throughout. A key keeps what it got, a
+transaction or a refusal by the ledger's state (API-operations.md: a refusal is final)."""
 
 import asyncio
 import dataclasses
@@ -19,6 +20,7 @@ from hypothesis.stateful import (
     initialize,
     invariant,
     multiple,
+    precondition,
     rule,
     run_state_machine_as_test,
 )
@@ -27,6 +29,7 @@ from wallet.domain.errors import (
     IdempotencyKeyReused,
     InsufficientFunds,
     InvalidRequest,
+    Refusal,
     UnknownAsset,
     UnknownTransaction,
     UnknownUser,
@@ -125,6 +128,9 @@ class Model:
         self.balances: Counter[tuple[str, str]] = Counter()
         self.sent: dict[str, Command] = {}  # the last request sent with each key
         self.applied: dict[str, Transaction] = {}  # the transaction of each key that applied
+        # The request and the refusal of each key the ledger's state refused: stored, as final
+        # as a transaction, so the same request replays it and another is a reuse.
+        self.refused: dict[str, tuple[Command, Refusal]] = {}
         self.history: dict[str, list[Transaction]] = {}  # each user's, oldest first
 
     def record(self, command: Command, transaction: Transaction) -> None:
@@ -145,6 +151,9 @@ class Model:
             found.add(InvalidRequest)
         earlier = self.applied.get(command.idempotency_key)
         if earlier is not None and as_request(earlier) != command:
+            found.add(IdempotencyKeyReused)
+        refused = self.refused.get(command.idempotency_key)
+        if refused is not None and refused[0] != command:
             found.add(IdempotencyKeyReused)
         return found
 
@@ -195,9 +204,20 @@ class WalletMachine(RuleBasedStateMachine):
             assert outcome.is_replay
             assert outcome.transaction == earlier, "a replay returned another transaction"
             return
+        refused = model.refused.get(command.idempotency_key)
+        if refused is not None:
+            # The refusal again, whatever the balance is now: same error, same detail.
+            _, refusal = refused
+            assert type(outcome) is type(refusal), f"a retry of {command} gave {outcome!r}"
+            assert isinstance(outcome, Refusal)
+            assert outcome.is_replay, f"a retry of refused {command} was refused anew"
+            assert outcome.detail == refusal.detail, "a replay returned another refusal"
+            return
         user_balance = model.balances[(command.user_id, command.asset_symbol)]
         if command.flow is Flow.SPEND and command.amount > user_balance:
             assert isinstance(outcome, InsufficientFunds), f"{command} gave {outcome!r}"
+            assert not outcome.is_replay
+            model.refused[command.idempotency_key] = (command, outcome)
             return
         assert isinstance(outcome, Posted), f"{command} gave {outcome!r}"
         assert not outcome.is_replay
@@ -261,7 +281,8 @@ class WalletMachine(RuleBasedStateMachine):
 
     @rule(key=keys)
     def retry(self, key: str) -> None:
-        """The last request sent with a key, again: a replay if it applied, else a new try."""
+        """The last request sent with a key, again: a replay if it applied or the ledger's state
+        refused it, else a new try."""
         self.step()
         command = self.model.sent[key]
         self.check(command, self.execute(command))
@@ -271,7 +292,8 @@ class WalletMachine(RuleBasedStateMachine):
         change=st.sampled_from(["flow", "user", "asset", "amount", "note", "metadata"]),
     )
     def reuse_key_for_a_nearly_same_request(self, key: str, change: str) -> None:
-        """The last request of a key with one field changed: a reuse if the key applied."""
+        """The last request of a key with one field changed: a reuse if the key applied or was
+        refused by the ledger's state."""
         self.step()
         sent = self.model.sent[key]
         changed: dict[str, Any] = {
@@ -304,6 +326,27 @@ class WalletMachine(RuleBasedStateMachine):
         )
         self.check(command, self.execute(command))
         return command.idempotency_key
+
+    @precondition(lambda self: bool(self.model.refused))
+    @rule(data=st.data())
+    def retry_a_refusal_once_the_funds_are_there(self, data: st.DataObject) -> None:
+        """A request the ledger refused, sent again after a top-up that covers it: the refusal
+        is final (API-operations.md), so this is it replayed, not a new try."""
+        self.step()
+        key = data.draw(st.sampled_from(sorted(self.model.refused)), label="refused key")
+        command, _ = self.model.refused[key]
+        shortfall = command.amount - self.model.balances[(command.user_id, command.asset_symbol)]
+        if shortfall > 0:
+            topup = Command(
+                flow=Flow.TOPUP,
+                user_id=command.user_id,
+                asset_symbol=command.asset_symbol,
+                amount=shortfall,
+                idempotency_key=self.fresh_key(),
+            )
+            self.check(topup, self.execute(topup))
+        assert command.amount <= self.model.balances[(command.user_id, command.asset_symbol)]
+        self.check(command, self.execute(command))
 
     @rule(target=keys, data=st.data(), size=st.integers(1, 6))
     def post_a_batch(self, data: st.DataObject, size: int) -> Any:

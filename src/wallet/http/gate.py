@@ -42,11 +42,41 @@ log = structlog.get_logger()
 
 def requires(scope: KeyScope) -> dict[str, Any]:
     """A route's declaration of the scope a key needs for it (read by the gate, and shown in
-    the OpenAPI document)."""
+    the OpenAPI document with the answers the gate may give)."""
     return {
         "security": [{"bearerAuth": [scope.value]}, {"apiKeyHeader": [scope.value]}],
         SCOPE_FIELD: scope.value,
+        "responses": {
+            "401": _problem_answer(
+                "No key, an unknown key or a revoked key.",
+                {"WWW-Authenticate": "Always Bearer."},
+            ),
+            "403": _problem_answer(f"The key lacks the scope {scope.value}."),
+            "429": _problem_answer(
+                "Over the key's budget; nothing was recorded.",
+                {
+                    "Retry-After": "Seconds to wait.",
+                    "RateLimit-Policy": 'The budget, e.g. "writes";q=200;w=2.',
+                    "RateLimit": 'What remains, e.g. "writes";r=0;t=1.',
+                },
+            ),
+        },
     }
+
+
+def _problem_answer(description: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    answer: dict[str, Any] = {
+        "description": description,
+        "content": {
+            "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+        },
+    }
+    if headers:
+        answer["headers"] = {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in headers.items()
+        }
+    return answer
 
 
 def required_scope(route: BaseRoute) -> KeyScope | None:
@@ -84,6 +114,13 @@ class Gate:
         self.is_auth_disabled = is_auth_disabled
         self.timeout_s = timeout_s
         self.routes = routes
+        # Routes without path parameters (the flows among them) are found by one look-up.
+        self.fixed_routes = {
+            (route.path, method): (route.path, needed)
+            for route, needed in routes
+            if isinstance(route, Route) and not route.param_convertors
+            for method in route.methods or ()
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -142,6 +179,9 @@ class Gate:
     def _route(self, scope: Scope) -> tuple[str, KeyScope | None]:
         """The matching route's template and scope; for no route, or another method's route,
         (UNROUTED, None): routing answers 404 or 405 without asking for a key."""
+        fixed = self.fixed_routes.get((scope["path"], scope["method"]))
+        if fixed is not None:
+            return fixed
         for route, needed in self.routes:
             match, _ = route.matches(scope)
             if match is Match.FULL:

@@ -5,7 +5,6 @@ from datetime import UTC, datetime
 
 from wallet.domain.errors import WalletError
 from wallet.domain.ledger import Asset, Command, Flow, SystemAccount, UserId
-from wallet.service.access import Access
 from wallet.service.posting import post
 from wallet.store import queries
 from wallet.store.database import Database
@@ -26,11 +25,8 @@ USERS = ((ALICE, "alice@example.com", "Alice"), (BOB, "bob@example.com", "Bob"))
 OPENING_BALANCES = {"GOLD_COINS": 1000, "DIAMONDS": 10, "LOYALTY_POINTS": 500}
 
 
-async def seed(
-    database: Database, *, reads_per_second: int = 0, writes_per_second: int = 0
-) -> str | None:
-    """Create whatever of the seed data is missing; on a database without API keys, also an
-    admin key with these budgets (0: unlimited), whose secret is returned (this once)."""
+async def seed(database: Database) -> None:
+    """Create whatever of the seed data is missing."""
     created_at = datetime.now(UTC)
     async with database.transaction(is_write=True) as connection:
         await queries.insert_assets(connection, ASSETS)
@@ -56,9 +52,3 @@ async def seed(
     for outcome in outcomes:
         if isinstance(outcome, WalletError):
             raise outcome
-    access = Access(
-        database,
-        default_reads_per_second=reads_per_second,
-        default_writes_per_second=writes_per_second,
-    )
-    return await access.create_first_key()

@@ -87,19 +87,25 @@ class Database:
 
     @asynccontextmanager
     async def transaction(
-        self, *, is_write: bool, is_snapshot: bool = False
+        self, *, is_write: bool, is_snapshot: bool = False, is_schema_change: bool = False
     ) -> AsyncIterator[AsyncConnection]:
         """A connection inside a transaction that commits when the block ends and rolls back
         if it raises. A snapshot transaction sees one state of the database throughout (SQLite's
-        read transactions always do)."""
+        read transactions always do). A schema change on SQLite runs with foreign keys off,
+        since altering a table rebuilds it, and checks them all before it commits."""
         try:
             async with self.engine.connect() as connection:
                 if is_write and self.dialect == "sqlite":
                     await connection.execution_options(**{SQLITE_WRITE: True})
                 if is_snapshot and self.dialect == "postgresql":
                     await connection.execution_options(isolation_level="REPEATABLE READ")
-                async with connection.begin():
-                    yield connection
+                if is_schema_change and self.dialect == "sqlite":
+                    async with _sqlite_foreign_keys_off(connection), connection.begin():
+                        yield connection
+                        await _check_foreign_keys(connection)
+                else:
+                    async with connection.begin():
+                        yield connection
         except exc.DBAPIError as error:
             translated = _translate(error)
             if translated is None:
@@ -119,6 +125,24 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+
+
+@asynccontextmanager
+async def _sqlite_foreign_keys_off(connection: AsyncConnection) -> AsyncIterator[None]:
+    # The pragma is ignored inside a transaction: it goes to the driver before BEGIN.
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert driver is not None
+    await driver.execute("PRAGMA foreign_keys=OFF")
+    try:
+        yield
+    finally:
+        await driver.execute("PRAGMA foreign_keys=ON")
+
+
+async def _check_foreign_keys(connection: AsyncConnection) -> None:
+    violations = (await connection.exec_driver_sql("PRAGMA foreign_key_check")).all()
+    if violations:
+        raise Conflict(f"the schema change leaves {len(violations)} broken foreign keys")
 
 
 def _translate(error: exc.DBAPIError) -> Exception | None:

@@ -21,7 +21,7 @@ def alembic_config() -> Config:
 
 async def migrate(database: Database) -> tuple[str | None, str]:
     """Apply every migration not yet applied; the revisions before and after."""
-    async with database.transaction(is_write=True) as connection:
+    async with database.transaction(is_write=True, is_schema_change=True) as connection:
         return await connection.run_sync(_upgrade)
 
 

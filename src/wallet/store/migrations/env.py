@@ -6,7 +6,7 @@ from alembic import context
 from sqlalchemy import Connection
 
 from wallet.settings import Settings
-from wallet.store.database import create_engine
+from wallet.store.database import Database, create_engine
 from wallet.store.tables import metadata
 
 
@@ -21,10 +21,12 @@ def run_migrations(connection: Connection) -> None:
 
 
 async def run_on_configured_database() -> None:
-    engine = create_engine(Settings())
-    async with engine.begin() as connection:
-        await connection.run_sync(run_migrations)
-    await engine.dispose()
+    database = Database(create_engine(Settings()))
+    try:
+        async with database.transaction(is_write=True, is_schema_change=True) as connection:
+            await connection.run_sync(run_migrations)
+    finally:
+        await database.close()
 
 
 shared_connection = context.config.attributes.get("connection")
