@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The wallet service: `wallet serve` on port 8000. Build: docker build -t wallet .
-# The builder installs the pinned dependencies and the project into /opt/venv; the runtime stage
+# The builder installs the locked dependencies and the project into /opt/venv; the runtime stage
 # copies only that venv, so no compiler, pip cache or source tree reaches the final image.
 
 FROM python:3.11-slim AS builder
@@ -11,12 +11,14 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
 
-# The dependencies first, from pyproject.toml's exact pins, so a source change reuses this layer.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
- && pip install --requirement requirements.txt
+# The dependencies first, exactly as locked (every one pinned, every file checked against its
+# hash: `make lock` writes requirements.txt), so a source change reuses this layer.
+COPY requirements.txt ./
+RUN pip install --require-hashes --requirement requirements.txt
 
-# Then the project itself, as a wheel (migrations included as package data).
+# Then the project itself, as a wheel (migrations included as package data), without
+# dependencies: the lock has them all, and pip check proves it.
+COPY pyproject.toml ./
 COPY src ./src
 RUN pip wheel --no-deps --wheel-dir /wheels . \
  && pip install --no-deps /wheels/*.whl \
@@ -38,6 +40,6 @@ USER wallet
 
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/api/v1/health', timeout=2)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/api/v1/health/ready', timeout=2)"]
 ENTRYPOINT ["wallet"]
 CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
