@@ -250,3 +250,13 @@ async def test_with_auth_disabled_requests_pass_without_a_key_and_are_logged(
     assert response.json()["createdBy"] is None
     warnings = [e for e in logs if e["log_level"] == "warning" and "auth disabled" in e["event"]]
     assert len(warnings) == 2  # one at start, one for the request let through
+
+
+async def test_revocation_is_immediate_in_the_worker_that_revoked(
+    client: httpx.AsyncClient,
+) -> None:
+    created = (await client.post(f"{API}/keys", json={"label": "x", "scopes": ["admin"]})).json()
+    victim = bearer(created["key"])
+    assert (await client.get(f"{API}/assets", headers=victim)).is_success  # now cached
+    assert (await client.delete(f"{API}/keys/{created['keyId']}")).status_code == 204
+    assert_problem(await client.get(f"{API}/assets", headers=victim), 401, "unauthenticated")

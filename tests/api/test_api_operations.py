@@ -2,6 +2,7 @@
 every answer carries, readiness, the metrics token, the docs served offline, the request deadline,
 and one log line per request that never holds a secret or a body."""
 
+import re
 from pathlib import Path
 
 import httpx
@@ -222,3 +223,23 @@ async def test_a_syntactically_valid_email_is_accepted(
     response = await client.post(f"{API}/users", json={"email": email, "name": "N"})
     assert response.status_code == 201, response.text
     assert response.json()["email"] == email
+
+
+async def test_the_cursors_the_service_makes_are_what_its_document_declares(
+    client: httpx.AsyncClient,
+) -> None:
+    document = (await client.get("/openapi.json")).json()
+    declared = {
+        parameter["schema"]["anyOf"][0]["pattern"]
+        for path in document["paths"].values()
+        for operation in path.values()
+        for parameter in operation.get("parameters", [])
+        if parameter["name"] == "cursor"
+    }
+    assert len(declared) == 1
+    pattern = re.compile(declared.pop())
+    await client.post(f"{API}/keys", json={"label": "second", "scopes": ["wallet:read"]})
+    for path in (f"{API}/users", f"{API}/wallet/transactions/{ALICE}", f"{API}/keys"):
+        cursor = (await client.get(path, params={"limit": 1})).json()["nextCursor"]
+        assert pattern.fullmatch(cursor), (path, cursor)
+        assert (await client.get(path, params={"limit": 1, "cursor": cursor})).status_code == 200

@@ -69,6 +69,12 @@ class Access:
         async with self.database.transaction(is_write=True) as connection:
             if not await queries.revoke_api_key(connection, key_id, at=datetime.now(UTC)):
                 raise UnknownKey(f"key {key_id} does not exist")
+        # This process refuses it at once; the others once their cached copy expires.
+        self._cache = {
+            key_hash: entry
+            for key_hash, entry in self._cache.items()
+            if entry[1] is None or entry[1].id != key_id
+        }
 
     async def authenticate(self, secret: str | None) -> ApiKey:
         """The live key `secret` names, or Unauthenticated. Keys are found by their digest, so
