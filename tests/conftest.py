@@ -9,7 +9,6 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,9 +17,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from wallet.domain.access import Scope
-from wallet.http.app import create_app
-from wallet.service.access import Access
+from app_clients import app_client, create_key
 from wallet.service.seed import seed
 from wallet.service.wallet import Wallet
 from wallet.settings import Settings
@@ -120,43 +117,6 @@ async def database(settings: Settings) -> AsyncIterator[Database]:
 @pytest.fixture
 def wallet(database: Database) -> Wallet:
     return Wallet(database)
-
-
-async def create_key(
-    database_url: str, *scopes: Scope, reads_per_second: int = 0, writes_per_second: int = 0
-) -> str:
-    """A new API key with `scopes` (admin unless told) on the database at `database_url`."""
-    database = Database(create_engine(Settings(database_url=database_url)))
-    access = Access(database, default_reads_per_second=0, default_writes_per_second=0)
-    _, secret = await access.create_key(
-        label="tests",
-        scopes=frozenset(scopes or {Scope.ADMIN}),
-        reads_per_second=reads_per_second,
-        writes_per_second=writes_per_second,
-    )
-    await database.close()
-    return secret
-
-
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
-@asynccontextmanager
-async def app_client(
-    settings: Settings, *, key: str | None = None, **app_options: Any
-) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client of the real app for `settings` (its lifespan run), sending `key`."""
-    app = create_app(settings, **app_options)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://wallet.test",
-            headers=bearer(key) if key else None,
-        ) as http,
-    ):
-        yield http
 
 
 @pytest.fixture

@@ -250,11 +250,12 @@ def assert_transaction(
     amount: int,
     balance_after: int,
     key: str,
+    created_by: str | None,
     user_id: str = ALICE,
     asset: str = "GOLD_COINS",
     free_text: Any = None,
 ) -> None:
-    """A transaction exactly as API.md describes it."""
+    """A transaction exactly as API.md describes it, made by the API key `created_by`."""
     assert set(body) == TRANSACTION_FIELDS | {FREE_TEXT_FIELD[flow]}, body
     assert isinstance(body["transactionId"], str)
     assert body["transactionId"]
@@ -268,6 +269,7 @@ def assert_transaction(
         "amount": amount,
         "balanceAfter": balance_after,
         "idempotencyKey": key,
+        "createdBy": created_by,
         FREE_TEXT_FIELD[flow]: free_text,
     }
     assert_rfc3339_utc(body["createdAt"])

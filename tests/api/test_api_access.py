@@ -14,7 +14,7 @@ from api_checks import ALICE, API, assert_problem, flow_body, new_key, post_flow
 from fastapi.routing import APIRoute, iter_route_contexts
 from starlette.routing import BaseRoute, Route
 
-from conftest import app_client, bearer, create_key
+from app_clients import app_client, bearer, create_key
 from wallet.domain.access import Scope
 from wallet.http.app import create_app
 from wallet.http.gate import required_scope, scoped

@@ -24,6 +24,7 @@ from api_checks import (
     describe,
     flow_body,
     flow_json_with_amount,
+    get_ok,
     outcome,
     post_flow,
     post_raw,
@@ -466,6 +467,7 @@ async def test_body_of_exactly_64_kib_is_accepted(client: httpx.AsyncClient) -> 
         amount=3,
         balance_after=1003,
         key=body["idempotencyKey"],
+        created_by=(await get_ok(client, f"{API}/keys"))["items"][0]["keyId"],  # the client's
     )
     assert streamed.status_code == 200, describe(streamed)
     assert streamed.json() == with_length.json()

@@ -1,5 +1,6 @@
 """When the database cannot be reached: health says so in plain JSON, and every other request is a
-503 database_unavailable problem, applied nowhere."""
+503 database_unavailable problem, applied nowhere; its API key cannot be checked either, which
+is no reason to call the key bad (401)."""
 
 from collections.abc import AsyncIterator
 
@@ -7,7 +8,8 @@ import httpx
 import pytest
 from api_checks import ALICE, API, FLOWS, assert_problem, flow_body, post_flow
 
-from wallet.http.app import create_app
+from app_clients import app_client
+from wallet.domain.access import new_secret
 from wallet.settings import Settings
 
 UNREACHABLE = Settings(
@@ -17,14 +19,9 @@ UNREACHABLE = Settings(
 
 @pytest.fixture
 async def cut_off_client() -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the real app whose database does not answer."""
-    app = create_app(UNREACHABLE)
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://wallet.test"
-        ) as http,
-    ):
+    """A client of the real app whose database does not answer, sending a well-formed API key
+    (which only that database could confirm)."""
+    async with app_client(UNREACHABLE, key=new_secret()) as http:
         yield http
 
 

@@ -1,5 +1,6 @@
-"""The three flows of API.md: what a success answers, what moves between which accounts, and the
-refusals (insufficient funds, a balance past 64 bits) that leave everything as it was."""
+"""The three flows of API.md: what a success answers (the transaction, made by the caller's API
+key), what moves between which accounts, and the refusals (insufficient funds, a balance past
+64 bits) that leave every balance, transaction and entry as it was."""
 
 from typing import Any
 
@@ -38,6 +39,13 @@ MAX_BALANCE = 2**63 - 1
 MIN_BALANCE = -(2**63)
 
 
+async def key_id_of(client: httpx.AsyncClient) -> str:
+    """The id of the admin key `client` sends: the newest key (the seed's own is older)."""
+    keys = await get_ok(client, f"{API}/keys")
+    key_id: str = keys["items"][0]["keyId"]
+    return key_id
+
+
 async def transaction_detail(
     client: httpx.AsyncClient, transaction_id: str, user_id: str = ALICE
 ) -> dict[str, Any]:
@@ -66,6 +74,7 @@ async def test_flow_answers_201_with_the_transaction_and_moves_the_balance(
         amount=250,
         balance_after=expected,
         key=body["idempotencyKey"],
+        created_by=await key_id_of(client),
         free_text=free_text,
     )
     assert await balances_of(client, ALICE) == {**OPENING_BALANCES, "GOLD_COINS": expected}
@@ -88,6 +97,7 @@ async def test_flow_without_its_free_text_field_answers_it_as_null(
         amount=3,
         balance_after=7 if flow == "spend" else 13,
         key=body["idempotencyKey"],
+        created_by=await key_id_of(client),
         free_text=None,
     )
 
@@ -200,7 +210,12 @@ async def test_flow_accepts_json_with_a_charset_parameter(client: httpx.AsyncCli
 
     assert response.status_code == 201, response.text
     assert_transaction(
-        response.json(), flow="topup", amount=5, balance_after=1005, key=body["idempotencyKey"]
+        response.json(),
+        flow="topup",
+        amount=5,
+        balance_after=1005,
+        key=body["idempotencyKey"],
+        created_by=await key_id_of(client),
     )
 
 

@@ -21,6 +21,7 @@ from api_checks import (
     describe,
     flow_body,
     flow_json_with_amount,
+    get_ok,
     new_key,
     outcome,
     post_flow,
@@ -28,28 +29,26 @@ from api_checks import (
     without,
 )
 
-from wallet.http.app import create_app
+from app_clients import app_client
 from wallet.settings import Settings
 
 
 @pytest.fixture
-async def framework_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """A client of the app with the lean flow path turned off, over the test database."""
+async def framework_client(settings: Settings, admin_key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client, with an admin key, of the app with the lean flow path turned off, over the test
+    database."""
     if "lean_flows" not in Settings.model_fields:
         pytest.skip("the service has a single flow path (no lean_flows setting)")
-    app = create_app(Settings(database_url=settings.database_url, lean_flows=False))
-    async with (
-        app.router.lifespan_context(app),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://wallet.test"
-        ) as http,
-    ):
+    framework = Settings(database_url=settings.database_url.get_secret_value(), lean_flows=False)
+    async with app_client(framework, key=admin_key) as http:
         yield http
 
 
 async def test_flows_answer_201_then_replay_200_then_409_on_another_request(
     framework_client: httpx.AsyncClient,
 ) -> None:
+    # The admin key the client sends is the newest key (the seed's own is older).
+    key_id = (await get_ok(framework_client, f"{API}/keys"))["items"][0]["keyId"]
     for flow in FLOWS:
         field = FREE_TEXT_FIELD[flow]
         body = flow_body(amount=20, **{field: SAMPLE_FREE_TEXT[flow]})
@@ -67,6 +66,7 @@ async def test_flows_answer_201_then_replay_200_then_409_on_another_request(
             amount=20,
             balance_after=expected,
             key=body["idempotencyKey"],
+            created_by=key_id,
             free_text=SAMPLE_FREE_TEXT[flow],
         )
         assert replay.status_code == 200, describe(replay)

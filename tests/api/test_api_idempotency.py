@@ -1,5 +1,7 @@
 """Idempotency as API.md states it: a replay answers 200 with the stored body and runs nothing; the
-same key on another request is 409; a request that failed records nothing."""
+same key on another request is 409. A request the ledger refused for its state keeps that refusal
+under its key and replays it (API-operations.md); one refused before the ledger looked, such as a
+validation error, records nothing."""
 
 import asyncio
 from typing import Any
@@ -23,7 +25,7 @@ from api_checks import (
     without,
 )
 
-from wallet.http.app import create_app
+from app_clients import app_client
 from wallet.settings import Settings
 
 
@@ -164,21 +166,35 @@ async def test_metadata_with_its_keys_in_another_order_is_the_same_request(
     assert_replay(again, first)
 
 
-async def test_key_of_a_spend_refused_for_insufficient_funds_works_once_funded(
+def assert_refusal_replay(response: httpx.Response, original: httpx.Response) -> None:
+    """The stored refusal again: its status and body, but for the id of the request answered."""
+    problem, first = assert_problem(response, 422, "insufficient_funds"), original.json()
+    assert response.headers["idempotent-replayed"] == "true"
+    assert without(problem, "requestId") == without(first, "requestId")
+
+
+async def test_key_of_a_spend_refused_for_insufficient_funds_keeps_the_refusal_once_funded(
     client: httpx.AsyncClient,
 ) -> None:
-    body = flow_body(amount=1500)
+    before = await account_state(client, ALICE)
+    body = flow_body(amount=1500, description="a castle")
     refused = await post_flow(client, "spend", body)
     assert_problem(refused, 422, "insufficient_funds")
-    assert_problem(await post_flow(client, "spend", body), 422, "insufficient_funds")
+    assert "idempotent-replayed" not in refused.headers
+    assert_refusal_replay(await post_flow(client, "spend", body), refused)
+    assert await account_state(client, ALICE) == before
     funded = await post_flow(client, "topup", flow_body(amount=500))
     assert funded.status_code == 201, funded.text
+    after_funding = await account_state(client, ALICE)
 
     response = await post_flow(client, "spend", body)
 
-    assert response.status_code == 201, response.text
-    assert response.json()["balanceAfter"] == 0
-    assert_replay(await post_flow(client, "spend", body), response)
+    assert_refusal_replay(response, refused)  # final: Alice could pay now, and is not charged
+    for other in ({**body, "amount": 1499}, {**body, "description": "a tower"}):
+        assert_problem(await post_flow(client, "spend", other), 409, "idempotency_key_reused")
+    on_another_flow = await post_flow(client, "topup", without(body, "description"))
+    assert_problem(on_another_flow, 409, "idempotency_key_reused")
+    assert await account_state(client, ALICE) == after_funding
 
 
 async def test_key_of_a_request_that_failed_validation_records_nothing(
@@ -198,19 +214,19 @@ async def test_key_of_a_request_that_failed_validation_records_nothing(
     assert response.json()["balanceAfter"] == 1010
 
 
-async def test_replay_holds_across_a_restart(client: httpx.AsyncClient, settings: Settings) -> None:
+async def test_replay_holds_across_a_restart(
+    client: httpx.AsyncClient, settings: Settings, admin_key: str
+) -> None:
     body = flow_body(amount=42, reason="before the restart")
     first = await post_flow(client, "bonus", body)
     assert first.status_code == 201, first.text
+    short = flow_body(amount=5000)
+    refused = await post_flow(client, "spend", short)
+    assert_problem(refused, 422, "insufficient_funds")
 
-    restarted = create_app(settings)
-    async with (
-        restarted.router.lifespan_context(restarted),
-        httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=restarted), base_url="http://wallet.test"
-        ) as other_client,
-    ):
+    async with app_client(settings, key=admin_key) as other_client:
         assert_replay(await post_flow(other_client, "bonus", body), first)
+        assert_refusal_replay(await post_flow(other_client, "spend", short), refused)
         assert await balance_of(other_client, ALICE, "GOLD_COINS") == 1042
 
 

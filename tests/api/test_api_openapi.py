@@ -1,5 +1,6 @@
 """The OpenAPI document the service serves agrees with docs/API.md: the same endpoints, every
-documented answer, and API.md itself is the shared contract, byte for byte."""
+documented answer, the scope each needs, and docs/API.md carries the shared contract files
+(API.md, then API-operations.md, version 1.1) verbatim."""
 
 import re
 from collections.abc import AsyncIterator, Callable
@@ -21,26 +22,55 @@ from wallet.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 API_MD = REPO / "docs" / "API.md"
-SHARED_API_MD = REPO.parent / "shared" / "API.md"
-ENDPOINT_ROW = re.compile(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/api/v1/[^`]*)` \|", re.MULTILINE)
+# The shared contract files, in the order docs/API.md carries them, each verbatim.
+SHARED_CONTRACT = [REPO.parent / "shared" / "API.md", REPO.parent / "shared" / "API-operations.md"]
+METHOD = "GET|POST|PUT|PATCH|DELETE"
+# A row of an endpoints table (API.md's, and API-operations.md's keys table) ...
+ENDPOINT_ROW = re.compile(rf"^\| `({METHOD}) (/api/v1/[^`]*)` \|", re.MULTILINE)
+# ... and an endpoint API-operations.md gives in prose: "`GET /api/v1/health/ready` answers ...".
+ENDPOINT_IN_PROSE = re.compile(rf"`({METHOD}) (/api/v1/[^`]*)` answers ")
+# API-operations.md: every endpoint needs an API key but these.
+PUBLIC_ENDPOINTS = {("GET", "/api/v1/health"), ("GET", "/api/v1/health/ready")}
 LIST_PARAMETERS = {"limit", "cursor", "offset"}
 
 
 def documented_endpoints() -> set[tuple[str, str]]:
-    """The (method, path) rows of the endpoints table of API.md."""
-    return {(method, path) for method, path in ENDPOINT_ROW.findall(API_MD.read_text())}
+    """The (method, path) of every endpoint docs/API.md gives: its tables' rows, and the ones its
+    prose introduces."""
+    text = API_MD.read_text()
+    return set(ENDPOINT_ROW.findall(text)) | set(ENDPOINT_IN_PROSE.findall(text))
+
+
+def documented_scope(method: str, path: str) -> str | None:
+    """The scope API-operations.md's table gives an endpoint; None for a public one."""
+    if (method, path) in PUBLIC_ENDPOINTS:
+        return None
+    if path.startswith("/api/v1/keys"):
+        return "admin"
+    if method == "GET":
+        return "wallet:read"
+    if path == "/api/v1/users":
+        return "users:write"
+    return {"topup": "wallet:credit", "bonus": "wallet:credit", "spend": "wallet:debit"}[
+        path.rsplit("/", 1)[-1]
+    ]
 
 
 def documented_successes(method: str, path: str) -> set[int]:
-    """The success statuses API.md gives this endpoint: a flow answers 201, or 200 on a replay."""
+    """The success statuses the contract gives this endpoint: a flow answers 201, or 200 on a
+    replay; a revocation answers 204."""
     if method == "POST":
         return {200, 201} if path.startswith("/api/v1/wallet/") else {201}
+    if method == "DELETE":
+        return {204}
     return {200}
 
 
 def documented_errors(method: str, path: str) -> set[int]:
-    """The error statuses API.md gives this endpoint, from its conventions and tables."""
+    """The error statuses the contract gives this endpoint, from its conventions and tables."""
     statuses = {503}  # every request needs the database; health says so in plain JSON
+    if documented_scope(method, path) is not None:  # API-operations.md: the key and its budget
+        statuses |= {401, 403, 429}
     if method == "POST":  # a body: malformed, too large, not JSON, or breaking the rules
         statuses |= {400, 413, 415, 422}
     if "{userId}" in path:  # an unknown user, or an id that breaks the id rules
@@ -49,6 +79,10 @@ def documented_errors(method: str, path: str) -> set[int]:
         statuses |= {404, 409}  # an unknown user or asset; a reused key
     if path == "/api/v1/users":
         statuses |= {409} if method == "POST" else {422}  # user_exists; bad paging parameters
+    if path == "/api/v1/keys" and method == "GET":
+        statuses |= {422}  # bad paging parameters
+    if path == "/api/v1/keys/{keyId}":
+        statuses |= {404}  # key_not_found
     return statuses
 
 
@@ -99,6 +133,10 @@ def test_api_md_endpoints_table_is_read() -> None:
     assert ("GET", "/api/v1/health") in endpoints
     assert ("POST", "/api/v1/wallet/spend") in endpoints
     assert ("GET", "/api/v1/wallet/transactions/{userId}/{transactionId}") in endpoints
+    # API-operations.md's keys table, and the readiness its prose introduces.
+    assert {("POST", "/api/v1/keys"), ("GET", "/api/v1/keys")} <= endpoints
+    assert ("DELETE", "/api/v1/keys/{keyId}") in endpoints
+    assert ("GET", "/api/v1/health/ready") in endpoints
 
 
 async def test_openapi_paths_and_methods_are_the_endpoints_of_api_md(
@@ -115,12 +153,37 @@ async def test_openapi_documents_every_success_status_of_api_md(openapi: dict[st
     assert missing_statuses(openapi, documented_successes) == {}
 
 
+async def test_openapi_declares_the_scope_each_endpoint_needs(openapi: dict[str, Any]) -> None:
+    schemes = set(openapi["components"]["securitySchemes"])
+    for (method, path), operation in operations(openapi).items():
+        scope = documented_scope(method, path)
+        if scope is None:
+            assert operation["security"] == [], f"{method} {path}"
+            continue
+        assert operation["security"], f"{method} {path}"
+        for requirement in operation["security"]:
+            assert set(requirement) <= schemes, f"{method} {path}: {requirement}"
+            assert list(requirement.values()) == [[scope]], f"{method} {path}: {requirement}"
+        assert operation["x-required-scope"] == scope, f"{method} {path}"
+
+
+async def test_openapi_version_is_the_newest_contracts(openapi: dict[str, Any]) -> None:
+    versions = re.findall(
+        r"^# Wallet service HTTP API, version (\d+(?:\.\d+)*)", API_MD.read_text(), re.MULTILINE
+    )
+    assert versions, "docs/API.md names no contract version"
+    newest = [*versions[-1].split("."), "0", "0"][:3]  # 1.1 is 1.1.0
+    assert openapi["info"]["version"] == ".".join(newest)
+
+
 async def test_openapi_error_answers_are_problem_json(openapi: dict[str, Any]) -> None:
     schemas = openapi["components"]["schemas"]
-    assert {"type", "title", "status", "detail", "code"} <= set(schemas["Problem"]["properties"])
+    assert {"type", "title", "status", "detail", "code", "requestId"} <= set(
+        schemas["Problem"]["properties"]
+    )
     for (method, path), operation in operations(openapi).items():
         for status, response in operation["responses"].items():
-            if int(status) < 400 or path == "/api/v1/health":
+            if int(status) < 400 or (method, path) in PUBLIC_ENDPOINTS:  # plain JSON: below
                 continue
             content = response.get("content", {})
             assert PROBLEM_MEDIA_TYPE in content, f"{method} {path} {status}: {content}"
@@ -128,8 +191,9 @@ async def test_openapi_error_answers_are_problem_json(openapi: dict[str, Any]) -
             assert schema == {"$ref": "#/components/schemas/Problem"}, f"{method} {path}"
 
 
-async def test_openapi_health_unavailable_is_plain_json(openapi: dict[str, Any]) -> None:
-    unavailable = openapi["paths"]["/api/v1/health"]["get"]["responses"]["503"]
+@pytest.mark.parametrize("path", ["/api/v1/health", "/api/v1/health/ready"])
+async def test_openapi_health_unavailable_is_plain_json(openapi: dict[str, Any], path: str) -> None:
+    unavailable = openapi["paths"][path]["get"]["responses"]["503"]
 
     assert set(unavailable["content"]) == {"application/json"}
 
@@ -159,6 +223,7 @@ async def test_openapi_lists_take_the_documented_query_parameters(
 ) -> None:
     expected = {
         "/api/v1/users": LIST_PARAMETERS,
+        "/api/v1/keys": LIST_PARAMETERS,
         "/api/v1/wallet/transactions/{userId}": LIST_PARAMETERS | {"type", "assetSymbol"},
         "/api/v1/wallet/ledger/{userId}": LIST_PARAMETERS | {"assetSymbol"},
     }
@@ -183,6 +248,32 @@ async def test_openapi_describes_transactions_and_entries_with_their_documented_
     assert set(schemas["EntryOut"]["properties"]) == ENTRY_FIELDS
 
 
+async def test_openapi_describes_the_key_endpoints_bodies_as_documented(
+    openapi: dict[str, Any],
+) -> None:
+    schemas = openapi["components"]["schemas"]
+
+    def schema_of(content: dict[str, Any]) -> dict[str, Any]:
+        found: dict[str, Any] = schemas[
+            content["application/json"]["schema"]["$ref"].rsplit("/")[-1]
+        ]
+        return found
+
+    create = openapi["paths"]["/api/v1/keys"]["post"]
+    asked = schema_of(create["requestBody"]["content"])
+    assert set(asked["properties"]) == {"label", "scopes", "readsPerSecond", "writesPerSecond"}
+    assert set(asked["required"]) == {"label", "scopes"}
+    created = schema_of(create["responses"]["201"]["content"])
+    assert set(created["properties"]) == {
+        *("keyId", "key", "label", "scopes"),
+        *("readsPerSecond", "writesPerSecond", "createdAt"),
+    }
+    listed = schema_of(openapi["paths"]["/api/v1/keys"]["get"]["responses"]["200"]["content"])
+    item = schemas[listed["properties"]["items"]["items"]["$ref"].rsplit("/")[-1]]
+    assert "key" not in item["properties"]  # never the secret again
+    assert "revokedAt" in item["properties"]
+
+
 async def test_interactive_docs_are_served(docs_client: httpx.AsyncClient) -> None:
     response = await docs_client.get("/docs")
 
@@ -191,7 +282,13 @@ async def test_interactive_docs_are_served(docs_client: httpx.AsyncClient) -> No
     assert "/openapi.json" in response.text
 
 
-def test_api_md_is_the_shared_contract_byte_for_byte() -> None:
-    if not SHARED_API_MD.exists():
-        pytest.skip(f"no shared contract at {SHARED_API_MD} to compare docs/API.md with")
-    assert API_MD.read_bytes() == SHARED_API_MD.read_bytes()
+def test_api_md_carries_each_shared_contract_file_verbatim_in_order() -> None:
+    for shared in SHARED_CONTRACT:
+        if not shared.exists():
+            pytest.skip(f"no shared contract at {shared} to compare docs/API.md with")
+    text = API_MD.read_bytes()
+    end = 0
+    for shared in SHARED_CONTRACT:
+        start = text.find(shared.read_bytes(), end)
+        assert start >= 0, f"docs/API.md does not carry {shared} verbatim (after the one before)"
+        end = start + len(shared.read_bytes())

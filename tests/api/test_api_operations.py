@@ -14,7 +14,7 @@ from api_checks import ALICE, API, assert_problem, flow_body, post_flow
 from pydantic import SecretStr
 from sqlalchemy import Connection
 
-from conftest import app_client, bearer
+from app_clients import app_client, bearer
 from wallet.settings import Settings
 from wallet.store.database import Database, create_engine
 from wallet.store.migrate import alembic_config

@@ -12,7 +12,7 @@ import redis
 from api_checks import ALICE, API, assert_problem, flow_body, post_flow
 from pydantic import SecretStr
 
-from conftest import app_client, bearer, create_key
+from app_clients import app_client, bearer, create_key
 from wallet.domain.access import Scope
 from wallet.http.rate_limits import WINDOW_S
 from wallet.settings import Settings

@@ -223,7 +223,8 @@ async def test_transactions_are_listed_newest_first_as_transactions(
     assert items[: len(created)] == created[::-1]
     transaction_ids = [item["transactionId"] for item in items]
     assert transaction_ids == sorted(set(transaction_ids), reverse=True)  # distinct, sortable
-    for item in items:
+    client_key_id = (await get_ok(client, f"{API}/keys"))["items"][0]["keyId"]  # the newest
+    for index, item in enumerate(items):
         assert_transaction(
             item,
             flow=item["type"],
@@ -231,6 +232,8 @@ async def test_transactions_are_listed_newest_first_as_transactions(
             amount=item["amount"],
             balance_after=item["balanceAfter"],
             key=item["idempotencyKey"],
+            # The client's key made the history; the seed's top-ups were made by no key.
+            created_by=client_key_id if index < len(created) else None,
             free_text=item[FREE_TEXT_FIELD[item["type"]]],
         )
     assert [item["type"] for item in items[len(created) :]] == ["topup"] * 3

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from api_checks import ALICE, API, assert_problem, flow_body, new_key, post_flow
 
-from conftest import app_client
+from app_clients import app_client
 from wallet.domain.ledger import Command, Flow, Posted, UserId
 from wallet.service.posting import post
 from wallet.settings import Settings

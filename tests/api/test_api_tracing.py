@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from conftest import app_client, bearer
+from app_clients import app_client, bearer
 from wallet.http.app import create_app
 from wallet.http.tracing import OpenTelemetryMiddleware
 from wallet.settings import Settings

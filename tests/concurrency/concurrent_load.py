@@ -25,7 +25,7 @@ import httpx
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from conftest import bearer
+from app_clients import bearer
 from wallet.http.app import create_app
 from wallet.service.audit import verify
 from wallet.settings import Settings

@@ -30,7 +30,7 @@ from concurrent_load import (
     without_request_id,
 )
 
-from conftest import create_key
+from app_clients import create_key
 from wallet.service.seed import ALICE
 from wallet.settings import Settings
 

@@ -20,7 +20,7 @@ from concurrent_load import (
     send,
 )
 
-from conftest import create_key
+from app_clients import create_key
 from wallet.service.seed import ALICE
 from wallet.settings import Settings
 

@@ -30,7 +30,7 @@ from concurrent_load import (
 )
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from conftest import bearer, create_key
+from app_clients import bearer, create_key
 from wallet.store.tables import transactions
 
 pytestmark = [pytest.mark.postgres_only, pytest.mark.timeout(240)]

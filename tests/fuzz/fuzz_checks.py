@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import httpx
 import sqlalchemy as sa
 
-from conftest import bearer
+from app_clients import bearer
 from wallet.http.app import create_app
 from wallet.service.audit import verify
 from wallet.settings import Settings

@@ -86,6 +86,27 @@ def ledger_state(database: Database) -> Callable[[], Awaitable[LedgerState]]:
     return read
 
 
+StoredRefusal = tuple[str, str, str]  # the request's fingerprint, the refusal's code and detail
+
+
+@pytest.fixture
+def stored_refusal(sql: Sql) -> Callable[[str], Awaitable[StoredRefusal | None]]:
+    """What an idempotency key holds of a refusal the ledger gave (API-operations.md: a refusal
+    is final); None when the key is free, or holds a transaction instead."""
+
+    async def read(key: str) -> StoredRefusal | None:
+        rows = await sql(
+            sa.select(
+                idempotency_keys.c.request_fingerprint,
+                idempotency_keys.c.refusal_code,
+                idempotency_keys.c.refusal_detail,
+            ).where(idempotency_keys.c.key == key, idempotency_keys.c.refusal_code.is_not(None))
+        )
+        return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+    return read
+
+
 @pytest.fixture
 def account_balance(sql: Sql) -> Callable[..., Awaitable[int]]:
     """The stored balance of any account, system accounts included; 0 without a row."""

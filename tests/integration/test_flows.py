@@ -1,19 +1,29 @@
 """Each flow through Wallet.execute: which accounts move, the two entries it writes, and the
-errors that stop it without changing anything."""
+errors that stop it without moving anything: a refusal the ledger's state gave is kept under
+its idempotency key and replayed (API-operations.md); one made before the ledger looked keeps
+nothing."""
 
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 
-from wallet.domain.errors import BalanceLimitExceeded, InsufficientFunds, UnknownAsset, UnknownUser
-from wallet.domain.ledger import MAX_BALANCE, MIN_BALANCE, Direction, Flow, SystemAccount
+from wallet.domain.errors import (
+    BalanceLimitExceeded,
+    IdempotencyKeyReused,
+    InsufficientFunds,
+    Refusal,
+    UnknownAsset,
+    UnknownUser,
+)
+from wallet.domain.ledger import MAX_BALANCE, MIN_BALANCE, Command, Direction, Flow, SystemAccount
 from wallet.service.seed import ALICE, BOB
 from wallet.service.wallet import Wallet
 
 MakeCommand = Callable[..., Any]
 AccountBalance = Callable[..., Awaitable[int]]
 ReadState = Callable[[], Awaitable[dict[str, Any]]]
+StoredRefusal = Callable[[str], Awaitable[tuple[str, str, str] | None]]
 
 TREASURY = SystemAccount.TREASURY
 BONUS_POOL = SystemAccount.BONUS_POOL
@@ -28,6 +38,22 @@ async def set_gold_balance(sql: Callable[..., Awaitable[Any]], account: str, val
         value=value,
         account=account,
     )
+
+
+async def assert_only_the_refusal_was_kept(
+    ledger_state: ReadState,
+    stored_refusal: StoredRefusal,
+    before: dict[str, Any],
+    command: Command,
+    refusal: Refusal,
+) -> None:
+    """Nothing moved, and the command's key now holds its refusal (and its request)."""
+    key = command.idempotency_key
+    assert await ledger_state() == {
+        **before,
+        "idempotency_keys": before["idempotency_keys"] | {key},
+    }
+    assert await stored_refusal(key) == (command.fingerprint(), refusal.code, refusal.detail)
 
 
 @pytest.mark.parametrize(
@@ -141,13 +167,31 @@ async def test_spend_of_the_whole_balance_leaves_zero(
     assert await wallet.balance(user_id=ALICE, asset_symbol="GOLD_COINS") == 0
 
 
-async def test_spend_beyond_the_balance_raises_insufficient_funds_and_changes_nothing(
-    wallet: Wallet, make_command: MakeCommand, ledger_state: ReadState
+async def test_spend_beyond_the_balance_raises_insufficient_funds_and_keeps_the_refusal(
+    wallet: Wallet,
+    make_command: MakeCommand,
+    ledger_state: ReadState,
+    stored_refusal: StoredRefusal,
 ) -> None:
     before = await ledger_state()
-    with pytest.raises(InsufficientFunds):
-        await wallet.execute(make_command(Flow.SPEND, 1001))
-    assert await ledger_state() == before
+    command = make_command(Flow.SPEND, 1001)
+    with pytest.raises(InsufficientFunds) as refused:
+        await wallet.execute(command)
+
+    assert refused.value.is_replay is False
+    await assert_only_the_refusal_was_kept(
+        ledger_state, stored_refusal, before, command, refused.value
+    )
+    # Final: once Alice could pay, the same request still gets the same refusal, and moves
+    # nothing; another request with the key is refused as a reuse.
+    await wallet.execute(make_command(Flow.TOPUP, 1))
+    with pytest.raises(InsufficientFunds) as replayed:
+        await wallet.execute(command)
+    assert replayed.value.is_replay is True
+    assert replayed.value.detail == refused.value.detail
+    with pytest.raises(IdempotencyKeyReused):
+        await wallet.execute(make_command(Flow.SPEND, 1000, key=command.idempotency_key))
+    assert await wallet.balance(user_id=ALICE, asset_symbol="GOLD_COINS") == 1001
 
 
 @pytest.mark.parametrize(
@@ -170,33 +214,55 @@ async def test_a_flow_on_an_unknown_user_or_asset_is_refused_and_changes_nothing
     before = await ledger_state()
     with pytest.raises(error):
         await wallet.execute(make_command(flow, 1, **changes))
+    # The key too stays free: refused before the ledger looked.
     assert await ledger_state() == before
 
 
-async def test_a_topup_past_the_64_bit_maximum_is_refused_and_changes_nothing(
+async def test_a_topup_past_the_64_bit_maximum_is_refused_and_keeps_the_refusal(
     wallet: Wallet,
     make_command: MakeCommand,
     ledger_state: ReadState,
+    stored_refusal: StoredRefusal,
     sql: Callable[..., Awaitable[Any]],
 ) -> None:
     await set_gold_balance(sql, ALICE, MAX_BALANCE - 5)
     before = await ledger_state()
-    with pytest.raises(BalanceLimitExceeded):
-        await wallet.execute(make_command(Flow.TOPUP, 10))
-    assert await ledger_state() == before
+    command = make_command(Flow.TOPUP, 10)
+    with pytest.raises(BalanceLimitExceeded) as refused:
+        await wallet.execute(command)
+
+    assert refused.value.is_replay is False
+    await assert_only_the_refusal_was_kept(
+        ledger_state, stored_refusal, before, command, refused.value
+    )
+    await set_gold_balance(sql, ALICE, 1000)  # room again: the refusal stands all the same
+    with pytest.raises(BalanceLimitExceeded) as replayed:
+        await wallet.execute(command)
+    assert replayed.value.is_replay is True
+    assert replayed.value.detail == refused.value.detail
+    assert await wallet.balance(user_id=ALICE, asset_symbol="GOLD_COINS") == 1000
 
 
 async def test_a_topup_taking_the_treasury_past_the_64_bit_minimum_is_refused(
     wallet: Wallet,
     make_command: MakeCommand,
     ledger_state: ReadState,
+    stored_refusal: StoredRefusal,
     sql: Callable[..., Awaitable[Any]],
 ) -> None:
     await set_gold_balance(sql, TREASURY, MIN_BALANCE + 5)
     before = await ledger_state()
-    with pytest.raises(BalanceLimitExceeded):
-        await wallet.execute(make_command(Flow.TOPUP, 10))
-    assert await ledger_state() == before
+    command = make_command(Flow.TOPUP, 10)
+    with pytest.raises(BalanceLimitExceeded) as refused:
+        await wallet.execute(command)
+
+    assert refused.value.is_replay is False
+    await assert_only_the_refusal_was_kept(
+        ledger_state, stored_refusal, before, command, refused.value
+    )
+    with pytest.raises(BalanceLimitExceeded) as replayed:
+        await wallet.execute(command)
+    assert replayed.value.is_replay is True
 
 
 async def test_a_balance_may_reach_the_64_bit_maximum_exactly(

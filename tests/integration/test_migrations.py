@@ -10,7 +10,7 @@ from wallet.service.audit import verify
 from wallet.service.seed import ALICE, seed
 from wallet.settings import Settings
 from wallet.store.database import Database, create_engine
-from wallet.store.migrate import alembic_config, migrate
+from wallet.store.migrate import alembic_config, head_revision, migrate
 
 
 async def test_the_hash_chain_migration_links_the_entries_already_stored(tmp_path: Path) -> None:
@@ -53,8 +53,15 @@ async def test_the_hash_chain_migration_links_the_entries_already_stored(tmp_pat
         ):
             await connection.execute(sa.text(statement), {"alice": ALICE})
 
-    await migrate(database)
+    assert await migrate(database) == ("0001", head_revision())
     assert all(check.is_clean for check in await verify(database))
+    async with database.transaction(is_write=False) as connection:
+        made_by = await connection.execute(sa.text("SELECT created_by FROM transactions"))
+        assert list(made_by.scalars()) == [None, None]  # made before there were API keys
+        kept = await connection.execute(
+            sa.text("SELECT key FROM idempotency_keys WHERE refusal_code IS NULL ORDER BY key")
+        )
+        assert list(kept.scalars()) == ["k1", "k2"]  # the keys of postings, holding no refusal
     # The service carries on from the migrated chains.
     await seed(database)
     assert all(check.is_clean for check in await verify(database))

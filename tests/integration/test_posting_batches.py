@@ -1,5 +1,6 @@
 """The posting engine on batches: commands apply in arrival order in one database transaction,
-each failure fails alone, and idempotency keys hold within a batch and across batches."""
+each failure fails alone, and idempotency keys hold within a batch and across batches, for the
+refusals the ledger's state gives as for postings (API-operations.md: a refusal is final)."""
 
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -21,11 +22,17 @@ from wallet.store.database import Database
 
 MakeCommand = Callable[..., Any]
 ReadState = Callable[[], Awaitable[dict[str, Any]]]
+StoredRefusal = Callable[[str], Awaitable[tuple[str, str, str] | None]]
 SEED_KEY = f"seed:{ALICE}:GOLD_COINS"
 
 
 def posted(outcome: Outcome) -> Posted:
     assert isinstance(outcome, Posted), f"expected a posting, got {outcome!r}"
+    return outcome
+
+
+def short_of_funds(outcome: Outcome) -> InsufficientFunds:
+    assert isinstance(outcome, InsufficientFunds), f"expected insufficient funds, got {outcome!r}"
     return outcome
 
 
@@ -40,7 +47,11 @@ async def test_an_empty_batch_does_nothing(database: Database, ledger_state: Rea
 
 
 async def test_each_failure_in_a_batch_fails_alone_and_the_others_apply(
-    database: Database, wallet: Wallet, make_command: MakeCommand, ledger_state: ReadState
+    database: Database,
+    wallet: Wallet,
+    make_command: MakeCommand,
+    ledger_state: ReadState,
+    stored_refusal: StoredRefusal,
 ) -> None:
     before = await ledger_state()
     commands = [
@@ -72,10 +83,19 @@ async def test_each_failure_in_a_batch_fails_alone_and_the_others_apply(
         posted(outcomes[5]).transaction.id,
     }
     assert len(after["entries"] - before["entries"]) == 4
+    # The refusal keeps its key, as the postings do; the unknown user and asset keep nothing.
     assert after["idempotency_keys"] - before["idempotency_keys"] == {
         commands[0].idempotency_key,
+        commands[1].idempotency_key,
         commands[5].idempotency_key,
     }
+    refusal = short_of_funds(outcomes[1])
+    assert refusal.is_replay is False
+    assert await stored_refusal(commands[1].idempotency_key) == (
+        commands[1].fingerprint(),
+        "insufficient_funds",
+        refusal.detail,
+    )
 
 
 async def test_commands_on_one_user_apply_in_arrival_order(
@@ -150,44 +170,47 @@ async def test_the_same_key_for_a_different_request_in_a_batch_is_refused(
     assert await gold(wallet) == 900
 
 
-async def test_a_key_whose_first_use_in_a_batch_failed_may_succeed_later_in_it(
+async def test_a_key_whose_first_use_in_a_batch_was_refused_stays_the_refusals_later_in_it(
     database: Database, wallet: Wallet, make_command: MakeCommand
 ) -> None:
-    failed, fits = await post(
+    refused, fits = await post(
         database,
         [make_command(Flow.SPEND, 1500, key="k-1"), make_command(Flow.SPEND, 100, key="k-1")],
     )
 
-    assert isinstance(failed, InsufficientFunds)
-    assert posted(fits).is_replay is False
-    assert posted(fits).transaction.amount == 100
-    assert await gold(wallet) == 900
-    # The key now belongs to the request that applied.
+    assert short_of_funds(refused).is_replay is False
+    assert isinstance(fits, IdempotencyKeyReused)
+    assert await gold(wallet) == 1000
+    # The key belongs to the refused request, in later calls too.
     (again,) = await post(database, [make_command(Flow.SPEND, 1500, key="k-1")])
-    assert isinstance(again, IdempotencyKeyReused)
+    assert short_of_funds(again).is_replay is True
+    assert short_of_funds(again).detail == short_of_funds(refused).detail
+    (other,) = await post(database, [make_command(Flow.SPEND, 100, key="k-1")])
+    assert isinstance(other, IdempotencyKeyReused)
+    assert await gold(wallet) == 1000
 
 
-async def test_a_key_may_retry_the_same_failed_request_once_a_topup_in_the_batch_funds_it(
+async def test_a_refused_request_retried_once_a_topup_in_the_batch_funds_it_is_refused_again(
     database: Database, wallet: Wallet, make_command: MakeCommand
 ) -> None:
     spend = make_command(Flow.SPEND, 1500, key="k-1")
     outcomes = await post(database, [spend, make_command(Flow.TOPUP, 600), spend])
 
-    assert isinstance(outcomes[0], InsufficientFunds)
-    assert posted(outcomes[2]).is_replay is False
-    assert posted(outcomes[2]).transaction.balance_after == 100
-    assert await gold(wallet) == 100
+    assert short_of_funds(outcomes[0]).is_replay is False
+    assert posted(outcomes[1]).transaction.balance_after == 1600
+    assert short_of_funds(outcomes[2]).is_replay is True
+    assert short_of_funds(outcomes[2]).detail == short_of_funds(outcomes[0]).detail
+    assert await gold(wallet) == 1600
 
 
 @pytest.mark.parametrize(
     "failing",
     [
-        pytest.param({"amount": 5000}, id="insufficient-funds"),
         pytest.param({"user_id": "nobody"}, id="unknown-user"),
         pytest.param({"asset": "SILVER"}, id="unknown-asset"),
     ],
 )
-async def test_a_failed_command_records_no_key_and_the_key_works_in_a_later_call(
+async def test_a_command_failed_before_the_ledger_looked_records_no_key_and_the_key_works_later(
     database: Database,
     wallet: Wallet,
     make_command: MakeCommand,
@@ -204,6 +227,38 @@ async def test_a_failed_command_records_no_key_and_the_key_works_in_a_later_call
     (later,) = await post(database, [make_command(Flow.SPEND, 100, key="k-1")])
     assert posted(later).is_replay is False
     assert await gold(wallet) == 900
+
+
+async def test_a_refused_command_keeps_its_key_with_the_refusal_in_later_calls(
+    database: Database,
+    wallet: Wallet,
+    make_command: MakeCommand,
+    ledger_state: ReadState,
+    stored_refusal: StoredRefusal,
+) -> None:
+    before = await ledger_state()
+    refused_command = make_command(Flow.SPEND, 5000, key="k-1")
+    (refused,) = await post(database, [refused_command])
+
+    assert short_of_funds(refused).is_replay is False
+    assert await ledger_state() == {
+        **before,
+        "idempotency_keys": before["idempotency_keys"] | {"k-1"},
+    }
+    assert await stored_refusal("k-1") == (
+        refused_command.fingerprint(),
+        "insufficient_funds",
+        short_of_funds(refused).detail,
+    )
+
+    await wallet.execute(make_command(Flow.TOPUP, 4000))  # Alice could pay it now
+    (replayed,) = await post(database, [make_command(Flow.SPEND, 5000, key="k-1")])
+    (other,) = await post(database, [make_command(Flow.SPEND, 100, key="k-1")])
+
+    assert short_of_funds(replayed).is_replay is True
+    assert short_of_funds(replayed).detail == short_of_funds(refused).detail
+    assert isinstance(other, IdempotencyKeyReused)
+    assert await gold(wallet) == 5000
 
 
 async def test_a_replay_in_a_later_call_returns_the_stored_transaction(

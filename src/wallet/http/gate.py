@@ -24,7 +24,7 @@ from wallet.domain.errors import (
     Unauthenticated,
     WalletError,
 )
-from wallet.http.errors import REQUEST_ID, wallet_problem
+from wallet.http.errors import REQUEST_ID, unexpected_problem, wallet_problem
 from wallet.http.rate_limits import RateLimits
 from wallet.service.access import Access
 
@@ -145,10 +145,9 @@ class Gate:
 
         template, needed = self._route(scope)
         scope[ROUTE_KEY] = template
-        key: ApiKey | None = None
         try:
             if needed is not None:
-                key = await self._admit(scope, headers, needed, answer_headers)
+                await self._admit(scope, headers, needed, answer_headers)
             async with asyncio.timeout(self.timeout_s):
                 await self.app(scope, receive, send_with_headers)
         except WalletError as refusal:
@@ -160,6 +159,9 @@ class Gate:
                     "same idempotency key gives the definite answer"
                 )
                 await wallet_problem(timeout)(scope, receive, send_with_headers)
+        except Exception as error:  # a defect: answered here, so the 500 carries the request id
+            if not is_started:
+                await unexpected_problem(error)(scope, receive, send_with_headers)
         finally:
             elapsed = time.perf_counter() - started
             method = scope["method"]
@@ -171,7 +173,7 @@ class Gate:
                 route=template,
                 status=status,
                 latency_ms=round(elapsed * 1000, 3),
-                key_id=key.id if key else None,
+                key_id=key.id if (key := api_key_of(scope)) else None,
             )
             structlog.contextvars.unbind_contextvars("request_id")
             REQUEST_ID.reset(request_id_token)
@@ -194,20 +196,21 @@ class Gate:
         headers: dict[bytes, bytes],
         needed: KeyScope,
         answer_headers: list[tuple[bytes, bytes]],
-    ) -> ApiKey | None:
-        """The request's key, having checked its scope and taken one request from its budget;
-        None when auth is disabled. Raises the refusal otherwise."""
+    ) -> None:
+        """Find the request's key (kept in the scope for the route and the log line), check its
+        scope and take one request from its budget; raise the refusal if any. With auth
+        disabled, let the request through."""
         if self.is_auth_disabled:
             log.warning("auth disabled: request let through without a key")
-            return None
+            return
         try:
             key = await self.access().authenticate(_presented_key(headers))
+            scope.setdefault("state", {})["api_key"] = key
             if not key.allows(needed):
                 raise InsufficientScope(f"this route needs the scope {needed.value}")
         except (Unauthenticated, InsufficientScope) as refusal:
             metrics.AUTH_FAILURES.labels(refusal.code).inc()
             raise
-        scope.setdefault("state", {})["api_key"] = key
         is_read = scope["method"] in READ_METHODS
         verdict = await self.rate_limits().spend(
             key_id=key.id,
@@ -221,7 +224,6 @@ class Gate:
                 raise RateLimited(
                     f"over the key's {verdict.budget} budget; retry in {verdict.reset_s} s"
                 )
-        return key
 
 
 def _request_id(presented: bytes | None) -> str:
