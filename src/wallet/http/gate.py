@@ -141,6 +141,8 @@ class Gate:
             if message["type"] == "http.response.start":
                 status, is_started = message["status"], True
                 message["headers"] = [*message.get("headers", ()), *answer_headers]
+                if status == 405:
+                    message["headers"] = self._with_allow(scope, message["headers"])
             await send(message)
 
         template, needed = self._route(scope)
@@ -189,6 +191,27 @@ class Gate:
             if match is Match.FULL:
                 return (route.path if isinstance(route, Route) else UNROUTED), needed
         return UNROUTED, None
+
+    def _with_allow(
+        self, scope: Scope, headers: list[tuple[bytes, bytes]]
+    ) -> list[tuple[bytes, bytes]]:
+        """`headers` of a 405 with an Allow header that lists every method of the path (RFC 9110
+        15.5.6). The router answers with the methods of the first route of the path alone, and
+        the API has one route per method: GET and POST /keys are two."""
+        methods = sorted(
+            {
+                method
+                for route, _ in self.routes
+                if isinstance(route, Route) and route.matches(scope)[0] is Match.PARTIAL
+                for method in route.methods or ()
+            }
+        )
+        if not methods:
+            return headers
+        return [
+            *((name, value) for name, value in headers if name.lower() != b"allow"),
+            (b"allow", ", ".join(methods).encode()),
+        ]
 
     async def _admit(
         self,

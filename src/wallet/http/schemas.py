@@ -5,7 +5,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from wallet.domain.access import Scope
 from wallet.domain.ledger import MAX_AMOUNT, SYSTEM_PREFIX
@@ -33,13 +33,35 @@ def _small_metadata(value: dict[str, str]) -> dict[str, str]:
 
 
 UserIdText = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=ID_PATTERN)]
-NewUserId = Annotated[UserIdText, AfterValidator(_not_system)]
+# The document states the system prefix rule in the pattern itself (a look-ahead, which JSON
+# Schema's ECMA 262 patterns have and the validator's regex engine has not: it checks the prefix
+# in _not_system), so that the pattern shown is exactly what is accepted.
+NEW_USER_ID_PATTERN = rf"^(?!{SYSTEM_PREFIX}){ID_PATTERN[1:]}"
+NewUserId = Annotated[
+    UserIdText,
+    AfterValidator(_not_system),
+    WithJsonSchema(
+        {"type": "string", "minLength": 1, "maxLength": 64, "pattern": NEW_USER_ID_PATTERN}
+    ),
+]
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
 AssetSymbol = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=NO_NUL_PATTERN)]
 Amount = Annotated[int, Field(strict=True, ge=1, le=MAX_AMOUNT, description="Smallest units.")]
 FreeText = Annotated[str, StringConstraints(max_length=500, pattern=NO_NUL_PATTERN)]
 MetadataText = Annotated[str, StringConstraints(pattern=NO_NUL_PATTERN)]
-Metadata = Annotated[dict[MetadataText, MetadataText], AfterValidator(_small_metadata)]
+# Stated as propertyNames and additionalProperties: the patternProperties the framework would
+# write leave a key with NUL to "anything goes", which the service refuses.
+Metadata = Annotated[
+    dict[MetadataText, MetadataText],
+    AfterValidator(_small_metadata),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "propertyNames": {"pattern": NO_NUL_PATTERN},
+            "additionalProperties": {"type": "string", "pattern": NO_NUL_PATTERN},
+        }
+    ),
+]
 
 
 class Strict(BaseModel):

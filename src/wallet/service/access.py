@@ -2,6 +2,7 @@
 short in-process cache, so a request pays microseconds for auth rather than a round trip while
 a revocation still reaches every worker within CACHE_TTL_S."""
 
+import asyncio
 import time
 from datetime import UTC, datetime
 
@@ -26,6 +27,9 @@ class Access:
         self.default_reads_per_second = default_reads_per_second
         self.default_writes_per_second = default_writes_per_second
         self._cache: dict[str, tuple[float, ApiKey | None]] = {}
+        # One look-up per key at a time: when an entry expires under load, the requests that
+        # find it expired share one round trip instead of each making their own.
+        self._looking_up: dict[str, asyncio.Future[tuple[float, ApiKey | None]]] = {}
 
     async def create_key(
         self,
@@ -84,21 +88,30 @@ class Access:
         if KEY_PATTERN.fullmatch(secret) is None:
             raise Unauthenticated("the API key is not one this service issued")
         key_hash = digest(secret)
-        now = time.monotonic()
         cached = self._cache.get(key_hash)
-        if cached is None or cached[0] <= now:
-            async with self.database.transaction(is_write=False) as connection:
-                found = await queries.find_api_key(connection, key_hash)
-            if len(self._cache) >= CACHE_MAX_ENTRIES:
-                self._cache.clear()
-            cached = (now + CACHE_TTL_S, found)
-            self._cache[key_hash] = cached
+        if cached is None or cached[0] <= time.monotonic():
+            looking_up = self._looking_up.get(key_hash)
+            if looking_up is None:
+                looking_up = asyncio.ensure_future(self._look_up(key_hash))
+                self._looking_up[key_hash] = looking_up
+                looking_up.add_done_callback(lambda _: self._looking_up.pop(key_hash, None))
+            # Shielded: a caller that gives up does not cancel the others' look-up.
+            cached = await asyncio.shield(looking_up)
         key = cached[1]
         if key is None:
             raise Unauthenticated("the API key is not one this service issued")
         if key.revoked_at is not None:
             raise Unauthenticated("the API key was revoked")
         return key
+
+    async def _look_up(self, key_hash: str) -> tuple[float, ApiKey | None]:
+        started = time.monotonic()
+        async with self.database.transaction(is_write=False) as connection:
+            found = await queries.find_api_key(connection, key_hash)
+        if len(self._cache) >= CACHE_MAX_ENTRIES:
+            self._cache.clear()
+        self._cache[key_hash] = (started + CACHE_TTL_S, found)
+        return self._cache[key_hash]
 
 
 def _or_default(value: int | None, default: int) -> int:

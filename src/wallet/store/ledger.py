@@ -139,6 +139,8 @@ async def stored_requests(
     stored: dict[str, tuple[str, Transaction | Refusal]] = {
         row.idempotency_key: (row.request_fingerprint, to_transaction(row)) for row in rows
     }
+    if not keys - stored.keys():
+        return stored
     refusals = await connection.execute(
         sa.select(idempotency_keys).where(
             idempotency_keys.c.key.in_(keys - stored.keys()),
