@@ -243,3 +243,14 @@ async def test_the_cursors_the_service_makes_are_what_its_document_declares(
         cursor = (await client.get(path, params={"limit": 1})).json()["nextCursor"]
         assert pattern.fullmatch(cursor), (path, cursor)
         assert (await client.get(path, params={"limit": 1, "cursor": cursor})).status_code == 200
+
+
+async def test_a_405_names_every_method_of_its_path(client: httpx.AsyncClient) -> None:
+    for method, path, allowed in (
+        ("OPTIONS", f"{API}/keys", "GET, POST"),
+        ("PATCH", f"{API}/users", "GET, POST"),
+        ("PUT", f"{API}/keys/some-key", "DELETE"),
+    ):
+        response = await client.request(method, path)
+        assert_problem(response, 405, "method_not_allowed")
+        assert response.headers["allow"] == allowed, (method, path)

@@ -11,8 +11,8 @@ A request the document admits may still be refused by a rule the document cannot
 larger than the balance, cursor together with offset, an id nobody has). REFUSALS lists each such
 rule, per operation and status; schemathesis is told those statuses are expected there, and this
 test then holds every such answer to the rule's own `code` (and, for validation errors, its
-fields), so an exemption covers its rule and nothing else. The README's fuzz section repeats the
-list with the reasons.
+fields and messages), so an exemption covers its rule and nothing else. Each rule's `why` says
+why the document cannot state it. Without a key the only such answer is 401.
 
 schemathesis' pytest loader (`schemathesis.pytest.from_fixture`) cannot run under pytest 9.2 (it
 reads `Function._nodeid`, which pytest removed), so the test drives schemathesis' own engine, the
@@ -25,7 +25,7 @@ import json
 import os
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ import schemathesis
 from fuzz_checks import ALICE, API, ASSETS, BOB, app_client, ledger_state
 from hypothesis import strategies as st
 from schemathesis.checks import CHECKS as REGISTERED_CHECKS
+from schemathesis.core.parameters import ParameterLocation
 from schemathesis.engine import Status, StopReason, events, from_schema
 from schemathesis.engine.recorder import Interaction, ScenarioRecorder
 from schemathesis.generation.case import Case
@@ -149,6 +150,12 @@ def integral_float(*fields: str) -> Refusal:
     )
 
 
+METADATA_OVER_4_KIB = Refusal(
+    422,
+    "validation_error",
+    "metadata over 4 KiB as JSON (no schema keyword bounds the size of an object)",
+    errors=frozenset({("metadata", "Value error, metadata is larger than 4096 bytes")}),
+)
 FLOW_REFUSALS = (
     USER_NOT_FOUND,
     ASSET_NOT_FOUND,
@@ -166,7 +173,7 @@ REFUSALS: dict[str, tuple[Refusal, ...]] = {
     f"GET {API}/users": (CURSOR_WITH_OFFSET,),
     f"POST {API}/users": (USER_EXISTS,),
     f"GET {API}/users/{{userId}}": (USER_NOT_FOUND,),
-    f"POST {API}/wallet/topup": FLOW_REFUSALS,
+    f"POST {API}/wallet/topup": (*FLOW_REFUSALS, METADATA_OVER_4_KIB),
     f"POST {API}/wallet/bonus": FLOW_REFUSALS,
     f"POST {API}/wallet/spend": (*FLOW_REFUSALS, INSUFFICIENT_FUNDS),
     f"GET {API}/wallet/balance/{{userId}}/{{assetSymbol}}": (USER_NOT_FOUND, ASSET_NOT_FOUND),
@@ -261,7 +268,10 @@ class FuzzRun:
     stop_reason: StopReason | None = None
 
     def record(
-        self, phase: str, recorder: ScenarioRecorder, judge: Callable[[Case, Interaction], str]
+        self,
+        phase: str,
+        recorder: ScenarioRecorder,
+        judge: Callable[[Case, Interaction], Refusal | str | None],
     ) -> None:
         for case_id, node in recorder.cases.items():
             label = node.value.operation.label
@@ -277,7 +287,9 @@ class FuzzRun:
             if any(result.name == "positive_data_acceptance" for result in results):
                 # Schema-valid data refused with a status the config let through: by its rule?
                 verdict = judge(node.value, interaction)
-                if verdict:
+                if isinstance(verdict, Refusal):
+                    self.refusals[label, verdict.status, verdict.why] += 1
+                elif verdict is not None:
                     self.failures.append(verdict)
         for case_id, results in recorder.checks.items():
             for result in results:
@@ -309,16 +321,14 @@ def describe_interaction(interaction: Interaction) -> str:
     answer = "no response" if response is None else f"{response.status_code} "
     if response is not None:
         answer += f"{response.headers.get('content-type')} {response.content[:2000]!r}"
-    return (
-        f"  request: {request.method} {request.uri} {headers} {sent!r}\n  response: {answer}"
-    )
+    return f"  request: {request.method} {request.uri} {headers} {sent!r}\n  response: {answer}"
 
 
-def refusal_judge(is_keyed: bool) -> Callable[[Case, Interaction], str]:
-    """Holds each non-2xx answer to schema-valid data to the rule that allows it: a failure's
-    description, or "" when it is one."""
+def refusal_judge(is_keyed: bool) -> Callable[[Case, Interaction], Refusal | str | None]:
+    """Holds each non-2xx answer to schema-valid data to the rule that allows it: the rule, or
+    the failure's description when there is none (None: not such an answer)."""
 
-    def judge(case: Case, interaction: Interaction) -> str:
+    def judge(case: Case, interaction: Interaction) -> Refusal | str | None:
         response = interaction.response
         meta = case.meta
         if (
@@ -328,7 +338,7 @@ def refusal_judge(is_keyed: bool) -> Callable[[Case, Interaction], str]:
             or not meta.generation.mode.is_positive
             or is_unexpected_http_status_case(case)
         ):
-            return ""
+            return None
         label = case.operation.label
         is_public = label in PUBLIC_OPERATIONS
         allowed = REFUSALS[label] if is_keyed or is_public else (UNAUTHENTICATED,)
@@ -342,7 +352,7 @@ def refusal_judge(is_keyed: bool) -> Callable[[Case, Interaction], str]:
             sent = None
         for refusal in allowed:
             if refusal.status == response.status_code and refusal.matches(sent, answer):
-                return ""
+                return refusal
         return (
             f"{label}: schema-valid request refused, and by no rule of REFUSALS "
             f"(a {response.status_code} there is let through only for: "
@@ -422,7 +432,9 @@ def config_for(
 def real_data(schema: Any, *, seed: SeedData) -> None:
     """Hooks that point the run at real seed data: one explicit example per operation that must
     succeed (the examples phase), and about half of the generated ids, symbols, filters and flow
-    bodies in the fuzzing phase, so the run reaches 200 and 201 answers, not only 404s and 422s."""
+    bodies in the fuzzing and stateful phases, so the run reaches 200 and 201 answers, not only
+    404s and 422s. Only the parts of a case generated valid are touched: a part made invalid on
+    purpose reaches the service as made (and schemathesis judges an edited case again)."""
     transactions = seed.transactions
     pairs = [(user, transaction) for user, ids in transactions.items() for transaction in ids]
     path_values = {
@@ -447,15 +459,13 @@ def real_data(schema: Any, *, seed: SeedData) -> None:
         ),
     }
 
-    def sometimes_real(values: Any, real: dict[str, st.SearchStrategy[Any]]) -> Any:
-        if not isinstance(values, dict):
-            return st.just(values)
+    def sometimes_real(
+        values: Any, real: dict[str, st.SearchStrategy[Any]]
+    ) -> st.SearchStrategy[dict[str, Any] | None]:
         known = {name: strategy for name, strategy in real.items() if name in values}
-        if not known:
-            return st.just(values)
-        return st.one_of(
-            st.just(values), st.fixed_dictionaries(known).map(lambda r: {**values, **r})
-        )
+        if not isinstance(values, dict) or not known:
+            return st.none()
+        return st.one_of(st.none(), st.fixed_dictionaries(known))
 
     @schema.hook
     def before_add_examples(context: Any, examples: list[Any]) -> None:
@@ -474,33 +484,45 @@ def real_data(schema: Any, *, seed: SeedData) -> None:
         )
 
     @schema.hook
-    def flatmap_path_parameters(_context: Any, path_parameters: Any) -> Any:
-        if isinstance(path_parameters, dict) and "transactionId" in path_parameters:
-            real_pair = st.sampled_from(pairs).map(
-                lambda pair: {**path_parameters, "userId": pair[0], "transactionId": pair[1]}
-            )
-            return st.one_of(st.just(path_parameters), real_pair)
-        return sometimes_real(path_parameters, path_values)
+    def flatmap_case(_context: Any, case: Case) -> st.SearchStrategy[Case]:
+        meta = case.meta
+        if meta is None:
+            return st.just(case)
+        edits: dict[str, st.SearchStrategy[Any]] = {}
+        path = case.path_parameters or {}
+        if not meta.is_negative_at(ParameterLocation.PATH):
+            if "transactionId" in path:
+                edits["path"] = st.one_of(
+                    st.none(),
+                    st.sampled_from(pairs).map(lambda p: {"userId": p[0], "transactionId": p[1]}),
+                )
+            else:
+                edits["path"] = sometimes_real(path, path_values)
+        if not meta.is_negative_at(ParameterLocation.QUERY):
+            edits["query"] = sometimes_real(case.query or {}, query_values)
+        header = next((n for n in case.headers or {} if n.lower() == "idempotency-key"), None)
+        if header is not None and not meta.is_negative_at(ParameterLocation.HEADER):
+            # Mostly left out, so that the key of a real flow body is the only one.
+            edits["drop_header"] = st.sampled_from([False, True, True, True])
+        if isinstance(case.body, dict) and not meta.is_negative_at(ParameterLocation.BODY):
+            edits["body"] = sometimes_real(case.body, flow_values)
 
-    @schema.hook
-    def flatmap_query(_context: Any, query: Any) -> Any:
-        return sometimes_real(query, query_values)
+        def edited(chosen: dict[str, Any]) -> Case:
+            # New containers, never changed in place: schemathesis sees the edit and judges the
+            # case again, and the same case edited twice comes out the same.
+            if chosen.get("path"):
+                case.path_parameters = {**path, **chosen["path"]}
+            if chosen.get("query"):
+                case.query = {**case.query, **chosen["query"]}
+            if chosen.get("drop_header"):
+                headers = case.headers.copy()
+                del headers[header]
+                case.headers = headers
+            if chosen.get("body"):
+                case.body = {**case.body, **chosen["body"]}
+            return case
 
-    @schema.hook
-    def flatmap_headers(_context: Any, headers: Any) -> Any:
-        if not isinstance(headers, dict) or "Idempotency-Key" not in headers:
-            return st.just(headers)
-        # Mostly left out, so that the key of a real flow body is the only one.
-        without_key = {name: value for name, value in headers.items() if name != "Idempotency-Key"}
-        return st.sampled_from([headers, without_key, without_key, without_key])
-
-    @schema.hook
-    def flatmap_body(_context: Any, body: Any) -> Any:
-        if not isinstance(body, dict) or "userId" not in body:
-            return st.just(body)
-        return st.one_of(
-            st.just(body), st.fixed_dictionaries(flow_values).map(lambda r: {**body, **r})
-        )
+        return st.fixed_dictionaries(edits).map(edited)
 
 
 def sparing_the_run_key(seed: SeedData) -> Callable[..., None]:
@@ -568,7 +590,7 @@ async def seed_data(settings: Settings, *, key: str) -> SeedData:
     )
 
 
-def statuses_of(run: FuzzRun, labels: Iterator[str] | frozenset[str]) -> set[int]:
+def statuses_of(run: FuzzRun, labels: frozenset[str]) -> set[int]:
     return {status for label in labels for status in run.statuses.get(label, ())}
 
 
@@ -584,33 +606,36 @@ async def test_schemathesis_finds_no_failure_of_any_check(
     # The engine is synchronous and drives the app on a loop of its own: keep this loop free.
     run = await asyncio.to_thread(fuzz, settings, key=key, seed=seed, run_seed=run_seed)
 
-    replay = f"(WALLET_FUZZ_SEED={run_seed} replays this run)"
-    assert run.failures == [], f"{len(run.failures)} failures {replay}:\n\n" + "\n\n".join(
-        run.failures[:20]
-    )
+    replay = f"WALLET_FUZZ_SEED={run_seed} replays this run"
+    shown = "\n\n".join(run.failures[:20])
+    assert run.failures == [], f"{len(run.failures)} failures ({replay}):\n\n{shown}"
     assert run.stop_reason == StopReason.COMPLETED, (run.stop_reason, replay)
-    operations = {label for _, label in run.cases}
-    assert operations == set(REFUSALS) and len(EXAMPLES) == 17, sorted(operations)
+    operations = frozenset(label for _, label in run.cases)
+    assert operations == set(REFUSALS), sorted(operations)
+    assert len(operations) == len(EXAMPLES) == 17, sorted(operations)
     for phase in ("examples", "coverage", "fuzzing"):
         assert {label for p, label in run.cases if p == phase} == operations, phase
     assert set(run.checks) == {*ALL_CHECKS, "max_response_time"}, run.checks
-    scoped = operations - PUBLIC_OPERATIONS
-    # The public operations answer as documented with or without a key.
+    assert sum(run.cases.values()) >= 1000, run.cases
+    # Schema-valid data was refused, each time by a rule of REFUSALS (or for want of a key).
+    assert run.refusals, run.statuses
+    # The public operations answer as documented, with or without a key.
     assert statuses_of(run, PUBLIC_OPERATIONS) == {200, 405}, run.statuses
+    scoped = operations - PUBLIC_OPERATIONS
     if key is not None:
         # Real data was reached: every operation answered a success at least once (its example),
-        # and the stateful phase followed links, to the reads of what a POST had just made.
+        # and the stateful phase followed links from one answer to the next request.
         no_success = sorted(
             label for label, seen in run.statuses.items() if not any(s < 300 for s in seen)
         )
         assert no_success == [], run.statuses
-        assert run.links_followed[f"GET {API}/users/{{userId}}"] > 0, run.links_followed
-        assert sum(run.cases.values()) >= 500, run.cases
+        assert any(phase == "stateful" for phase, _ in run.cases), run.cases
+        assert sum(run.links_followed.values()) > 0, run.cases
     else:
         # Without a key a scoped operation answers 401, whatever else is wrong with the request,
         # unless the router has no route for the path (404) or the method (405).
         assert all(401 in run.statuses[label] for label in scoped), run.statuses
         assert statuses_of(run, scoped) <= {401, 404, 405}, run.statuses
-        assert sum(run.cases.values()) >= 500, run.cases
+        assert {status for _, status, _ in run.refusals} == {401}, run.refusals
     after = await ledger_state(database_url)
     assert after.audit_failures == [], after.audit_failures

@@ -255,12 +255,13 @@ async def test_sql_metacharacters_in_new_users_are_stored_exactly_or_refused(
             assert assert_answer(fetched, (200, None))["id"] == text
         else:
             assert_answer(response, (422, "validation_error"))
-    # Local parts RFC 5322 allows (quote, percent, dollar, braces...), then ones it does not.
-    for local in ("o'reilly", "x'or'1'='1", "$1", "100%_off", "{0}", "a--", "'--"):
+    # An address is shown, never sent to: any local part without '@' or white space is stored
+    # exactly as sent (the schema's pattern says so), SQL metacharacters included.
+    for local in ("o'reilly", "x'or'1'='1", "$1", "100%_off", "{0}", "a--", "a;b", "a)b", "';--"):
         body = {"email": f"{local}@example.com", "name": "Eve"}
         created = assert_answer(await client.post(f"{API}/users", json=body), (201, None))
         assert created["email"] == body["email"]
-    for local in ("a;b", "' OR 1=1 --", "a\\b", "a)b", "';--"):
+    for local in ("' OR 1=1 --", "a\tb", "a@b"):
         body = {"email": f"{local}@example.com", "name": "Eve"}
         response = await client.post(f"{API}/users", json=body)
         assert_answer(response, (422, "validation_error"))

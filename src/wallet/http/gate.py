@@ -4,8 +4,8 @@ the response headers every answer carries, one log line and the request metrics.
 
 import asyncio
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -254,7 +254,7 @@ def _request_id(presented: bytes | None) -> str:
         text = presented.decode("latin-1")
         if REQUEST_ID_PATTERN.fullmatch(text):
             return text
-    return uuid.uuid4().hex
+    return secrets.token_hex(16)
 
 
 def _presented_key(headers: dict[bytes, bytes]) -> str | None:

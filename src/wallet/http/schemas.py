@@ -15,9 +15,12 @@ ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 NO_NUL_PATTERN = r"^[^\x00]*$"
 MAX_METADATA_BYTES = 4096
 # An address is stored to be shown, never sent to: any local part and domain without '@',
-# spaces or NUL. The schema carries this pattern, so what it admits is exactly what is accepted
-# (special-use domains such as example.test included).
-EMAIL_PATTERN = r"^[^@\s\x00]{1,64}@[^@\s\x00]{1,255}$"
+# white space or NUL. The schema carries this pattern, so what it admits is exactly what is
+# accepted (special-use domains such as example.test included). White space is spelled out (it
+# is Unicode's White_Space, the validator's `\s`): `\s` of the document's ECMA 262 patterns is
+# another set (it has U+FEFF and lacks U+0085).
+WHITE_SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+EMAIL_PATTERN = rf"^[^@{WHITE_SPACE}\x00]{{1,64}}@[^@{WHITE_SPACE}\x00]{{1,255}}$"
 
 
 def _not_system(value: str) -> str:
