@@ -5,6 +5,7 @@ PostgreSQL is reached at WALLET_TEST_POSTGRES_URL (default: the local server, us
 Without it the PostgreSQL tests skip with POSTGRES_SKIP_REASON, which `.ci/run` refuses."""
 
 import asyncio
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 import sqlalchemy as sa
+import structlog
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from app_clients import app_client, create_key
@@ -61,6 +63,18 @@ async def _drop_postgres_database(url: str) -> None:
         name = sa.make_url(url).database
         await connection.execute(sa.text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     await admin.dispose()
+
+
+@pytest.fixture(autouse=True)
+def logging_left_as_found() -> Iterator[None]:
+    """A test that configures logging (`wallet serve` through the CLI runner, the log format
+    test) points it at its own stdout, which is closed once the test ends: put it back."""
+    structlog_config = structlog.get_config()
+    handlers = {name: logging.getLogger(name).handlers[:] for name in ("uvicorn", "uvicorn.error")}
+    yield
+    structlog.configure(**structlog_config)
+    for name, saved in handlers.items():
+        logging.getLogger(name).handlers = saved
 
 
 @pytest.fixture(scope="session")
