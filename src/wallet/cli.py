@@ -265,12 +265,14 @@ def list_keys() -> None:
     """Every key, without secrets: one tab-separated line each, newest first."""
     settings = load_settings()
 
+    from wallet.service.wallet import PageRequest
+
     async def every_key(database: "Database") -> list[list[str]]:
         access = _access(database, settings)
         rows: list[list[str]] = []
         before: int | None = None
         while True:
-            keys, before = await access.keys(limit=500, before=before, offset=None)
+            keys, before = await access.keys(page=PageRequest(limit=500, before=before))
             rows += [
                 [
                     k.id,

@@ -378,10 +378,7 @@ async def create_key(request: Request, body: schemas.NewKey) -> Any:
 async def list_keys(
     request: Request, limit: Limit = 50, cursor: Cursor = None, offset: Offset = None
 ) -> Any:
-    page = _page(limit, cursor, offset)
-    keys, next_seq = await _access(request).keys(
-        limit=page.limit, before=page.before, offset=page.offset
-    )
+    keys, next_seq = await _access(request).keys(page=_page(limit, cursor, offset))
     return {"items": [_key_body(k) for k in keys], "nextCursor": _encode_cursor(next_seq)}
 
 

@@ -10,6 +10,7 @@ import uuid_utils
 
 from wallet.domain.access import KEY_PATTERN, ApiKey, Scope, digest, new_secret
 from wallet.domain.errors import Unauthenticated, UnknownKey
+from wallet.service.wallet import Page, PageRequest
 from wallet.store import queries
 from wallet.store.database import Database
 
@@ -61,12 +62,10 @@ class Access:
         _, secret = await self.create_key(label="first admin key", scopes=frozenset({Scope.ADMIN}))
         return secret
 
-    async def keys(
-        self, *, limit: int, before: int | None, offset: int | None
-    ) -> tuple[list[ApiKey], int | None]:
+    async def keys(self, *, page: PageRequest) -> Page[ApiKey]:
         async with self.database.transaction(is_write=False) as connection:
             return await queries.list_api_keys(
-                connection, limit=limit, before=before, offset=offset
+                connection, limit=page.limit, before=page.before, offset=page.offset
             )
 
     async def revoke_key(self, *, key_id: str) -> None:
