@@ -1,4 +1,4 @@
-"""The `wallet` command: migrate, seed, serve, verify, keys, bench.
+"""The `wallet` command: migrate, seed, serve, verify, checkpoint, keys, bench.
 
 Commands import what they use when they run: `serve` must set PROMETHEUS_MULTIPROC_DIR before
 anything imports prometheus-client, and a one-line error beats a slow start."""
@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Annotated, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from wallet.settings import Settings
 
 if TYPE_CHECKING:
     from wallet.service.access import Access
+    from wallet.service.audit import Check, Checkpoint
     from wallet.store.database import Database
 
 app = typer.Typer(
@@ -131,8 +133,18 @@ def seed() -> None:
         print(first_key)  # alone on its line, without markup, for scripts to take
 
 
+CheckpointFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--checkpoint",
+        help="A checkpoint taken earlier (wallet checkpoint): also prove the ledger extends it.",
+        show_default=False,
+    ),
+]
+
+
 @app.command()
-def verify(timeout_s: LongTimeout = 3600) -> None:
+def verify(timeout_s: LongTimeout = 3600, checkpoint: CheckpointFile = None) -> None:
     """Recompute every balance from the ledger and check every invariant; exit 1 on a mismatch.
     With PROMETHEUS_MULTIPROC_DIR set to a server's, its /metrics shows the outcome."""
     import time
@@ -141,7 +153,13 @@ def verify(timeout_s: LongTimeout = 3600) -> None:
     from wallet.bench import checks_table
     from wallet.service.audit import verify as verify_ledger
 
-    checks = _run(verify_ledger, load_settings(database_timeout_s=timeout_s))
+    pinned = None if checkpoint is None else _read_checkpoint(checkpoint)
+    settings = load_settings(database_timeout_s=timeout_s)
+
+    async def run(database: "Database") -> "list[Check]":
+        return await verify_ledger(database, checkpoint=pinned, checkpoint_name=str(checkpoint))
+
+    checks = _run(run, settings)
     console.print(checks_table(checks))
     is_clean = all(check.is_clean for check in checks)
     metrics.VERIFY_CLEAN.set(1 if is_clean else 0)
@@ -150,6 +168,52 @@ def verify(timeout_s: LongTimeout = 3600) -> None:
         console.print("[red]ledger verification FAILED[/]")
         raise typer.Exit(1)
     console.print("ledger verified: every invariant holds")
+
+
+def _read_checkpoint(path: Path) -> "Checkpoint":
+    """The checkpoint in `path`; one line naming the file and what is wrong, and exit status 2,
+    when it cannot be read or is not a checkpoint."""
+    from wallet.service.audit import InvalidCheckpoint, parse_checkpoint
+
+    try:
+        return parse_checkpoint(path.read_bytes())
+    except (OSError, InvalidCheckpoint) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        console.print(f"[red]{escape(f'{path}: {reason}')}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def checkpoint(
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            help="Write the checkpoint to this file instead of printing it.",
+            show_default=False,
+        ),
+    ] = None,
+    timeout_s: LongTimeout = 3600,
+) -> None:
+    """Print the newest hash link and length of every chain, as JSON: kept outside the database,
+    it lets `wallet verify --checkpoint FILE` prove later that the ledger still extends it."""
+    import json
+
+    from wallet.service.audit import checkpoint as take_checkpoint
+    from wallet.service.audit import checkpoint_json
+
+    taken = _run(take_checkpoint, load_settings(database_timeout_s=timeout_s))
+    text = json.dumps(checkpoint_json(taken), ensure_ascii=False, separators=(",", ":"))
+    if output is None:
+        print(text)  # plain, without markup or wrapping, for scripts to take
+        return
+    try:
+        output.write_text(text + "\n", encoding="utf-8")
+    except OSError as error:
+        reason = error.strerror or error
+        console.print(f"[red]{escape(f'{output}: {reason}')}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(f"wrote a checkpoint of {len(taken.chains)} chains to {output}", highlight=False)
 
 
 @app.command()

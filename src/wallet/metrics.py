@@ -45,7 +45,7 @@ POOL_IN_USE = Gauge(
 )
 REPLAYS = Counter(
     "wallet_idempotent_replays",
-    "Requests answered from an earlier one with the same idempotency key, by flow.",
+    "Requests answered from an earlier one with the same idempotency key, by action.",
     ["flow"],
 )
 RATE_LIMITED = Counter(
@@ -56,7 +56,7 @@ AUTH_FAILURES = Counter(
 )
 MONEY_MOVED = Counter(
     "wallet_money_moved_units",
-    "Units of an asset moved by applied transactions (replays not counted), by flow and asset.",
+    "Units of an asset moved by applied transactions (replays not counted), by type and asset.",
     ["flow", "asset"],
 )
 VERIFY_CLEAN = Gauge(

@@ -29,7 +29,7 @@ from prometheus_client import CollectorRegistry, multiprocess
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from wallet.domain.errors import InsufficientFunds
-from wallet.domain.ledger import Command, Flow, UserId
+from wallet.domain.ledger import Action, Command, Flow, UserId
 from wallet.service.audit import verify
 from wallet.service.batcher import Batcher
 from wallet.service.seed import ALICE, BOB, seed
@@ -113,7 +113,7 @@ def open_database(url: str) -> Database:
 
 def flow(kind: Flow, user_id: str, amount: int, asset: str = "GOLD_COINS") -> Command:
     return Command(
-        flow=kind,
+        action=Action(kind),
         user_id=UserId(user_id),
         asset_symbol=asset,
         amount=amount,

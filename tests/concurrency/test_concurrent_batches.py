@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from concurrent_load import assert_ledger_verifies
 from sqlalchemy import event
 
-from wallet.domain.ledger import Command, Flow, Posted, UserId
+from wallet.domain.ledger import Action, Command, Flow, Posted, UserId
 from wallet.service.posting import post
 from wallet.service.seed import ALICE, BOB
 from wallet.service.wallet import Wallet
@@ -63,7 +63,7 @@ async def test_concurrent_overlapping_batches_apply_each_key_once(
         database,
         [
             Command(
-                flow=Flow.TOPUP,
+                action=Action.TOPUP,
                 user_id=UserId(user),
                 asset_symbol=asset,
                 amount=OPENING,
@@ -83,7 +83,7 @@ async def test_concurrent_overlapping_batches_apply_each_key_once(
     # 100 commands, one per key; spends are small, so none can find the funds short.
     pool = [
         Command(
-            flow=rng.choice(list(Flow)),
+            action=rng.choice([Action.TOPUP, Action.BONUS, Action.SPEND]),
             user_id=UserId(rng.choice(users)),
             asset_symbol=rng.choice(ASSETS),
             amount=rng.randint(1, 100),

@@ -1,14 +1,17 @@
 """Fixtures of the integration suite: commands with fresh keys, direct SQL that bypasses the
-service (to tamper, or to test the database's own constraints), and a snapshot of the ledger."""
+service (to tamper, or to test the database's own constraints), a snapshot of the ledger, and an
+empty database on each backend (for the migrations)."""
 
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import create_async_engine
 
-from wallet.domain.ledger import Command, Flow, UserId
+from wallet.domain.ledger import Action, Command, Flow, UserId
 from wallet.service.seed import ALICE
 from wallet.store.database import Database
 from wallet.store.tables import balances, entries, idempotency_keys, transactions
@@ -31,7 +34,7 @@ def make_command() -> MakeCommand:
         metadata: Mapping[str, str] | None = None,
     ) -> Command:
         return Command(
-            flow=flow,
+            action=Action(flow),
             user_id=UserId(user_id),
             asset_symbol=asset,
             amount=amount,
@@ -120,3 +123,22 @@ def account_balance(sql: Sql) -> Callable[..., Awaitable[int]]:
         return rows[0].balance if rows else 0
 
     return read
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of a database with nothing in it, on each backend in turn."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+        return
+    server_url = sa.make_url(request.getfixturevalue("postgres_url"))
+    name = f"wallet_test_migrations_{uuid.uuid4().hex[:12]}"
+    admin = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        yield server_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with admin.connect() as connection:
+            await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()

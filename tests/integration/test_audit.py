@@ -21,13 +21,27 @@ REPLAY = "balances equal their ledger replay"
 PAIRS = "each transaction has one debit and one credit"
 CHAINS = "balanceAfter chains replay"
 LINKS = "hash chains are unbroken"
+COUNTS = "entry counts match their chains"
+HELD = "held sums match the holds"
+CAPTURES = "captures match their holds"
+REFUNDS = "refunds stay within their originals"
 REVENUE = SystemAccount.REVENUE
 
 
 async def failures(database: Database) -> dict[str, list[str]]:
     """The failing checks, by name, with what each found (sorted: SQL gives no row order)."""
     checks = await verify(database)
-    assert [c.name for c in checks] == [SUMS, REPLAY, PAIRS, CHAINS, LINKS]
+    assert [c.name for c in checks] == [
+        SUMS,
+        REPLAY,
+        PAIRS,
+        CHAINS,
+        LINKS,
+        COUNTS,
+        HELD,
+        CAPTURES,
+        REFUNDS,
+    ]
     return {c.name: sorted(c.failures) for c in checks if not c.is_clean}
 
 
@@ -122,6 +136,7 @@ async def test_verify_catches_a_deleted_entry(
         REPLAY: [f"{REVENUE} GOLD_COINS: balance 100, ledger 0"],
         PAIRS: [f"transaction {spent.id}"],
         LINKS: [f"{REVENUE} GOLD_COINS: a newest link but no entry"],
+        COUNTS: [f"{REVENUE} GOLD_COINS: entry count 1, chain 0"],
     }
 
 
@@ -172,13 +187,13 @@ async def test_verify_catches_a_changed_balance_after_in_the_middle_of_a_chain(
 
 
 @pytest.mark.parametrize(
-    ("statement", "check"),
+    ("statement", "is_linked"),
     [
-        pytest.param("UPDATE transactions SET amount = 99 WHERE id = :id", PAIRS, id="amount"),
+        pytest.param("UPDATE transactions SET amount = 99 WHERE id = :id", True, id="amount"),
         pytest.param(
-            "UPDATE transactions SET balance_after = 899 WHERE id = :id", PAIRS, id="balance-after"
+            "UPDATE transactions SET balance_after = 899 WHERE id = :id", False, id="balance-after"
         ),
-        pytest.param("UPDATE transactions SET user_id = :bob WHERE id = :id", PAIRS, id="user"),
+        pytest.param("UPDATE transactions SET user_id = :bob WHERE id = :id", True, id="user"),
     ],
 )
 async def test_verify_catches_a_transaction_that_no_longer_matches_its_entries(
@@ -187,13 +202,25 @@ async def test_verify_catches_a_transaction_that_no_longer_matches_its_entries(
     make_command: MakeCommand,
     sql: Sql,
     statement: str,
-    check: str,
+    is_linked: bool,
 ) -> None:
-    spent, _, _ = await alice_gold_spend(wallet, make_command)
+    """The pair check catches each; a field the links digest also breaks both entries' links
+    (a transaction's own balanceAfter is not digested: its user's entry's is)."""
+    spent, debit, credit = await alice_gold_spend(wallet, make_command)
     params = {"id": spent.id} | ({"bob": BOB} if ":bob" in statement else {})
     await sql(statement, **params)
 
-    assert await failures(database) == {check: [f"transaction {spent.id}"]}
+    broken_links = {
+        LINKS: sorted(
+            [
+                f"entry {debit.id} ({ALICE} GOLD_COINS): first broken link",
+                f"entry {credit.id} ({REVENUE} GOLD_COINS): first broken link",
+            ]
+        )
+    }
+    assert await failures(database) == {PAIRS: [f"transaction {spent.id}"]} | (
+        broken_links if is_linked else {}
+    )
 
 
 async def test_verify_catches_a_deleted_balance_row_whose_account_has_entries(

@@ -2,6 +2,7 @@
 fails with exit code 1 once the ledger was tampered with. Synchronous tests: the CLI runs its
 own event loop."""
 
+import json
 import re
 import sqlite3
 from pathlib import Path
@@ -78,6 +79,65 @@ def test_verify_exits_1_after_tampering(database_file: Path) -> None:
     assert result.exit_code == 1, result.output
     assert "ledger verification FAILED" in result.output
     assert "GOLD_COINS: 1" in result.output
+
+
+def test_checkpoint_prints_the_newest_links_and_verify_proves_the_ledger_extends_them(
+    database_file: Path, tmp_path: Path
+) -> None:
+    succeeds(wallet_command(database_file, "migrate"))
+    succeeds(wallet_command(database_file, "seed"))
+    printed = json.loads(succeeds(wallet_command(database_file, "checkpoint")))
+    saved = tmp_path / "checkpoint.json"
+
+    assert "9 chains" in succeeds(
+        wallet_command(database_file, "checkpoint", "--output", str(saved))
+    )
+    assert json.loads(saved.read_text())["chains"] == printed["chains"]
+    assert len(printed["chains"]) == 9  # Alice's, Bob's and the treasury's, of three assets
+    assert "ledger verified" in succeeds(
+        wallet_command(database_file, "verify", "--checkpoint", str(saved))
+    )
+
+
+def test_verify_exits_1_when_the_ledger_no_longer_leads_through_a_checkpoint(
+    database_file: Path, tmp_path: Path
+) -> None:
+    succeeds(wallet_command(database_file, "migrate"))
+    succeeds(wallet_command(database_file, "seed"))
+    taken = json.loads(succeeds(wallet_command(database_file, "checkpoint")))
+    taken["chains"][0]["chainHash"] = "0" * 64  # a link the chain never had
+    saved = tmp_path / "checkpoint.json"
+    saved.write_text(json.dumps(taken))
+
+    result = wallet_command(database_file, "verify", "--checkpoint", str(saved))
+
+    assert result.exit_code == 1, result.output
+    assert "(rewritten)" in result.output
+    assert "ledger verification FAILED" in result.output
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        pytest.param(None, "No such file or directory", id="missing"),
+        pytest.param("{not json", "not JSON", id="not-json"),
+        pytest.param('{"at": "2026-12-02T10:20:00Z"}', "not a checkpoint", id="not-a-checkpoint"),
+    ],
+)
+def test_a_checkpoint_file_that_is_not_one_is_one_line_and_exit_2(
+    database_file: Path, tmp_path: Path, content: str | None, reason: str
+) -> None:
+    named = tmp_path / "checkpoint.json"
+    if content is not None:
+        named.write_text(content)
+
+    result = wallet_command(database_file, "verify", "--checkpoint", str(named))
+
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1
+    assert result.output.startswith(f"{named}: ")
+    assert reason in result.output
+    assert not database_file.exists()  # refused before the database was opened
 
 
 def test_version_names_the_package() -> None:

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,10 +28,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from wallet.domain.errors import InsufficientFunds
-from wallet.domain.ledger import Command, Flow
+from wallet.domain.ledger import Action, Command, Flow
 from wallet.service.audit import verify
 from wallet.service.seed import ALICE, BOB, seed
 from wallet.service.wallet import Wallet
@@ -44,25 +43,6 @@ ROOT = Path(__file__).resolve().parents[2]
 ALEMBIC_INI = ROOT / "alembic.ini"
 ALEMBIC_COMMAND = Path(sys.executable).parent / "alembic"
 T = TypeVar("T")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """The URL of a database with nothing in it, on each backend in turn."""
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
-        return
-    server_url = sa.make_url(request.getfixturevalue("postgres_url"))
-    name = f"wallet_test_migrations_{uuid.uuid4().hex[:12]}"
-    admin = create_async_engine(server_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as connection:
-            await connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        yield server_url.set(database=name).render_as_string(hide_password=False)
-    finally:
-        async with admin.connect() as connection:
-            await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        await admin.dispose()
 
 
 async def on_connection(url: str, work: Callable[[Connection], T]) -> T:
@@ -194,7 +174,7 @@ async def test_the_newest_migration_steps_down_and_back_up_under_a_ledger(
         for flow, amount in ((Flow.TOPUP, 250), (Flow.BONUS, 40), (Flow.SPEND, 300)):
             await wallet.execute(
                 Command(
-                    flow=flow,
+                    action=Action(flow),
                     user_id=ALICE,
                     asset_symbol="GOLD_COINS",
                     amount=amount,
@@ -204,7 +184,7 @@ async def test_the_newest_migration_steps_down_and_back_up_under_a_ledger(
         with pytest.raises(InsufficientFunds):  # a refusal kept under its key since 0003
             await wallet.execute(
                 Command(
-                    flow=Flow.SPEND,
+                    action=Action.SPEND,
                     user_id=BOB,
                     asset_symbol="DIAMONDS",
                     amount=11,

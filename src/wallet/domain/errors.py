@@ -9,6 +9,7 @@ class WalletError(Exception):
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.operation_index: int | None = None  # in an atomic batch, the operation that failed
 
 
 class UnknownUser(WalletError):
@@ -21,6 +22,10 @@ class UnknownAsset(WalletError):
 
 class UnknownTransaction(WalletError):
     code = "transaction_not_found"
+
+
+class UnknownHold(WalletError):
+    code = "hold_not_found"
 
 
 class UserExists(WalletError):
@@ -88,6 +93,30 @@ class BalanceLimitExceeded(Refusal):
     code = "balance_limit_exceeded"
 
 
+class HoldNotActive(Refusal):
+    code = "hold_not_active"
+
+
+class CaptureExceedsHold(Refusal):
+    code = "capture_exceeds_hold"
+
+
+class RefundExceedsOriginal(Refusal):
+    code = "refund_exceeds_original"
+
+
+class NotRefundable(Refusal):
+    code = "not_refundable"
+
+
 REFUSALS: dict[str, type[Refusal]] = {
-    refusal.code: refusal for refusal in (InsufficientFunds, BalanceLimitExceeded)
+    refusal.code: refusal
+    for refusal in (
+        InsufficientFunds,
+        BalanceLimitExceeded,
+        HoldNotActive,
+        CaptureExceedsHold,
+        RefundExceedsOriginal,
+        NotRefundable,
+    )
 }

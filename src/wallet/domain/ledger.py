@@ -6,18 +6,25 @@ entries of an asset form a hash chain, so an edit made behind the service's back
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import NewType
 
-from wallet.domain.errors import BalanceLimitExceeded, InsufficientFunds, InvalidRequest
+from wallet.domain.errors import (
+    BalanceLimitExceeded,
+    InsufficientFunds,
+    InvalidRequest,
+    NotRefundable,
+)
 
 UserId = NewType("UserId", str)
 AccountId = NewType("AccountId", str)
 TransactionId = NewType("TransactionId", str)
 
 MAX_AMOUNT = 10**15
+DEFAULT_HOLD_S = 900
+MAX_HOLD_S = 604_800
 MIN_BALANCE = -(2**63)
 MAX_BALANCE = 2**63 - 1
 SYSTEM_PREFIX = "system:"
@@ -32,9 +39,35 @@ class SystemAccount(StrEnum):
 
 
 class Flow(StrEnum):
+    """The types of transaction."""
+
     TOPUP = "topup"
     BONUS = "bonus"
     SPEND = "spend"
+    TRANSFER = "transfer"
+    REFUND = "refund"  # of a spend: revenue back to the user
+    REVERSAL = "reversal"  # of a top-up or bonus: the user back to where it came from
+
+
+class Action(StrEnum):
+    """What a command asks for."""
+
+    TOPUP = "topup"
+    BONUS = "bonus"
+    SPEND = "spend"
+    TRANSFER = "transfer"
+    REFUND = "refund"  # makes a refund or a reversal, by the original's type
+    HOLD = "hold"
+    CAPTURE = "capture"
+    RELEASE = "release"
+    BATCH = "batch"
+
+
+class HoldStatus(StrEnum):
+    HELD = "held"
+    CAPTURED = "captured"
+    RELEASED = "released"
+    EXPIRED = "expired"
 
 
 class Direction(StrEnum):
@@ -64,48 +97,49 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    """One flow a client asked for; `note` is the bonus reason or the spend description."""
+    """One request to the ledger. Which fields it has depends on the action: a flow names a user,
+    an asset and an amount; a transfer also `to_user_id`; a refund, capture or release names its
+    `reference` (the original transaction, or the hold); a batch holds its `operations`.
+    `note` is the bonus or refund reason, or the spend, transfer, hold or capture description."""
 
-    flow: Flow
-    user_id: UserId
-    asset_symbol: str
-    amount: int
+    action: Action
     idempotency_key: str
+    user_id: UserId | None = None
+    asset_symbol: str | None = None
+    amount: int | None = None
+    to_user_id: UserId | None = None
+    reference: str | None = None
+    expires_in_s: int | None = None
     note: str | None = None
     metadata: Mapping[str, str] | None = None
+    operations: tuple["Command", ...] = ()
     created_by: str | None = None  # the API key's id; not part of the request's identity
 
-    @property
-    def debited(self) -> AccountId:
-        """The account the amount leaves."""
-        match self.flow:
-            case Flow.TOPUP:
-                return AccountId(SystemAccount.TREASURY)
-            case Flow.BONUS:
-                return AccountId(SystemAccount.BONUS_POOL)
-            case Flow.SPEND:
-                return AccountId(self.user_id)
-
-    @property
-    def credited(self) -> AccountId:
-        """The account the amount enters."""
-        if self.flow is Flow.SPEND:
-            return AccountId(SystemAccount.REVENUE)
-        return AccountId(self.user_id)
+    def _identity(self) -> list[object]:
+        identity: list[object] = [
+            self.action,
+            self.user_id,
+            self.asset_symbol,
+            self.amount,
+            self.note,
+            self.metadata,
+        ]
+        extra = [self.to_user_id, self.reference, self.expires_in_s]
+        if any(value is not None for value in extra) or self.operations:
+            # Appended only when present, so the three flows keep the digests they always had.
+            identity.append([*extra, [operation._identity() for operation in self.operations]])
+        return identity
 
     def fingerprint(self) -> str:
         """Digest of everything that makes two requests the same request."""
-        canonical = json.dumps(
-            [self.flow, self.user_id, self.asset_symbol, self.amount, self.note, self.metadata],
-            sort_keys=True,
-            separators=(",", ":"),
-        )
+        canonical = json.dumps(self._identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
 class Transaction:
-    """A posted command; `balance_after` is the user's balance right after it."""
+    """A posted money movement; `balance_after` is its user's balance right after it (for a
+    transfer, the sender's, or in the receiver's reads the receiver's)."""
 
     id: TransactionId
     flow: Flow
@@ -118,6 +152,52 @@ class Transaction:
     metadata: Mapping[str, str] | None
     created_at: datetime
     created_by: str | None = None
+    to_user_id: UserId | None = None
+    hold_id: str | None = None  # the hold a spend captured
+    refund_of: TransactionId | None = None  # what a refund or reversal gives back
+    refunded_amount: int = 0
+    refunds: tuple[TransactionId, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A reservation of part of a user's balance: it counts in `held` while `status` is held and
+    `expires_at` is in the future; money moves only when it is captured."""
+
+    id: str
+    user_id: UserId
+    asset_symbol: str
+    amount: int
+    captured_amount: int
+    status: HoldStatus
+    expires_at: datetime
+    created_at: datetime
+    ended_at: datetime | None
+    description: str | None
+    created_by: str | None
+    idempotency_key: str
+
+    def is_active(self, now: datetime) -> bool:
+        return self.status is HoldStatus.HELD and now < self.expires_at
+
+    def as_of(self, now: datetime) -> "Hold":
+        """The hold as it stands at `now`: past its expiry it is expired, marked or not yet."""
+        if self.status is HoldStatus.HELD and now >= self.expires_at:
+            return replace(self, status=HoldStatus.EXPIRED, ended_at=self.expires_at)
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class Standing:
+    """A user's position in one asset: the balance, and what their active holds reserve of it."""
+
+    asset_symbol: str
+    balance: int
+    held: int
+
+    @property
+    def available(self) -> int:
+        return self.balance - self.held
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,48 +215,155 @@ class Entry:
     chain_hash: str = ""  # this entry's link in its account's chain; see `link`
 
 
-def link(previous: str, entry: Entry) -> str:
-    """The entry's link in its (account, asset) chain: a digest of the previous link and of
-    everything the entry states, so editing, deleting or reordering an entry breaks the chain."""
-    created_us = (entry.created_at - EPOCH) // timedelta(microseconds=1)
-    content = "|".join(
-        (
-            previous,
-            entry.id,
-            entry.transaction_id,
-            entry.account_id,
-            entry.asset_symbol,
-            entry.direction,
-            str(entry.amount),
-            str(entry.balance_after),
-            str(created_us),
-        )
-    )
-    return hashlib.sha256(content.encode()).hexdigest()
+CHAIN_VERSION = 2
+
+
+def _timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def link_content(previous: str, entry: Entry, transaction: Transaction) -> bytes:
+    """The bytes an entry's link digests, in the encoding docs/LEDGER.md defines: one line of
+    JSON, keys sorted, no white space, UTF-8, integers in full."""
+    record = {
+        "v": CHAIN_VERSION,
+        "previous": previous,
+        "entry": {
+            "id": entry.id,
+            "account": entry.account_id,
+            "assetSymbol": entry.asset_symbol,
+            "direction": entry.direction.value,
+            "amount": entry.amount,
+            "balanceAfter": entry.balance_after,
+            "createdAt": _timestamp(entry.created_at),
+        },
+        "transaction": {
+            "id": transaction.id,
+            "type": transaction.flow.value,
+            "userId": transaction.user_id,
+            "toUserId": transaction.to_user_id,
+            "assetSymbol": transaction.asset_symbol,
+            "amount": transaction.amount,
+            "holdId": transaction.hold_id,
+            "refundOf": transaction.refund_of,
+            "idempotencyKey": transaction.idempotency_key,
+            "note": transaction.note,
+            "metadata": None if transaction.metadata is None else dict(transaction.metadata),
+            "createdBy": transaction.created_by,
+            "createdAt": _timestamp(transaction.created_at),
+        },
+    }
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def link(previous: str, entry: Entry, transaction: Transaction) -> str:
+    """The entry's link in its (account, asset) chain: a digest of the previous link, of
+    everything the entry states and of its transaction's header, so editing, relabelling,
+    deleting or reordering an entry breaks the chain."""
+    return hashlib.sha256(link_content(previous, entry, transaction)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
 class Posted:
-    """A command's success: its transaction, and whether an earlier request already applied it."""
+    """A command's success, and whether an earlier request already applied it: the transactions it
+    made (one; a batch's, in order; none for a hold or a release) and the hold it concerns."""
 
-    transaction: Transaction
+    transactions: tuple[Transaction, ...]
     is_replay: bool
+    hold: Hold | None = None
+
+    @property
+    def transaction(self) -> Transaction:
+        return self.transactions[0]
 
 
-def move(balances: dict[tuple[AccountId, str], int], command: Command) -> None:
-    """Apply the command's two entries to `balances` in place, or raise and change nothing."""
-    if not 1 <= command.amount <= MAX_AMOUNT:
-        raise InvalidRequest(f"amount must be from 1 to {MAX_AMOUNT}", field="amount")
-    debited = (command.debited, command.asset_symbol)
-    credited = (command.credited, command.asset_symbol)
-    debited_after = balances[debited] - command.amount
-    credited_after = balances[credited] + command.amount
-    if debited_after < 0 and not is_system_account(command.debited):
-        raise InsufficientFunds(
-            f"balance of {command.asset_symbol} is {balances[debited]}, "
-            f"less than the {command.amount} asked for"
+BalanceKey = tuple[AccountId, str]
+
+
+@dataclass(slots=True)
+class Book:
+    """The locked state a batch of commands works on: balances, and what counts against them."""
+
+    balances: dict[BalanceKey, int]
+    held: dict[BalanceKey, int]  # the sum of holds in status held, expired or not
+    active_held: dict[BalanceKey, int]  # the sum of holds that count now
+    holds: dict[str, Hold]
+    refunded: dict[TransactionId, int]  # per refundable original: refunded so far
+
+    def available(self, key: BalanceKey) -> int:
+        return self.balances[key] - self.active_held.get(key, 0)
+
+    def copy(self) -> "Book":
+        return Book(
+            dict(self.balances),
+            dict(self.held),
+            dict(self.active_held),
+            dict(self.holds),
+            dict(self.refunded),
         )
-    if not (debited_after >= MIN_BALANCE and credited_after <= MAX_BALANCE):
-        raise BalanceLimitExceeded(f"the {command.flow} would take a balance past 64 bits")
-    balances[debited] = debited_after
-    balances[credited] = credited_after
+
+    def move(self, debited: AccountId, credited: AccountId, asset: str, amount: int) -> None:
+        """Move `amount` between two accounts, or raise and change nothing: a user can move only
+        what is available (not held), and every balance stays within 64 bits."""
+        check_amount(amount)
+        debit_key, credit_key = (debited, asset), (credited, asset)
+        debited_after = self.balances[debit_key] - amount
+        credited_after = self.balances[credit_key] + amount
+        if not is_system_account(debited) and amount > self.available(debit_key):
+            raise InsufficientFunds(
+                f"available {asset} is {self.available(debit_key)}, "
+                f"less than the {amount} asked for"
+            )
+        if not (debited_after >= MIN_BALANCE and credited_after <= MAX_BALANCE):
+            raise BalanceLimitExceeded("the transaction would take a balance past 64 bits")
+        self.balances[debit_key] = debited_after
+        self.balances[credit_key] = credited_after
+
+    def reserve(self, key: BalanceKey, amount: int) -> None:
+        """Count a new hold of `amount` against the balance, or raise when not available."""
+        check_amount(amount)
+        if amount > self.available(key):
+            raise InsufficientFunds(
+                f"available {key[1]} is {self.available(key)}, less than the {amount} asked for"
+            )
+        self.held[key] = self.held.get(key, 0) + amount
+        self.active_held[key] = self.active_held.get(key, 0) + amount
+
+    def end_hold(self, hold: Hold) -> None:
+        """Stop counting an active hold (captured or released)."""
+        key = (AccountId(hold.user_id), hold.asset_symbol)
+        self.held[key] -= hold.amount
+        self.active_held[key] -= hold.amount
+
+
+def check_amount(amount: int) -> None:
+    if not 1 <= amount <= MAX_AMOUNT:
+        raise InvalidRequest(f"amount must be from 1 to {MAX_AMOUNT}", field="amount")
+
+
+def flow_accounts(
+    action: Action, user_id: UserId, to_user_id: UserId | None
+) -> tuple[AccountId, AccountId]:
+    """The accounts a flow debits and credits."""
+    match action:
+        case Action.TOPUP:
+            return AccountId(SystemAccount.TREASURY), AccountId(user_id)
+        case Action.BONUS:
+            return AccountId(SystemAccount.BONUS_POOL), AccountId(user_id)
+        case Action.SPEND | Action.CAPTURE:
+            return AccountId(user_id), AccountId(SystemAccount.REVENUE)
+        case Action.TRANSFER if to_user_id is not None:
+            return AccountId(user_id), AccountId(to_user_id)
+    raise ValueError(f"{action} moves no money by itself")
+
+
+def refund_accounts(original: Transaction) -> tuple[Flow, AccountId, AccountId]:
+    """A refund's type and the accounts it debits and credits: the original's, swapped."""
+    match original.flow:
+        case Flow.SPEND:
+            return Flow.REFUND, AccountId(SystemAccount.REVENUE), AccountId(original.user_id)
+        case Flow.TOPUP:
+            return Flow.REVERSAL, AccountId(original.user_id), AccountId(SystemAccount.TREASURY)
+        case Flow.BONUS:
+            return Flow.REVERSAL, AccountId(original.user_id), AccountId(SystemAccount.BONUS_POOL)
+    raise NotRefundable(f"a {original.flow} cannot be refunded")

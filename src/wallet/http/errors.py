@@ -18,7 +18,12 @@ STATUS_OF: dict[type[errors.WalletError], int] = {
     errors.UnknownUser: 404,
     errors.UnknownAsset: 404,
     errors.UnknownTransaction: 404,
+    errors.UnknownHold: 404,
     errors.UserExists: 409,
+    errors.HoldNotActive: 409,
+    errors.RefundExceedsOriginal: 409,
+    errors.CaptureExceedsHold: 422,
+    errors.NotRefundable: 422,
     errors.IdempotencyKeyReused: 409,
     errors.Conflict: 409,
     errors.InsufficientFunds: 422,
@@ -56,6 +61,7 @@ def problem(
     *,
     errors: list[dict[str, str]] | None = None,
     headers: dict[str, str] | None = None,
+    operation_index: int | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {
         "type": f"urn:wallet:problem:{code}",
@@ -67,6 +73,8 @@ def problem(
     }
     if errors is not None:
         body["errors"] = errors
+    if operation_index is not None:
+        body["operationIndex"] = operation_index
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_MEDIA_TYPE)
 
 
@@ -82,7 +90,12 @@ def wallet_problem(error: errors.WalletError) -> JSONResponse:
     if isinstance(error, errors.Refusal) and error.is_replay:
         headers["Idempotent-Replayed"] = "true"
     return problem(
-        STATUS_OF[type(error)], error.code, error.detail, errors=field_errors, headers=headers
+        STATUS_OF[type(error)],
+        error.code,
+        error.detail,
+        errors=field_errors,
+        headers=headers,
+        operation_index=error.operation_index,
     )
 
 

@@ -1,45 +1,100 @@
-"""The three flow endpoints' shared translation: request body to command, posted transaction to
-response body. Both the framework routes and the lean path (lean.py) use it."""
+"""Translation between request bodies and commands, and from what the ledger made to response
+bodies. Both the framework routes and the lean path (lean.py) use it."""
 
 from typing import Any
 
 from wallet.domain.errors import InvalidRequest
-from wallet.domain.ledger import Command, Flow, Transaction, UserId
+from wallet.domain.ledger import Action, Command, Flow, Hold, Transaction, UserId
 from wallet.http import schemas
 
-FLOW_REQUESTS: dict[Flow, type[schemas.FlowRequest]] = {
-    Flow.TOPUP: schemas.TopupRequest,
-    Flow.BONUS: schemas.BonusRequest,
-    Flow.SPEND: schemas.SpendRequest,
+FLOW_REQUESTS: dict[Action, type[schemas.FlowRequest]] = {
+    Action.TOPUP: schemas.TopupRequest,
+    Action.BONUS: schemas.BonusRequest,
+    Action.SPEND: schemas.SpendRequest,
 }
-FREE_TEXT_FIELD = {Flow.TOPUP: "metadata", Flow.BONUS: "reason", Flow.SPEND: "description"}
+BATCH_ACTIONS = {
+    "topup": Action.TOPUP,
+    "bonus": Action.BONUS,
+    "spend": Action.SPEND,
+    "transfer": Action.TRANSFER,
+}
 
 
 def command_from(
-    flow: Flow, body: schemas.FlowRequest, *, header_key: str | None, created_by: str | None
+    action: Action, body: schemas.FlowRequest, *, header_key: str | None, created_by: str | None
 ) -> Command:
-    """The command a validated request asks for, made with the API key `created_by`."""
+    """The command a validated flow request asks for, made with the API key `created_by`."""
     return Command(
-        flow=flow,
+        action=action,
         user_id=UserId(body.userId),
         asset_symbol=body.assetSymbol,
         amount=body.amount,
-        idempotency_key=_idempotency_key(body.idempotencyKey, header_key),
+        idempotency_key=idempotency_key(body.idempotencyKey, header_key),
         note=_note(body),
         metadata=body.metadata if isinstance(body, schemas.TopupRequest) else None,
+        expires_in_s=body.expiresInSeconds if isinstance(body, schemas.HoldRequest) else None,
         created_by=created_by,
     )
 
 
-def _note(body: schemas.FlowRequest) -> str | None:
-    if isinstance(body, schemas.BonusRequest):
+def transfer_command(
+    body: schemas.TransferRequest | schemas.BatchTransfer, *, key: str, created_by: str | None
+) -> Command:
+    if body.fromUserId == body.toUserId:
+        raise InvalidRequest("a transfer needs two different users", field="toUserId")
+    return Command(
+        action=Action.TRANSFER,
+        user_id=UserId(body.fromUserId),
+        to_user_id=UserId(body.toUserId),
+        asset_symbol=body.assetSymbol,
+        amount=body.amount,
+        idempotency_key=key,
+        note=body.description,
+        created_by=created_by,
+    )
+
+
+def batch_command(body: schemas.BatchRequest, *, key: str, created_by: str | None) -> Command:
+    """One command whose operations apply together or not at all; each operation's own key is
+    given by the engine (`<key>:<i>`)."""
+    operations = []
+    for index, op in enumerate(body.operations):
+        if isinstance(op, schemas.BatchTransfer):
+            try:
+                operations.append(transfer_command(op, key="", created_by=created_by))
+            except InvalidRequest as error:
+                error.field = f"operations.{index}.toUserId"
+                raise
+            continue
+        operations.append(
+            Command(
+                action=BATCH_ACTIONS[op.type],
+                user_id=UserId(op.userId),
+                asset_symbol=op.assetSymbol,
+                amount=op.amount,
+                idempotency_key="",
+                note=op.description if isinstance(op, schemas.BatchSpend) else _note(op),
+                metadata=op.metadata if isinstance(op, schemas.BatchTopup) else None,
+                created_by=created_by,
+            )
+        )
+    return Command(
+        action=Action.BATCH,
+        idempotency_key=key,
+        operations=tuple(operations),
+        created_by=created_by,
+    )
+
+
+def _note(body: Any) -> str | None:
+    if isinstance(body, schemas.BonusRequest | schemas.BatchBonus):
         return body.reason
-    if isinstance(body, schemas.SpendRequest):
+    if isinstance(body, schemas.SpendRequest | schemas.HoldRequest):
         return body.description
     return None
 
 
-def _idempotency_key(in_body: str | None, in_header: str | None) -> str:
+def idempotency_key(in_body: str | None, in_header: str | None) -> str:
     if in_body is not None and in_header is not None and in_body != in_header:
         raise InvalidRequest(
             "the Idempotency-Key header and the idempotencyKey field differ", field="idempotencyKey"
@@ -53,8 +108,7 @@ def _idempotency_key(in_body: str | None, in_header: str | None) -> str:
 def transaction_body(transaction: Transaction) -> dict[str, Any]:
     """The transaction as the API shows it, its fields in the order of the response models, so
     both HTTP paths and the reads give one order."""
-    free_text = transaction.metadata if transaction.flow is Flow.TOPUP else transaction.note
-    return {
+    body: dict[str, Any] = {
         "transactionId": transaction.id,
         "type": transaction.flow.value,
         "status": "completed",
@@ -65,5 +119,39 @@ def transaction_body(transaction: Transaction) -> dict[str, Any]:
         "idempotencyKey": transaction.idempotency_key,
         "createdBy": transaction.created_by,
         "createdAt": transaction.created_at,
-        FREE_TEXT_FIELD[transaction.flow]: free_text,
+    }
+    match transaction.flow:
+        case Flow.TOPUP:
+            body["metadata"] = transaction.metadata
+        case Flow.BONUS:
+            body["reason"] = transaction.note
+        case Flow.SPEND:
+            body["description"] = transaction.note
+            body["holdId"] = transaction.hold_id
+        case Flow.TRANSFER:
+            body["toUserId"] = transaction.to_user_id
+            body["description"] = transaction.note
+            return body
+        case Flow.REFUND | Flow.REVERSAL:
+            body["refundOf"] = transaction.refund_of
+            body["reason"] = transaction.note
+            return body
+    body["refundedAmount"] = transaction.refunded_amount
+    body["refunds"] = list(transaction.refunds)
+    return body
+
+
+def hold_body(hold: Hold) -> dict[str, Any]:
+    return {
+        "holdId": hold.id,
+        "userId": hold.user_id,
+        "assetSymbol": hold.asset_symbol,
+        "amount": hold.amount,
+        "capturedAmount": hold.captured_amount,
+        "status": hold.status.value,
+        "expiresAt": hold.expires_at,
+        "createdAt": hold.created_at,
+        "endedAt": hold.ended_at,
+        "description": hold.description,
+        "createdBy": hold.created_by,
     }

@@ -40,18 +40,22 @@ ANSWER_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b
 log = structlog.get_logger()
 
 
-def requires(scope: KeyScope) -> dict[str, Any]:
+def requires(*scopes: KeyScope) -> dict[str, Any]:
     """A route's declaration of the scope a key needs for it (read by the gate, and shown in
-    the OpenAPI document with the answers the gate may give)."""
+    the OpenAPI document with the answers the gate may give). With several, the gate lets a key
+    with any of them through and the route checks what the request needs (an atomic batch)."""
+    names = [scope.value for scope in scopes]
     return {
-        "security": [{"bearerAuth": [scope.value]}, {"apiKeyHeader": [scope.value]}],
-        SCOPE_FIELD: scope.value,
+        "security": [
+            {scheme: [name]} for name in names for scheme in ("bearerAuth", "apiKeyHeader")
+        ],
+        SCOPE_FIELD: names[0] if len(names) == 1 else names,
         "responses": {
             "401": _problem_answer(
                 "No key, an unknown key or a revoked key.",
                 {"WWW-Authenticate": "Always Bearer."},
             ),
-            "403": _problem_answer(f"The key lacks the scope {scope.value}."),
+            "403": _problem_answer(f"The key lacks the scope {' or '.join(names)}."),
             "429": _problem_answer(
                 "Over the key's budget; nothing was recorded.",
                 {
@@ -79,18 +83,19 @@ def _problem_answer(description: str, headers: dict[str, str] | None = None) -> 
     return answer
 
 
-def required_scope(route: BaseRoute) -> KeyScope | None:
-    """The scope `route` needs; None for a public one. A route that declares neither is a
-    defect: `scoped` refuses it when the app is built."""
+def required_scope(route: BaseRoute) -> frozenset[KeyScope] | None:
+    """The scopes `route` lets through (a key needs one of them); None for a public route. A
+    route that declares neither is a defect: `scoped` refuses it when the app is built."""
     extra = getattr(route, "openapi_extra", None) or {}
     if SCOPE_FIELD in extra:
-        return KeyScope(extra[SCOPE_FIELD])
+        declared = extra[SCOPE_FIELD]
+        return frozenset(map(KeyScope, [declared] if isinstance(declared, str) else declared))
     if extra.get("security") == [] or getattr(route, "path", None) in PUBLIC_PATHS:
         return None
     raise LookupError(f"route {getattr(route, 'path', route)} declares no scope")
 
 
-def scoped(routes: Sequence[BaseRoute]) -> list[tuple[BaseRoute, KeyScope | None]]:
+def scoped(routes: Sequence[BaseRoute]) -> list[tuple[BaseRoute, frozenset[KeyScope] | None]]:
     """Each route with the scope it needs; raises LookupError for a route that declares none."""
     return [(route, required_scope(route)) for route in routes]
 
@@ -102,7 +107,7 @@ class Gate:
         self,
         app: ASGIApp,
         *,
-        routes: Sequence[tuple[BaseRoute, KeyScope | None]],
+        routes: Sequence[tuple[BaseRoute, frozenset[KeyScope] | None]],
         access: Callable[[], Access],
         rate_limits: Callable[[], RateLimits],
         is_auth_disabled: bool,
@@ -180,7 +185,7 @@ class Gate:
             structlog.contextvars.unbind_contextvars("request_id")
             REQUEST_ID.reset(request_id_token)
 
-    def _route(self, scope: Scope) -> tuple[str, KeyScope | None]:
+    def _route(self, scope: Scope) -> tuple[str, frozenset[KeyScope] | None]:
         """The matching route's template and scope; for no route, or another method's route,
         (UNROUTED, None): routing answers 404 or 405 without asking for a key."""
         fixed = self.fixed_routes.get((scope["path"], scope["method"]))
@@ -217,7 +222,7 @@ class Gate:
         self,
         scope: Scope,
         headers: dict[bytes, bytes],
-        needed: KeyScope,
+        needed: frozenset[KeyScope],
         answer_headers: list[tuple[bytes, bytes]],
     ) -> None:
         """Find the request's key (kept in the scope for the route and the log line), check its
@@ -229,8 +234,8 @@ class Gate:
         try:
             key = await self.access().authenticate(_presented_key(headers))
             scope.setdefault("state", {})["api_key"] = key
-            if not key.allows(needed):
-                raise InsufficientScope(f"this route needs the scope {needed.value}")
+            if not any(key.allows(scope) for scope in needed):
+                raise InsufficientScope(f"this route needs the scope {' or '.join(sorted(needed))}")
         except (Unauthenticated, InsufficientScope) as refusal:
             metrics.AUTH_FAILURES.labels(refusal.code).inc()
             raise

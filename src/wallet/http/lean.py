@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wallet.domain.errors import WalletError
-from wallet.domain.ledger import Flow
+from wallet.domain.ledger import Action
 from wallet.http import schemas
 from wallet.http.errors import problem, unexpected_problem, validation_problem, wallet_problem
 from wallet.http.flows import FLOW_REQUESTS, command_from, transaction_body
@@ -23,7 +23,7 @@ from wallet.http.gate import api_key_of
 from wallet.http.limits import decode_json, read_json_body
 from wallet.service.wallet import Wallet
 
-FLOW_PATHS = {f"/api/v1/wallet/{flow.value}": flow for flow in Flow}
+FLOW_PATHS = {f"/api/v1/wallet/{action.value}": action for action in FLOW_REQUESTS}
 KEY_HEADER = b"idempotency-key"
 key_adapter: TypeAdapter[str] = TypeAdapter(schemas.IdempotencyKey)
 
@@ -44,7 +44,7 @@ class LeanFlows:
         if response is not None:
             await response(scope, receive, send)
 
-    async def _serve(self, flow: Flow, scope: Scope, receive: Receive) -> Response | None:
+    async def _serve(self, flow: Action, scope: Scope, receive: Receive) -> Response | None:
         body = await read_json_body(scope, receive)
         if not isinstance(body, bytes):
             return body

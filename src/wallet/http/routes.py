@@ -5,14 +5,32 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime
 
 from wallet.domain.access import ApiKey, Scope
-from wallet.domain.errors import InvalidRequest
-from wallet.domain.ledger import Entry, Flow, User
+from wallet.domain.errors import InsufficientScope, InvalidRequest
+from wallet.domain.ledger import (
+    Action,
+    Command,
+    Entry,
+    Flow,
+    HoldStatus,
+    Posted,
+    Standing,
+    User,
+)
 from wallet.http import schemas
-from wallet.http.flows import command_from, transaction_body
+from wallet.http.flows import (
+    batch_command,
+    command_from,
+    hold_body,
+    idempotency_key,
+    transaction_body,
+    transfer_command,
+)
 from wallet.http.gate import PUBLIC, api_key_of, requires
 from wallet.service.access import Access
+from wallet.service.audit import checkpoint, checkpoint_json
 from wallet.service.wallet import PageRequest, Wallet
 from wallet.store.migrate import schema_state
 
@@ -54,6 +72,29 @@ Offset = Annotated[
 AssetFilter = Annotated[
     str | None, Query(min_length=1, max_length=32, pattern=schemas.NO_NUL_PATTERN)
 ]
+HoldIdPath = Annotated[
+    str, Path(min_length=1, max_length=64, pattern=schemas.ID_PATTERN, description="A hold's id.")
+]
+TransactionIdPath = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=64,
+        pattern=schemas.NO_NUL_PATTERN,
+        description="A transaction's id.",
+    ),
+]
+At = Annotated[
+    AwareDatetime | None,
+    Query(description="RFC 3339 with an offset: the balance as it was at that moment."),
+]
+# What each operation of an atomic batch needs of the key.
+BATCH_SCOPES = {
+    "topup": Scope.WALLET_CREDIT,
+    "bonus": Scope.WALLET_CREDIT,
+    "spend": Scope.WALLET_DEBIT,
+    "transfer": Scope.WALLET_DEBIT,
+}
 
 
 def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -71,7 +112,7 @@ def _problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
 READ_PROBLEMS = _problems(404, 422, 503)
 
 
-def _flow_responses(model: type[schemas.TransactionBase]) -> dict[int | str, dict[str, Any]]:
+def _flow_responses(model: Any) -> dict[int | str, dict[str, Any]]:
     replay = {
         "model": model,
         "description": "A replay: this key already applied this request; nothing ran again.",
@@ -110,6 +151,20 @@ def _user_body(user: User) -> dict[str, Any]:
     return {"id": user.id, "email": user.email, "name": user.name, "createdAt": user.created_at}
 
 
+def _created_by(request: Request) -> str | None:
+    api_key = api_key_of(request.scope)
+    return api_key.id if api_key else None
+
+
+def _standing_body(standing: Standing) -> dict[str, Any]:
+    return {
+        "assetSymbol": standing.asset_symbol,
+        "balance": standing.balance,
+        "held": standing.held,
+        "available": standing.available,
+    }
+
+
 def _entry_body(entry: Entry) -> dict[str, Any]:
     return {
         "entryId": entry.id,
@@ -120,19 +175,28 @@ def _entry_body(entry: Entry) -> dict[str, Any]:
         "amount": entry.amount,
         "balanceAfter": entry.balance_after,
         "createdAt": entry.created_at,
+        "chainHash": entry.chain_hash,
     }
 
 
-async def _execute(
-    request: Request, response: Response, flow: Flow, body: schemas.FlowRequest, key: str | None
-) -> dict[str, Any]:
-    api_key = api_key_of(request.scope)
-    command = command_from(flow, body, header_key=key, created_by=api_key.id if api_key else None)
+async def _execute(request: Request, response: Response, command: Command) -> Posted:
+    """Run the command; a replay answers 200 with Idempotent-Replayed."""
     posted = await _wallet(request).execute(command)
     if posted.is_replay:
         response.status_code = 200
         response.headers["Idempotent-Replayed"] = "true"
-    return transaction_body(posted.transaction)
+    return posted
+
+
+async def _execute_flow(
+    request: Request,
+    response: Response,
+    action: Action,
+    body: schemas.FlowRequest,
+    key: str | None,
+) -> dict[str, Any]:
+    command = command_from(action, body, header_key=key, created_by=_created_by(request))
+    return transaction_body((await _execute(request, response, command)).transaction)
 
 
 @router.get(
@@ -221,7 +285,7 @@ async def get_user(request: Request, userId: UserIdPath) -> Any:
 async def topup(
     request: Request, response: Response, body: schemas.TopupRequest, key: KeyHeader = None
 ) -> Any:
-    return await _execute(request, response, Flow.TOPUP, body, key)
+    return await _execute_flow(request, response, Action.TOPUP, body, key)
 
 
 @router.post(
@@ -235,7 +299,7 @@ async def topup(
 async def bonus(
     request: Request, response: Response, body: schemas.BonusRequest, key: KeyHeader = None
 ) -> Any:
-    return await _execute(request, response, Flow.BONUS, body, key)
+    return await _execute_flow(request, response, Action.BONUS, body, key)
 
 
 @router.post(
@@ -249,32 +313,217 @@ async def bonus(
 async def spend(
     request: Request, response: Response, body: schemas.SpendRequest, key: KeyHeader = None
 ) -> Any:
-    return await _execute(request, response, Flow.SPEND, body, key)
+    return await _execute_flow(request, response, Action.SPEND, body, key)
+
+
+@router.post(
+    "/wallet/transfer",
+    status_code=201,
+    response_model=schemas.TransferTransaction,
+    responses=_flow_responses(schemas.TransferTransaction),
+    summary="User → user; 422 insufficient_funds when the sender is short",
+    openapi_extra=requires(Scope.WALLET_DEBIT),
+)
+async def transfer(
+    request: Request, response: Response, body: schemas.TransferRequest, key: KeyHeader = None
+) -> Any:
+    command = transfer_command(
+        body,
+        key=idempotency_key(body.idempotencyKey, key),
+        created_by=_created_by(request),
+    )
+    return transaction_body((await _execute(request, response, command)).transaction)
+
+
+@router.post(
+    "/wallet/batch",
+    status_code=201,
+    response_model=schemas.BatchOut,
+    responses=_flow_responses(schemas.BatchOut),
+    summary="Up to 100 flows that all apply, in order, or none does",
+    description="Operation i's transaction has the idempotency key `<idempotencyKey>:<i>`. "
+    "A failure answers with the first failing operation's status and code, and its "
+    "`operationIndex`; nothing is recorded. The key needs the scope of every operation.",
+    openapi_extra=requires(Scope.WALLET_CREDIT, Scope.WALLET_DEBIT),
+)
+async def batch(
+    request: Request, response: Response, body: schemas.BatchRequest, key: KeyHeader = None
+) -> Any:
+    api_key = api_key_of(request.scope)
+    for index, op in enumerate(body.operations):
+        needed = BATCH_SCOPES[op.type]
+        if api_key is not None and not api_key.allows(needed):
+            raise InsufficientScope(f"operation {index} ({op.type}) needs the scope {needed.value}")
+    command = batch_command(
+        body, key=idempotency_key(body.idempotencyKey, key), created_by=_created_by(request)
+    )
+    posted = await _execute(request, response, command)
+    return {"transactions": [transaction_body(t) for t in posted.transactions]}
+
+
+@router.post(
+    "/wallet/holds",
+    status_code=201,
+    response_model=schemas.HoldOut,
+    responses=_flow_responses(schemas.HoldOut),
+    summary="Reserve part of a balance; 422 insufficient_funds when not available",
+    openapi_extra=requires(Scope.WALLET_DEBIT),
+)
+async def create_hold(
+    request: Request, response: Response, body: schemas.HoldRequest, key: KeyHeader = None
+) -> Any:
+    command = command_from(Action.HOLD, body, header_key=key, created_by=_created_by(request))
+    posted = await _execute(request, response, command)
+    assert posted.hold is not None
+    return hold_body(posted.hold)
+
+
+@router.post(
+    "/wallet/holds/{holdId}/capture",
+    status_code=201,
+    response_model=schemas.Capture,
+    responses=_flow_responses(schemas.Capture),
+    summary="Spend (part of) a hold; the rest is released",
+    openapi_extra=requires(Scope.WALLET_DEBIT),
+)
+async def capture_hold(
+    request: Request,
+    response: Response,
+    holdId: HoldIdPath,
+    body: schemas.CaptureRequest,
+    key: KeyHeader = None,
+) -> Any:
+    command = Command(
+        action=Action.CAPTURE,
+        idempotency_key=idempotency_key(body.idempotencyKey, key),
+        reference=holdId,
+        amount=body.amount,
+        note=body.description,
+        created_by=_created_by(request),
+    )
+    posted = await _execute(request, response, command)
+    assert posted.hold is not None
+    return {"hold": hold_body(posted.hold), "transaction": transaction_body(posted.transaction)}
+
+
+@router.post(
+    "/wallet/holds/{holdId}/release",
+    response_model=schemas.HoldOut,
+    responses=_problems(400, 404, 409, 413, 415, 422, 503),
+    summary="End a hold; nothing moves",
+    description="A replay answers 200 too, with Idempotent-Replayed: true.",
+    openapi_extra=requires(Scope.WALLET_DEBIT),
+)
+async def release_hold(
+    request: Request,
+    response: Response,
+    holdId: HoldIdPath,
+    body: schemas.ReleaseRequest,
+    key: KeyHeader = None,
+) -> Any:
+    command = Command(
+        action=Action.RELEASE,
+        idempotency_key=idempotency_key(body.idempotencyKey, key),
+        reference=holdId,
+        created_by=_created_by(request),
+    )
+    posted = await _execute(request, response, command)
+    assert posted.hold is not None
+    return hold_body(posted.hold)
+
+
+@router.get(
+    "/wallet/holds/{holdId}",
+    response_model=schemas.HoldOut,
+    responses=READ_PROBLEMS,
+    openapi_extra=requires(Scope.WALLET_READ),
+)
+async def get_hold(request: Request, holdId: HoldIdPath) -> Any:
+    return hold_body(await _wallet(request).hold(hold_id=holdId))
+
+
+@router.get(
+    "/wallet/holds",
+    response_model=schemas.HoldPage,
+    responses=READ_PROBLEMS,
+    openapi_extra=requires(Scope.WALLET_READ),
+)
+async def list_holds(
+    request: Request,
+    userId: Annotated[
+        str | None, Query(min_length=1, max_length=64, pattern=schemas.ID_PATTERN)
+    ] = None,
+    status: HoldStatus | None = None,
+    limit: Limit = 50,
+    cursor: Cursor = None,
+    offset: Offset = None,
+) -> Any:
+    items, next_seq = await _wallet(request).holds(
+        user_id=userId, status=status, page=_page(limit, cursor, offset)
+    )
+    return {"items": [hold_body(h) for h in items], "nextCursor": _encode_cursor(next_seq)}
+
+
+@router.post(
+    "/wallet/transactions/{transactionId}/refund",
+    status_code=201,
+    response_model=schemas.RefundOrReversal,
+    responses=_flow_responses(schemas.RefundOrReversal),
+    summary="Refund a spend, or reverse a top-up or bonus",
+    openapi_extra=requires(Scope.WALLET_REFUND),
+)
+async def refund(
+    request: Request,
+    response: Response,
+    transactionId: TransactionIdPath,
+    body: schemas.RefundRequest,
+    key: KeyHeader = None,
+) -> Any:
+    command = Command(
+        action=Action.REFUND,
+        idempotency_key=idempotency_key(body.idempotencyKey, key),
+        reference=transactionId,
+        amount=body.amount,
+        note=body.reason,
+        created_by=_created_by(request),
+    )
+    return transaction_body((await _execute(request, response, command)).transaction)
 
 
 @router.get(
     "/wallet/balance/{userId}/{assetSymbol}",
-    response_model=schemas.Balance,
+    response_model=schemas.Balance | schemas.BalanceAt,
     responses=READ_PROBLEMS,
     openapi_extra=requires(Scope.WALLET_READ),
 )
-async def balance(request: Request, userId: UserIdPath, assetSymbol: AssetPath) -> Any:
-    amount = await _wallet(request).balance(user_id=userId, asset_symbol=assetSymbol)
-    return {"userId": userId, "assetSymbol": assetSymbol, "balance": amount}
+async def balance(
+    request: Request, userId: UserIdPath, assetSymbol: AssetPath, at: At = None
+) -> Any:
+    if at is not None:
+        ((_, amount),) = await _wallet(request).balances_at(
+            user_id=userId, at=at, asset_symbol=assetSymbol
+        )
+        return {"userId": userId, "assetSymbol": assetSymbol, "balance": amount, "at": at}
+    (standing,) = await _wallet(request).standings(user_id=userId, asset_symbol=assetSymbol)
+    return {"userId": userId, **_standing_body(standing)}
 
 
 @router.get(
     "/wallet/balances/{userId}",
-    response_model=schemas.Balances,
+    response_model=schemas.Balances | schemas.BalancesAt,
     responses=READ_PROBLEMS,
     openapi_extra=requires(Scope.WALLET_READ),
 )
-async def balances(request: Request, userId: UserIdPath) -> Any:
-    rows = await _wallet(request).balances(user_id=userId)
-    return {
-        "userId": userId,
-        "balances": [{"assetSymbol": symbol, "balance": amount} for symbol, amount in rows],
-    }
+async def balances(request: Request, userId: UserIdPath, at: At = None) -> Any:
+    if at is not None:
+        rows_at = await _wallet(request).balances_at(user_id=userId, at=at)
+        return {
+            "userId": userId,
+            "balances": [{"assetSymbol": symbol, "balance": amount} for symbol, amount in rows_at],
+            "at": at,
+        }
+    rows = await _wallet(request).standings(user_id=userId)
+    return {"userId": userId, "balances": [_standing_body(s) for s in rows]}
 
 
 @router.get(
@@ -289,11 +538,23 @@ async def transactions(
     limit: Limit = 50,
     cursor: Cursor = None,
     offset: Offset = None,
-    type: Annotated[Flow | None, Query(description="Only this flow.")] = None,
+    type: Annotated[Flow | None, Query(description="Only this type.")] = None,
     assetSymbol: AssetFilter = None,
+    since: Annotated[
+        AwareDatetime | None,
+        Query(alias="from", description="RFC 3339: created at or after it."),
+    ] = None,
+    until: Annotated[
+        AwareDatetime | None, Query(alias="to", description="RFC 3339: created at or before it.")
+    ] = None,
 ) -> Any:
     items, next_seq = await _wallet(request).history(
-        user_id=userId, flow=type, asset_symbol=assetSymbol, page=_page(limit, cursor, offset)
+        user_id=userId,
+        flow=type,
+        asset_symbol=assetSymbol,
+        since=since,
+        until=until,
+        page=_page(limit, cursor, offset),
     )
     return {"items": [transaction_body(t) for t in items], "nextCursor": _encode_cursor(next_seq)}
 
@@ -307,9 +568,7 @@ async def transactions(
 async def transaction(
     request: Request,
     userId: UserIdPath,
-    transactionId: Annotated[
-        str, Path(min_length=1, max_length=64, pattern=schemas.NO_NUL_PATTERN)
-    ],
+    transactionId: TransactionIdPath,
 ) -> Any:
     found, found_entries = await _wallet(request).transaction(
         user_id=userId, transaction_id=transactionId
@@ -335,6 +594,19 @@ async def ledger(
         user_id=userId, asset_symbol=assetSymbol, page=_page(limit, cursor, offset)
     )
     return {"items": [_entry_body(e) for e in items], "nextCursor": _encode_cursor(next_seq)}
+
+
+@router.get(
+    "/ledger/checkpoint",
+    response_model=schemas.Checkpoint,
+    responses=_problems(503),
+    summary="The newest link of every hash chain, to keep outside the database",
+    description="`wallet verify --checkpoint FILE` proves that the ledger still extends a "
+    "checkpoint kept this way (docs/LEDGER.md).",
+    openapi_extra=requires(Scope.ADMIN),
+)
+async def ledger_checkpoint(request: Request) -> Any:
+    return checkpoint_json(await checkpoint(_wallet(request).database))
 
 
 def _key_body(key: ApiKey) -> dict[str, Any]:

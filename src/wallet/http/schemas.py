@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 from wallet.domain.access import Scope
-from wallet.domain.ledger import MAX_AMOUNT, SYSTEM_PREFIX
+from wallet.domain.ledger import MAX_AMOUNT, MAX_HOLD_S, SYSTEM_PREFIX
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]+$"
 # PostgreSQL text cannot hold NUL, so every other string refuses it at the edge.
@@ -95,6 +95,88 @@ class SpendRequest(FlowRequest):
     description: FreeText | None = None
 
 
+class TransferRequest(Strict):
+    fromUserId: UserIdText
+    toUserId: UserIdText
+    assetSymbol: AssetSymbol
+    amount: Amount
+    idempotencyKey: IdempotencyKey | None = Field(
+        default=None,
+        description="Or the Idempotency-Key header; if both are given they must match.",
+    )
+    description: FreeText | None = None
+
+
+class HoldRequest(FlowRequest):
+    expiresInSeconds: Annotated[int, Field(strict=True, ge=1, le=MAX_HOLD_S)] = Field(
+        default=900, description="How long the hold lasts unless captured or released."
+    )
+    description: FreeText | None = None
+
+
+class KeyedRequest(Strict):
+    idempotencyKey: IdempotencyKey | None = Field(
+        default=None,
+        description="Or the Idempotency-Key header; if both are given they must match.",
+    )
+
+
+class CaptureRequest(KeyedRequest):
+    amount: Amount | None = Field(default=None, description="Default: the hold's whole amount.")
+    description: FreeText | None = None
+
+
+class ReleaseRequest(KeyedRequest):
+    pass
+
+
+class RefundRequest(KeyedRequest):
+    amount: Amount | None = Field(default=None, description="Default: what is left to refund.")
+    reason: FreeText | None = None
+
+
+class BatchTopup(Strict):
+    type: Literal["topup"]
+    userId: UserIdText
+    assetSymbol: AssetSymbol
+    amount: Amount
+    metadata: Metadata | None = None
+
+
+class BatchBonus(Strict):
+    type: Literal["bonus"]
+    userId: UserIdText
+    assetSymbol: AssetSymbol
+    amount: Amount
+    reason: FreeText | None = None
+
+
+class BatchSpend(Strict):
+    type: Literal["spend"]
+    userId: UserIdText
+    assetSymbol: AssetSymbol
+    amount: Amount
+    description: FreeText | None = None
+
+
+class BatchTransfer(Strict):
+    type: Literal["transfer"]
+    fromUserId: UserIdText
+    toUserId: UserIdText
+    assetSymbol: AssetSymbol
+    amount: Amount
+    description: FreeText | None = None
+
+
+BatchOperation = Annotated[
+    BatchTopup | BatchBonus | BatchSpend | BatchTransfer, Field(discriminator="type")
+]
+
+
+class BatchRequest(KeyedRequest):
+    operations: list[BatchOperation] = Field(min_length=1, max_length=100)
+
+
 class NewUser(Strict):
     id: NewUserId | None = Field(default=None, description="Made by the service when absent.")
     email: Annotated[str, StringConstraints(max_length=320, pattern=EMAIL_PATTERN)]
@@ -116,13 +198,14 @@ class AssetOut(BaseModel):
 
 class TransactionBase(BaseModel):
     transactionId: str
-    type: Literal["topup", "bonus", "spend"]
+    type: Literal["topup", "bonus", "spend", "transfer", "refund", "reversal"]
     status: Literal["completed"]
     userId: str
     assetSymbol: str
     amount: int
     balanceAfter: int = Field(
-        description="The user's balance of the asset right after this transaction."
+        description="The balance of the asset right after this transaction of the user whose "
+        "list it is (a transfer's sender in the transfer's own response)."
     )
     idempotencyKey: str
     createdBy: str | None = Field(
@@ -132,23 +215,68 @@ class TransactionBase(BaseModel):
     createdAt: datetime
 
 
+RefundedAmount = Annotated[int, Field(description="The sum of its refunds or reversals so far.")]
+Refunds = Annotated[
+    list[str], Field(description="The ids of its refunds or reversals, oldest first.")
+]
+
+
 class TopupTransaction(TransactionBase):
     type: Literal["topup"]
     metadata: dict[str, str] | None
+    refundedAmount: RefundedAmount
+    refunds: Refunds
 
 
 class BonusTransaction(TransactionBase):
     type: Literal["bonus"]
     reason: str | None
+    refundedAmount: RefundedAmount
+    refunds: Refunds
 
 
 class SpendTransaction(TransactionBase):
     type: Literal["spend"]
     description: str | None
+    holdId: str | None = Field(description="The hold this spend captured, if any.")
+    refundedAmount: RefundedAmount
+    refunds: Refunds
 
 
+class TransferTransaction(TransactionBase):
+    type: Literal["transfer"]
+    toUserId: str = Field(description="The receiver; `userId` is the sender.")
+    description: str | None
+
+
+class RefundTransaction(TransactionBase):
+    type: Literal["refund"]
+    refundOf: str = Field(description="The spend it gives back.")
+    reason: str | None
+
+
+class ReversalTransaction(TransactionBase):
+    type: Literal["reversal"]
+    refundOf: str = Field(description="The top-up or bonus it takes back.")
+    reason: str | None
+
+
+TRANSACTION_MODELS: tuple[type[TransactionBase], ...] = (
+    TopupTransaction,
+    BonusTransaction,
+    SpendTransaction,
+    TransferTransaction,
+    RefundTransaction,
+    ReversalTransaction,
+)
 AnyTransaction = Annotated[
-    TopupTransaction | BonusTransaction | SpendTransaction, Field(discriminator="type")
+    TopupTransaction
+    | BonusTransaction
+    | SpendTransaction
+    | TransferTransaction
+    | RefundTransaction
+    | ReversalTransaction,
+    Field(discriminator="type"),
 ]
 
 
@@ -161,23 +289,85 @@ class EntryOut(BaseModel):
     amount: int
     balanceAfter: int
     createdAt: datetime
+    chainHash: str = Field(
+        description="This entry's link in its account's chain (docs/LEDGER.md, version 2)."
+    )
+
+
+Entries = Annotated[list[EntryOut], Field(description="Both sides, in the order written.")]
 
 
 class TopupDetail(TopupTransaction):
-    entries: list[EntryOut]
+    entries: Entries
 
 
 class BonusDetail(BonusTransaction):
-    entries: list[EntryOut]
+    entries: Entries
 
 
 class SpendDetail(SpendTransaction):
-    entries: list[EntryOut]
+    entries: Entries
+
+
+class TransferDetail(TransferTransaction):
+    entries: Entries
+
+
+class RefundDetail(RefundTransaction):
+    entries: Entries
+
+
+class ReversalDetail(ReversalTransaction):
+    entries: Entries
 
 
 AnyTransactionDetail = Annotated[
-    TopupDetail | BonusDetail | SpendDetail, Field(discriminator="type")
+    TopupDetail | BonusDetail | SpendDetail | TransferDetail | RefundDetail | ReversalDetail,
+    Field(discriminator="type"),
 ]
+
+
+RefundOrReversal = Annotated[RefundTransaction | ReversalTransaction, Field(discriminator="type")]
+
+
+class HoldOut(BaseModel):
+    holdId: str
+    userId: str
+    assetSymbol: str
+    amount: int
+    capturedAmount: int
+    status: Literal["held", "captured", "released", "expired"]
+    expiresAt: datetime
+    createdAt: datetime
+    endedAt: datetime | None
+    description: str | None
+    createdBy: str | None
+
+
+class Capture(BaseModel):
+    hold: HoldOut
+    transaction: SpendTransaction
+
+
+class BatchOut(BaseModel):
+    transactions: list[AnyTransaction]
+
+
+class HoldPage(BaseModel):
+    items: list[HoldOut]
+    nextCursor: str | None
+
+
+class ChainHead(BaseModel):
+    account: str
+    assetSymbol: str
+    chainHash: str
+    entries: int = Field(description="How many entries the chain has; chainHash is the last's.")
+
+
+class Checkpoint(BaseModel):
+    at: datetime
+    chains: list[ChainHead]
 
 
 class UserPage(BaseModel):
@@ -199,16 +389,38 @@ class Balance(BaseModel):
     userId: str
     assetSymbol: str
     balance: int
+    held: int = Field(description="The sum of the user's active holds of the asset.")
+    available: int = Field(description="balance - held: what a spend, transfer or hold can use.")
+
+
+class BalanceAt(BaseModel):
+    userId: str
+    assetSymbol: str
+    balance: int = Field(description="The balance right after the last entry at or before `at`.")
+    at: datetime
 
 
 class AssetBalance(BaseModel):
     assetSymbol: str
     balance: int
+    held: int
+    available: int
 
 
 class Balances(BaseModel):
     userId: str
     balances: list[AssetBalance]
+
+
+class AssetBalanceAt(BaseModel):
+    assetSymbol: str
+    balance: int
+
+
+class BalancesAt(BaseModel):
+    userId: str
+    balances: list[AssetBalanceAt]
+    at: datetime
 
 
 class Health(BaseModel):
@@ -231,6 +443,9 @@ class Problem(BaseModel):
     code: str
     requestId: str | None = Field(description="The request's X-Request-ID.")
     errors: list[FieldError] | None = Field(default=None, description="With validation_error only.")
+    operationIndex: int | None = Field(
+        default=None, description="In an atomic batch's failure: the operation that failed."
+    )
 
 
 class Ready(BaseModel):

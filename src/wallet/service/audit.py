@@ -1,12 +1,20 @@
-"""`wallet verify`: recomputes every balance from the ledger and checks every invariant."""
+"""`wallet verify`: recomputes every balance and every hash link from the ledger and checks every
+invariant; a checkpoint records the newest link of every chain, so that a later verify can prove
+the ledger still extends it (nothing kept in the database alone can show a truncation)."""
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wallet.domain.ledger import GENESIS_LINK, link
 from wallet.store import audit
 from wallet.store.database import Database
+
+Chain = tuple[str, str]  # (account, asset)
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,16 +27,130 @@ class Check:
         return not self.failures
 
 
-async def verify(database: Database) -> list[Check]:
-    """Run every check in one consistent read; each lists what it found wrong."""
+@dataclass(frozen=True, slots=True)
+class ChainHead:
+    """The newest link of one (account, asset) chain, and how many entries lead to it."""
+
+    account: str
+    asset_symbol: str
+    chain_hash: str
+    entries: int
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The head of every chain with entries, read in one snapshot, by account then asset."""
+
+    at: datetime
+    chains: list[ChainHead]
+
+
+class InvalidCheckpoint(ValueError):
+    """The text is not a checkpoint; the message says what is wrong with it."""
+
+
+async def checkpoint(database: Database) -> Checkpoint:
+    """The newest link and length of every chain, in one consistent read."""
+    async with database.transaction(is_write=False, is_snapshot=True) as connection:
+        rows = await audit.chain_heads(connection)
+        # Taken after the read: every entry the checkpoint covers was made before `at`.
+        at = datetime.now(UTC)
+    return Checkpoint(
+        at=at,
+        chains=[ChainHead(r.account_id, r.asset_symbol, r.chain_hash, r.entry_count) for r in rows],
+    )
+
+
+def checkpoint_json(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The checkpoint as the API shows it: `{"at", "chains": [{"account", "assetSymbol",
+    "chainHash", "entries"}]}`, `at` in RFC 3339, UTC."""
+    return {
+        "at": checkpoint.at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "chains": [
+            {
+                "account": chain.account,
+                "assetSymbol": chain.asset_symbol,
+                "chainHash": chain.chain_hash,
+                "entries": chain.entries,
+            }
+            for chain in checkpoint.chains
+        ],
+    }
+
+
+def parse_checkpoint(text: str | bytes) -> Checkpoint:
+    """A checkpoint from its JSON (what `checkpoint_json` makes); InvalidCheckpoint otherwise."""
+    try:
+        document = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise InvalidCheckpoint(f"not JSON: {error}") from None
+    if not isinstance(document, dict) or set(document) != {"at", "chains"}:
+        raise InvalidCheckpoint('not a checkpoint: expected an object with "at" and "chains"')
+    at = _parse_moment(document["at"])
+    chains = document["chains"]
+    if not isinstance(chains, list):
+        raise InvalidCheckpoint('"chains" is not a list')
+    heads = [_parse_chain(index, chain) for index, chain in enumerate(chains)]
+    if len({(head.account, head.asset_symbol) for head in heads}) != len(heads):
+        raise InvalidCheckpoint('"chains" names a chain twice')
+    return Checkpoint(at=at, chains=heads)
+
+
+def _parse_moment(value: object) -> datetime:
+    try:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidCheckpoint('"at" is not an RFC 3339 timestamp') from None
+    if moment.tzinfo is None:
+        raise InvalidCheckpoint('"at" has no time zone')
+    return moment
+
+
+def _parse_chain(index: int, chain: object) -> ChainHead:
+    keys = {"account", "assetSymbol", "chainHash", "entries"}
+    if not isinstance(chain, dict) or set(chain) != keys:
+        raise InvalidCheckpoint(f"chain {index} is not an object of {', '.join(sorted(keys))}")
+    account, asset, chain_hash, entries = (
+        chain["account"],
+        chain["assetSymbol"],
+        chain["chainHash"],
+        chain["entries"],
+    )
+    if not (isinstance(account, str) and account and isinstance(asset, str) and asset):
+        raise InvalidCheckpoint(f"chain {index}: account and assetSymbol must be strings")
+    if not (
+        isinstance(chain_hash, str)
+        and len(chain_hash) == len(GENESIS_LINK)
+        and all(c in "0123456789abcdef" for c in chain_hash)
+    ):
+        raise InvalidCheckpoint(f"chain {index}: chainHash must be 64 lowercase hex digits")
+    if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1:
+        raise InvalidCheckpoint(f"chain {index}: entries must be a whole number from 1")
+    return ChainHead(account, asset, chain_hash, entries)
+
+
+async def verify(
+    database: Database, *, checkpoint: Checkpoint | None = None, checkpoint_name: str = ""
+) -> list[Check]:
+    """Run every check in one consistent read; each lists what it found wrong. With a
+    checkpoint, also check that every chain it records still leads through its link."""
+    pinned = {(c.account, c.asset_symbol): c for c in checkpoint.chains} if checkpoint else {}
     async with database.transaction(is_write=False, is_snapshot=True) as connection:
         sums = await audit.nonzero_asset_sums(connection)
         off = await audit.balances_off_ledger(connection)
         orphans = await audit.entries_without_balance(connection)
         pairs = await audit.broken_pairs(connection)
         chains = await audit.broken_chains(connection)
-        links = await _broken_links(connection)
-    return [
+        links, unextended = await _walk_chains(connection, pinned)
+        counts = await audit.miscounted_chains(connection)
+        held = await audit.held_off_holds(connection)
+        overcaptured = await audit.overcaptured_holds(connection)
+        unmatched = await audit.captures_without_their_spend(connection)
+        stray_captures = await audit.captures_of_holds_not_captured(connection)
+        refunds = await audit.refunds_off_originals(connection)
+    checks = [
         Check("per-asset balances sum to zero", [f"{r.asset_symbol}: {r.total}" for r in sums]),
         Check(
             "balances equal their ledger replay",
@@ -38,7 +160,7 @@ async def verify(database: Database) -> list[Check]:
             ]
             + [f"{r.account_id} {r.asset_symbol}: entries without a balance" for r in orphans],
         ),
-        Check(
+        Check(  # of its amount and asset, between the accounts its type moves money between
             "each transaction has one debit and one credit", [f"transaction {r.id}" for r in pairs]
         ),
         Check(
@@ -46,39 +168,117 @@ async def verify(database: Database) -> list[Check]:
             [f"entry {r.id} ({r.account_id} {r.asset_symbol})" for r in chains],
         ),
         Check("hash chains are unbroken", links),
+        Check(
+            "entry counts match their chains",
+            [
+                f"{r.account_id} {r.asset_symbol}: entry count {r.entry_count}, chain {r.entries}"
+                for r in counts
+            ],
+        ),
+        Check(
+            "held sums match the holds",
+            [
+                f"{r.account_id} {r.asset_symbol}: "
+                + ("no balance row" if r.held is None else f"held {r.held}")
+                + f", holds {r.holds}"
+                for r in held
+            ],
+        ),
+        Check(
+            "captures match their holds",
+            [f"hold {r.id}: captured {r.captured_amount} of {r.amount}" for r in overcaptured]
+            + [
+                f"hold {r.id}: captured {r.captured_amount}, but "
+                + (
+                    "its transaction is not a spend of that amount by its user in its asset"
+                    if r.transactions == 1
+                    else f"{r.transactions} transactions capture it"
+                )
+                for r in unmatched
+            ]
+            + [
+                f"transaction {r.id}: captures hold {r.hold_id}, which is "
+                + (r.status or "missing")
+                for r in stray_captures
+            ],
+        ),
+        Check(
+            "refunds stay within their originals",
+            [
+                f"transaction {r.id}: amount {r.amount}, refundedAmount {r.refunded_amount}, "
+                f"refunds {r.refunds}"
+                for r in refunds
+            ],
+        ),
     ]
+    if checkpoint is not None:
+        checks.append(Check(f"the ledger extends checkpoint {checkpoint_name}", unextended))
+    return checks
 
 
-async def _broken_links(connection: AsyncConnection) -> list[str]:
-    """The first broken link of each (account, asset) chain, and every balance row whose newest
-    link is not its chain's last: an entry edited, deleted or reordered outside the service."""
+async def _walk_chains(
+    connection: AsyncConnection, pinned: Mapping[Chain, ChainHead]
+) -> tuple[list[str], list[str]]:
+    """One pass over every chain, oldest entry first. Returns the broken links (the first of
+    each chain, each balance row whose newest link is not its chain's last, each newest link
+    recorded for a chain without entries: an entry or its transaction edited, deleted or
+    reordered outside the service) and the chains that do not extend `pinned` (a checkpoint):
+    truncated below its length, or with another link at its position (rewritten)."""
     broken: list[str] = []
-    chain: tuple[str, str] | None = None
+    unextended: list[str] = []
+    awaited = dict(pinned)  # the checkpoint's chains not yet walked
+    chain: Chain | None = None
     previous = GENESIS_LINK
     head: str | None = None
     is_broken = False
+    position = 0
 
-    def check_head() -> None:
-        if chain is not None and head != previous:
+    def end_chain() -> None:
+        if chain is None:
+            return
+        if head != previous:
             broken.append(
                 f"{chain[0]} {chain[1]}: the balance's newest link is not the last entry's"
             )
+        expected = awaited.pop(chain, None)
+        if expected is not None and position < expected.entries:
+            unextended.append(_truncated(chain, position, expected))
 
-    async for entry, entry_head in audit.entries_by_chain(connection):
+    async for entry, transaction, entry_head in audit.entries_by_chain(connection):
         if (entry.account_id, entry.asset_symbol) != chain:
-            check_head()
-            chain, previous, head, is_broken = (
-                (entry.account_id, entry.asset_symbol),
-                GENESIS_LINK,
-                entry_head,
-                False,
-            )
-        if not is_broken and link(previous, entry) != entry.chain_hash:
+            end_chain()
+            chain = (entry.account_id, entry.asset_symbol)
+            previous, head, is_broken, position = GENESIS_LINK, entry_head, False, 0
+        position += 1
+        if not is_broken and (
+            transaction is None or link(previous, entry, transaction) != entry.chain_hash
+        ):
+            missing = " (its transaction is missing)" if transaction is None else ""
             broken.append(
-                f"entry {entry.id} ({entry.account_id} {entry.asset_symbol}): first broken link"
+                f"entry {entry.id} ({entry.account_id} {entry.asset_symbol}): "
+                f"first broken link{missing}"
             )
             is_broken = True
+        expected = awaited.get(chain)
+        if (
+            expected is not None
+            and position == expected.entries
+            and entry.chain_hash != expected.chain_hash
+        ):
+            unextended.append(
+                f"{chain[0]} {chain[1]}: entry {position} ({entry.id}) is not the checkpoint's link"
+                " (rewritten)"
+            )
         previous = entry.chain_hash
-    check_head()
+    end_chain()
+    unextended += [_truncated(chain, 0, expected) for chain, expected in awaited.items()]
     rows = await audit.linked_balances_without_entries(connection)
-    return broken + [f"{r.account_id} {r.asset_symbol}: a newest link but no entry" for r in rows]
+    broken += [f"{r.account_id} {r.asset_symbol}: a newest link but no entry" for r in rows]
+    return broken, unextended
+
+
+def _truncated(chain: Chain, entries: int, expected: ChainHead) -> str:
+    return (
+        f"{chain[0]} {chain[1]}: {entries} of the checkpoint's {expected.entries} entries left "
+        "(truncated)"
+    )

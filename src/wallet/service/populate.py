@@ -15,11 +15,13 @@ from wallet.domain.ledger import (
     EPOCH,
     GENESIS_LINK,
     AccountId,
+    Action,
     Command,
     Direction,
     Entry,
     Flow,
     SystemAccount,
+    Transaction,
     TransactionId,
     UserId,
     is_system_account,
@@ -90,7 +92,7 @@ async def prepare_users(database: Database, *, count: int) -> None:
                 )
         commands = [
             Command(
-                flow=Flow.TOPUP,
+                action=Action.TOPUP,
                 user_id=bench_user(index),
                 asset_symbol=ASSET,
                 amount=FUNDING,
@@ -133,7 +135,7 @@ async def load_ledger(
     async with database.transaction(is_write=True) as connection:
         # Writers wait until the load commits, so the system balances read here stay true.
         await bulk.lock_ledger(connection)
-        system_before = {(str(s), a): (0, GENESIS_LINK) for s in SYSTEM for a in ASSETS}
+        system_before = {(str(s), a): (0, GENESIS_LINK, 0) for s in SYSTEM for a in ASSETS}
         system_before.update(await bulk.balances_of_accounts(connection, [str(s) for s in SYSTEM]))
         latest = await bulk.latest_created_at(connection)
         span_us = users + transactions + 1000
@@ -162,9 +164,10 @@ async def load_ledger(
         await bulk.upsert_balances(
             connection,
             {
-                key: (balance, generator.system_links[key])
+                key: head
                 for key, balance in generator.system_balances.items()
-                if (balance, generator.system_links[key]) != system_before[key]
+                if (head := (balance, generator.system_links[key], generator.system_counts[key]))
+                != system_before[key]
             },
         )
     return Loaded(
@@ -220,7 +223,7 @@ class LedgerGenerator:
         users: int,
         tag: str,
         first_us: int,
-        system_balances: dict[tuple[str, str], tuple[int, str]],
+        system_balances: dict[tuple[str, str], tuple[int, str, int]],
     ) -> None:
         self.users = users
         self.tag = tag
@@ -231,8 +234,10 @@ class LedgerGenerator:
         self.rng = random.Random(self.tag_bits)
         self.user_balances = array("q", [NO_ROW]) * (users * len(ASSETS))
         self.user_links = bytearray(32 * users * len(ASSETS))  # all zero: GENESIS_LINK
-        self.system_balances = {key: balance for key, (balance, _) in system_balances.items()}
-        self.system_links = {key: link for key, (_, link) in system_balances.items()}
+        self.user_counts = array("q", [0]) * (users * len(ASSETS))  # entries per user chain
+        self.system_balances = {key: balance for key, (balance, _, _) in system_balances.items()}
+        self.system_links = {key: link for key, (_, link, _) in system_balances.items()}
+        self.system_counts = {key: count for key, (_, _, count) in system_balances.items()}
         self.made = 0
 
     def user_id(self, index: int) -> str:
@@ -298,7 +303,7 @@ class LedgerGenerator:
             transaction_id = _uuid7(moment_us, self.tag_bits, number)
             key = f"populate-{self.tag}-{number}"
             fingerprint = Command(
-                flow=flow,
+                action=Action(flow.value),
                 user_id=UserId(user_id),
                 asset_symbol=asset,
                 amount=amount,
@@ -317,6 +322,18 @@ class LedgerGenerator:
                     fingerprint,
                     created_at,
                 )
+            )
+            transaction = Transaction(
+                id=TransactionId(transaction_id),
+                flow=flow,
+                user_id=UserId(user_id),
+                asset_symbol=asset,
+                amount=amount,
+                balance_after=user_after,
+                idempotency_key=key,
+                note=None,
+                metadata=None,
+                created_at=created_at,
             )
             debit_id = _uuid7(moment_us, self.tag_bits, 2 * number)
             credit_id = _uuid7(moment_us, self.tag_bits, 2 * number + 1)
@@ -344,21 +361,23 @@ class LedgerGenerator:
                         amount,
                         after,
                         created_at,
-                        self._extend_chain(entry, slot),
+                        self._extend_chain(entry, transaction, slot),
                     )
                 )
         self.made += count
         return Chunk(keys, transactions, entries)
 
-    def _extend_chain(self, entry: Entry, user_slot: int) -> str:
+    def _extend_chain(self, entry: Entry, transaction: Transaction, user_slot: int) -> str:
         """Link `entry` into its account's chain (the user's is kept at `user_slot`)."""
         if is_system_account(entry.account_id):
             key = (entry.account_id, entry.asset_symbol)
-            self.system_links[key] = link(self.system_links[key], entry)
+            self.system_links[key] = link(self.system_links[key], entry, transaction)
+            self.system_counts[key] += 1
             return self.system_links[key]
         where = slice(32 * user_slot, 32 * user_slot + 32)
-        new_link = link(self.user_links[where].hex(), entry)
+        new_link = link(self.user_links[where].hex(), entry, transaction)
         self.user_links[where] = bytes.fromhex(new_link)
+        self.user_counts[user_slot] += 1
         return new_link
 
     def user_balance_rows(self, start: int, stop: int) -> list[Row]:
@@ -370,5 +389,5 @@ class LedgerGenerator:
                 held = self.user_balances[slot]
                 if held != NO_ROW:
                     chain = self.user_links[32 * slot : 32 * slot + 32].hex()
-                    rows.append((self.user_id(user), asset, held, chain))
+                    rows.append((self.user_id(user), asset, held, chain, self.user_counts[slot]))
         return rows

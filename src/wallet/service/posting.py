@@ -1,43 +1,74 @@
 """The posting engine: applies a batch of commands in one database transaction and returns one
 outcome per command, in order. A command that fails (unknown user, insufficient funds, a reused
-key) fails alone; the others still apply."""
+key) fails alone; the others still apply. An atomic batch is one command: its operations all
+apply, in order, or none does.
+
+Every command takes its row locks in one step (`lock_balances`, in the global order); what holds
+and refunds change is read after that step, under those locks, so two commands racing for one
+hold, one original or one user's available coins are decided one after the other."""
 
 import asyncio
 import random
-from collections.abc import Sequence
-from dataclasses import replace
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 
+import structlog
 import uuid_utils
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wallet.domain.errors import (
+    CaptureExceedsHold,
     DatabaseUnavailable,
+    HoldNotActive,
     IdempotencyKeyReused,
+    InvalidRequest,
+    RefundExceedsOriginal,
     Refusal,
     UnknownAsset,
+    UnknownHold,
+    UnknownTransaction,
     UnknownUser,
     WalletError,
 )
 from wallet.domain.ledger import (
+    DEFAULT_HOLD_S,
     AccountId,
+    Action,
+    BalanceKey,
+    Book,
     Command,
     Direction,
     Entry,
+    Flow,
+    Hold,
+    HoldStatus,
     Posted,
+    SystemAccount,
     Transaction,
     TransactionId,
+    UserId,
+    flow_accounts,
     link,
-    move,
+    refund_accounts,
 )
 from wallet.store import ledger
 from wallet.store.database import Database, TransientConflict
+from wallet.store.ledger import LockedBalance
 
 Outcome = Posted | WalletError
 # Under SERIALIZABLE isolation contended transactions abort often (40001), so a transaction is
 # rerun, with jittered backoff, for this long before the caller hears 503.
 RETRY_FOR_S = 20.0  # 10 s starved one request in a CI run: 64 clients, one hot row, SERIALIZABLE
 MAX_BACKOFF_S = 0.05
+log = structlog.get_logger()
+FLOWS = {
+    Action.TOPUP: Flow.TOPUP,
+    Action.BONUS: Flow.BONUS,
+    Action.SPEND: Flow.SPEND,
+    Action.TRANSFER: Flow.TRANSFER,
+}
+REFERS_TO_HOLD = (Action.CAPTURE, Action.RELEASE)
 
 
 async def post(database: Database, commands: Sequence[Command]) -> list[Outcome]:
@@ -58,82 +89,277 @@ async def post(database: Database, commands: Sequence[Command]) -> list[Outcome]
             await asyncio.sleep(random.uniform(0, min(MAX_BACKOFF_S, 0.001 * 2**attempt)))
 
 
+async def expire_holds(database: Database, *, limit: int) -> int:
+    """Mark up to `limit` holds past their expiry as expired, taking their balance rows' locks in
+    the global order as every command does; safe to run in several processes at once (each hold
+    is marked once). Returns how many it marked."""
+    async with database.transaction(is_write=True) as connection:
+        now = datetime.now(UTC)
+        due = await ledger.due_holds(connection, now=now, limit=limit)
+        if not due:
+            return 0
+        await ledger.lock_balances(
+            connection, {(AccountId(h.user_id), h.asset_symbol) for h in due}
+        )
+        return len(await ledger.mark_expired(connection, due, now=now))
+
+
+async def sweep_expired_holds(database: Database, *, every_s: float, limit: int) -> None:
+    """Run until cancelled: mark expired holds as they fall due, `limit` per transaction. Reads
+    and checks already ignore a hold past its expiry; marking makes `status` say so."""
+    while True:
+        try:
+            marked = await expire_holds(database, limit=limit)
+        except Exception as error:  # the sweeper outlives a database outage
+            log.warning("expired holds not marked", error=repr(error))
+            marked = 0
+        if marked < limit:
+            await asyncio.sleep(every_s)
+
+
+@dataclass(slots=True)
+class _Draft:
+    """What a database batch has done so far, kept in memory until it is written."""
+
+    book: Book
+    links: dict[BalanceKey, str]
+    counts: dict[BalanceKey, int]
+    transactions: list[tuple[str, Transaction]]
+    entries: list[Entry]
+    created_holds: list[tuple[str, Hold]]
+    ended_holds: dict[str, tuple[Hold, str | None, str | None]]
+    refunded: dict[TransactionId, int]  # originals refunded by this batch: their new total
+
+    def copy(self) -> "_Draft":
+        return _Draft(
+            self.book.copy(),
+            dict(self.links),
+            dict(self.counts),
+            list(self.transactions),
+            list(self.entries),
+            list(self.created_holds),
+            dict(self.ended_holds),
+            dict(self.refunded),
+        )
+
+
 async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> list[Outcome]:
+    outcomes: list[Outcome | None] = [None] * len(commands)
+    hold_ids = {c.reference for c in commands if c.action in REFERS_TO_HOLD and c.reference}
+    original_ids = {c.reference for c in commands if c.action is Action.REFUND and c.reference}
+    named_holds, originals = (
+        await ledger.find_references(connection, hold_ids=hold_ids, transaction_ids=original_ids)
+        if hold_ids or original_ids
+        else ({}, {})
+    )
+    resolved: list[Command] = []
+    for index, command in enumerate(commands):
+        try:
+            resolved.append(_resolve(command, named_holds, originals))
+        except WalletError as error:
+            outcomes[index] = error
+            resolved.append(command)
+    parts = [op for c in resolved for op in (c.operations or (c,))]
     lookup = await ledger.look_up_and_claim(
         connection,
-        user_ids={c.user_id for c in commands},
-        symbols={c.asset_symbol for c in commands},
-        keys={c.idempotency_key for c in commands},
-        balance_keys={key for c in commands for key in _balance_keys(c)},
+        user_ids={u for op in parts for u in (op.user_id, op.to_user_id) if u is not None},
+        symbols={op.asset_symbol for op in parts if op.asset_symbol is not None},
+        keys={key for c in resolved for key in _keys(c)},
+        balance_keys={key for c in resolved for key in _balance_keys(c, originals)},
     )
-    outcomes: list[Outcome | None] = [None] * len(commands)
-    for index, command in enumerate(commands):
-        if command.user_id not in lookup.users:
-            outcomes[index] = UnknownUser(f"user {command.user_id} does not exist")
-        elif command.asset_symbol not in lookup.assets:
-            outcomes[index] = UnknownAsset(f"asset {command.asset_symbol} does not exist")
-    valid = [(i, c) for i, c in enumerate(commands) if outcomes[i] is None]
+    for index, command in enumerate(resolved):
+        if outcomes[index] is None:
+            outcomes[index] = _unknown_names(command, lookup)
+    valid = [(i, c) for i, c in enumerate(resolved) if outcomes[i] is None]
     stored = await ledger.stored_requests(
-        connection, {c.idempotency_key for _, c in valid} - lookup.claimed
+        connection, {key for _, c in valid for key in _keys(c)} - lookup.claimed
     )
+    _gather_batch_replays(stored, [c for _, c in valid if c.action is Action.BATCH])
 
     to_lock = {
-        key for _, c in valid if c.idempotency_key in lookup.claimed for key in _balance_keys(c)
+        key
+        for _, c in valid
+        if c.idempotency_key in lookup.claimed
+        for key in _balance_keys(c, originals)
     }
     await ledger.create_balances(connection, to_lock - lookup.balance_rows)
     locked = await ledger.lock_balances(connection, to_lock)
-    balances = {key: balance for key, (balance, _) in locked.items()}
-    links = {key: chain_hash for key, (_, chain_hash) in locked.items()}
-    # Taken after the locks, so time follows the order of application.
-    created_at = datetime.now(UTC)
-    applied: dict[str, tuple[str, Transaction]] = {}
+    # Taken after the locks, so time follows the order of application; a hold counts until it.
+    now = datetime.now(UTC)
+    claimed = [c for _, c in valid if c.idempotency_key in lookup.claimed]
+    active_held, fresh_holds, refunded = await ledger.read_under_lock(
+        connection,
+        held_keys=[key for key, row in locked.items() if row.held > 0],
+        hold_ids={c.reference for c in claimed if c.action in REFERS_TO_HOLD and c.reference},
+        originals={c.reference for c in claimed if c.action is Action.REFUND and c.reference},
+        now=now,
+    )
+    draft = _Draft(
+        Book(
+            balances={key: row.balance for key, row in locked.items()},
+            held={key: row.held for key, row in locked.items()},
+            active_held=active_held,
+            holds=fresh_holds,
+            refunded=refunded,
+        ),
+        links={key: row.chain_hash for key, row in locked.items()},
+        counts={key: row.entry_count for key, row in locked.items()},
+        transactions=[],
+        entries=[],
+        created_holds=[],
+        ended_holds={},
+        refunded={},
+    )
+    applied: dict[str, tuple[str, Posted]] = {}
     refused: dict[str, tuple[str, Refusal]] = {}
-    posted_entries: list[Entry] = []
+    kept: set[str] = set()  # claims that stay: the keys of what applied
     for index, command in valid:
         key = command.idempotency_key
         if key not in lookup.claimed and key not in stored:
             # Taken by a transaction this one cannot see yet (only under snapshot isolation).
             raise TransientConflict(key)
-        fingerprint = command.fingerprint()
+        fingerprint = commands[index].fingerprint()  # of the request as sent
         earlier = stored.get(key) or applied.get(key) or refused.get(key)
         if earlier is not None:
             outcomes[index] = _replay(command, fingerprint, *earlier)
             continue
+        if not lookup.claimed.issuperset(_keys(command)):
+            outcomes[index] = IdempotencyKeyReused(
+                f"a key of batch {key}'s transactions was used for another request"
+            )
+            continue
+        trial = draft.copy() if command.action not in FLOWS else draft
         try:
-            move(balances, command)
-        except Refusal as refusal:  # final: kept under its key like a success
-            refused[key] = (fingerprint, refusal)
-            outcomes[index] = refusal
+            posted = _apply_one(trial, command, originals, fingerprint, now)
+        except Refusal as refusal:
+            if command.action is Action.BATCH:  # an atomic batch that failed records nothing
+                outcomes[index] = refusal
+            else:  # final: kept under its key like a success
+                refused[key] = (fingerprint, refusal)
+                outcomes[index] = refusal
             continue
         except WalletError as error:
             outcomes[index] = error
             continue
-        transaction, pair = _record(command, balances, links, created_at)
-        applied[key] = (fingerprint, transaction)
-        posted_entries.extend(pair)
-        outcomes[index] = Posted(transaction, is_replay=False)
+        draft = trial
+        applied[key] = (fingerprint, posted)
+        kept.update(_keys(command))
+        outcomes[index] = posted
 
+    changed = {
+        key: row
+        for key in locked
+        if (
+            row := LockedBalance(
+                draft.book.balances[key],
+                draft.links[key],
+                draft.counts[key],
+                draft.book.held[key],
+            )
+        )
+        != locked[key]
+    }
     await ledger.write_postings(
         connection,
-        changed={k: (balances[k], links[k]) for k in balances if links[k] != locked[k][1]},
-        posted=list(applied.values()),
-        posted_entries=posted_entries,
+        changed=changed,
+        posted=draft.transactions,
+        posted_entries=draft.entries,
         refused=refused,
-        released=lookup.claimed - applied.keys() - refused.keys(),
-        created_at=created_at,
+        released=lookup.claimed - kept - refused.keys(),
+        created_at=now,
     )
+    await ledger.write_holds(connection, created=draft.created_holds, ended=draft.ended_holds)
+    await ledger.write_refunded(connection, draft.refunded)
     settled = [outcome for outcome in outcomes if outcome is not None]
     if len(settled) != len(commands):  # a reply must never shift onto another caller
         raise AssertionError("a command was left without an outcome")
     return settled
 
 
-def _balance_keys(command: Command) -> tuple[ledger.BalanceKey, ledger.BalanceKey]:
-    return (command.debited, command.asset_symbol), (command.credited, command.asset_symbol)
+def _resolve(
+    command: Command, named_holds: Mapping[str, Hold], originals: Mapping[str, Transaction]
+) -> Command:
+    """The command with the user and asset of the hold or transaction it names."""
+    if command.action in REFERS_TO_HOLD:
+        hold = named_holds.get(command.reference or "")
+        if hold is None:
+            raise UnknownHold(f"hold {command.reference} does not exist")
+        return replace(command, user_id=hold.user_id, asset_symbol=hold.asset_symbol)
+    if command.action is Action.REFUND:
+        original = originals.get(command.reference or "")
+        if original is None:
+            raise UnknownTransaction(f"transaction {command.reference} does not exist")
+        return replace(command, user_id=original.user_id, asset_symbol=original.asset_symbol)
+    return command
+
+
+def _unknown_names(command: Command, lookup: ledger.Lookup) -> WalletError | None:
+    """The error for the first user or asset the command (or batch operation) names that does
+    not exist, if any."""
+    for index, op in enumerate(command.operations or (command,)):
+        error: WalletError | None = None
+        for user in (op.user_id, op.to_user_id):
+            if user is not None and user not in lookup.users:
+                error = UnknownUser(f"user {user} does not exist")
+                break
+        else:
+            if op.asset_symbol not in lookup.assets:
+                error = UnknownAsset(f"asset {op.asset_symbol} does not exist")
+        if error is not None:
+            if command.operations:
+                error.operation_index = index
+            return error
+    return None
+
+
+def _keys(command: Command) -> list[str]:
+    """The idempotency keys a command claims: its own, and one per transaction of a batch."""
+    key = command.idempotency_key
+    return [key, *(f"{key}:{index}" for index in range(len(command.operations)))]
+
+
+def _balance_keys(command: Command, originals: Mapping[str, Transaction]) -> set[BalanceKey]:
+    """The balance rows a command locks."""
+    keys: set[BalanceKey] = set()
+    for op in command.operations or (command,):
+        if op.user_id is None or op.asset_symbol is None:
+            continue  # names a hold or transaction that does not exist
+        asset = op.asset_symbol
+        match op.action:
+            case Action.HOLD | Action.RELEASE:
+                keys.add((AccountId(op.user_id), asset))
+            case Action.REFUND:
+                original = originals[op.reference or ""]
+                if original.flow in (Flow.TOPUP, Flow.BONUS, Flow.SPEND):
+                    _, debited, credited = refund_accounts(original)
+                    keys.update(((debited, asset), (credited, asset)))
+            case _:
+                debited, credited = flow_accounts(op.action, op.user_id, op.to_user_id)
+                keys.update(((debited, asset), (credited, asset)))
+    return keys
+
+
+def _gather_batch_replays(
+    stored: dict[str, tuple[str, Posted | Refusal]], batches: Sequence[Command]
+) -> None:
+    """A batch that applied is found by its transactions' keys (`<key>:<i>`), which carry the
+    batch's fingerprint: make it a stored request under its own key."""
+    for batch in batches:
+        key = batch.idempotency_key
+        first = stored.get(f"{key}:0")
+        if key in stored or first is None:
+            continue
+        found: list[Transaction] = []
+        for index in range(len(batch.operations)):
+            earlier = stored.get(f"{key}:{index}")
+            if not isinstance(earlier, tuple) or not isinstance(earlier[1], Posted):
+                break
+            found.append(earlier[1].transaction)
+        stored[key] = (first[0], Posted(tuple(found), is_replay=True))
 
 
 def _replay(
-    command: Command, fingerprint: str, stored_fingerprint: str, earlier: Transaction | Refusal
+    command: Command, fingerprint: str, stored_fingerprint: str, earlier: Posted | Refusal
 ) -> Outcome:
     if fingerprint != stored_fingerprint:
         return IdempotencyKeyReused(
@@ -141,47 +367,180 @@ def _replay(
         )
     if isinstance(earlier, Refusal):
         return type(earlier)(earlier.detail, is_replay=True)
-    return Posted(earlier, is_replay=True)
+    return replace(earlier, is_replay=True)
+
+
+def _apply_one(
+    draft: _Draft,
+    command: Command,
+    originals: Mapping[str, Transaction],
+    fingerprint: str,
+    now: datetime,
+) -> Posted:
+    """Apply one command to `draft`, or raise. Only a flow leaves `draft` unchanged when it
+    raises; the engine gives every other command a copy."""
+    book = draft.book
+    user, asset = command.user_id or UserId(""), command.asset_symbol or ""
+    match command.action:
+        case Action.BATCH:
+            made = []
+            for index, op in enumerate(command.operations):
+                try:
+                    made.append(
+                        _move(
+                            draft,
+                            replace(
+                                op,
+                                idempotency_key=f"{command.idempotency_key}:{index}",
+                                created_by=command.created_by,
+                            ),
+                            fingerprint,
+                            now,
+                        )
+                    )
+                except WalletError as error:
+                    error.operation_index = index
+                    raise
+            return Posted(tuple(made), is_replay=False)
+        case Action.HOLD:
+            assert command.amount is not None
+            book.reserve((AccountId(user), asset), command.amount)
+            hold = Hold(
+                id=str(uuid_utils.uuid7()),
+                user_id=user,
+                asset_symbol=asset,
+                amount=command.amount,
+                captured_amount=0,
+                status=HoldStatus.HELD,
+                expires_at=now + timedelta(seconds=command.expires_in_s or DEFAULT_HOLD_S),
+                created_at=now,
+                ended_at=None,
+                description=command.note,
+                created_by=command.created_by,
+                idempotency_key=command.idempotency_key,
+            )
+            draft.created_holds.append((fingerprint, hold))
+            return Posted((), is_replay=False, hold=hold)
+        case Action.CAPTURE | Action.RELEASE:
+            hold = _active_hold(book, command.reference or "", now)
+            book.end_hold(hold)
+            if command.action is Action.RELEASE:
+                ended = replace(hold, status=HoldStatus.RELEASED, ended_at=now)
+                book.holds[hold.id] = ended
+                draft.ended_holds[hold.id] = (ended, command.idempotency_key, fingerprint)
+                return Posted((), is_replay=False, hold=ended)
+            amount = hold.amount if command.amount is None else command.amount
+            if amount > hold.amount:
+                raise CaptureExceedsHold(
+                    f"capture of {amount} is more than hold {hold.id}'s {hold.amount}"
+                )
+            ended = replace(hold, status=HoldStatus.CAPTURED, captured_amount=amount, ended_at=now)
+            book.holds[hold.id] = ended
+            draft.ended_holds[hold.id] = (ended, None, None)
+            transaction = _record(
+                draft,
+                replace(command, amount=amount),
+                Flow.SPEND,
+                AccountId(user),
+                AccountId(SystemAccount.REVENUE),
+                fingerprint,
+                now,
+                hold_id=hold.id,
+            )
+            return Posted((transaction,), is_replay=False, hold=ended)
+        case Action.REFUND:
+            original = originals[command.reference or ""]
+            flow, debited, credited = refund_accounts(original)
+            left = original.amount - book.refunded[original.id]
+            amount = left if command.amount is None else command.amount
+            if amount > left or left == 0:
+                raise RefundExceedsOriginal(
+                    f"transaction {original.id} has {left} of {original.amount} left to refund,"
+                    f" less than the {amount} asked for"
+                )
+            book.refunded[original.id] += amount
+            draft.refunded[original.id] = book.refunded[original.id]
+            transaction = _record(
+                draft,
+                replace(command, amount=amount),
+                flow,
+                debited,
+                credited,
+                fingerprint,
+                now,
+                refund_of=original.id,
+            )
+            return Posted((transaction,), is_replay=False)
+    return Posted((_move(draft, command, fingerprint, now),), is_replay=False)
+
+
+def _active_hold(book: Book, hold_id: str, now: datetime) -> Hold:
+    hold = book.holds[hold_id]
+    if not hold.is_active(now):
+        status = HoldStatus.EXPIRED if hold.status is HoldStatus.HELD else hold.status
+        raise HoldNotActive(f"hold {hold_id} is {status.value}, not held")
+    return hold
+
+
+def _move(draft: _Draft, command: Command, fingerprint: str, now: datetime) -> Transaction:
+    """A flow: top-up, bonus, spend or transfer."""
+    assert command.user_id is not None
+    assert command.amount is not None
+    if command.to_user_id == command.user_id:
+        raise InvalidRequest("a transfer needs two different users", field="toUserId")
+    debited, credited = flow_accounts(command.action, command.user_id, command.to_user_id)
+    return _record(draft, command, FLOWS[command.action], debited, credited, fingerprint, now)
 
 
 def _record(
+    draft: _Draft,
     command: Command,
-    balances: dict[ledger.BalanceKey, int],
-    links: dict[ledger.BalanceKey, str],
-    created_at: datetime,
-) -> tuple[Transaction, tuple[Entry, Entry]]:
-    """The transaction and entries of an applied command; each entry extends its chain."""
-    transaction_id = TransactionId(str(uuid_utils.uuid7()))
-    asset = command.asset_symbol
-
-    def entry(account: AccountId, direction: Direction) -> Entry:
-        unlinked = Entry(
-            id=str(uuid_utils.uuid7()),
-            transaction_id=transaction_id,
-            account_id=account,
-            asset_symbol=asset,
-            direction=direction,
-            amount=command.amount,
-            balance_after=balances[(account, asset)],
-            created_at=created_at,
-        )
-        links[(account, asset)] = link(links[(account, asset)], unlinked)
-        return replace(unlinked, chain_hash=links[(account, asset)])
-
+    flow: Flow,
+    debited: AccountId,
+    credited: AccountId,
+    fingerprint: str,
+    now: datetime,
+    *,
+    hold_id: str | None = None,
+    refund_of: TransactionId | None = None,
+) -> Transaction:
+    """Move the amount in the book, and make the transaction and its two entries; each entry
+    extends its account's chain."""
+    assert command.user_id is not None
+    assert command.asset_symbol is not None
+    assert command.amount is not None
+    asset, amount = command.asset_symbol, command.amount
+    draft.book.move(debited, credited, asset, amount)
     transaction = Transaction(
-        id=transaction_id,
-        flow=command.flow,
-        user_id=command.user_id,
+        id=TransactionId(str(uuid_utils.uuid7())),
+        flow=flow,
+        user_id=UserId(command.user_id),
         asset_symbol=asset,
-        amount=command.amount,
-        balance_after=balances[(AccountId(command.user_id), asset)],
+        amount=amount,
+        balance_after=draft.book.balances[(AccountId(command.user_id), asset)],
         idempotency_key=command.idempotency_key,
         note=command.note,
         metadata=command.metadata,
-        created_at=created_at,
+        created_at=now,
         created_by=command.created_by,
+        to_user_id=command.to_user_id,
+        hold_id=hold_id,
+        refund_of=refund_of,
     )
-    return transaction, (
-        entry(command.debited, Direction.DEBIT),
-        entry(command.credited, Direction.CREDIT),
-    )
+    for account, direction in ((debited, Direction.DEBIT), (credited, Direction.CREDIT)):
+        key = (account, asset)
+        unlinked = Entry(
+            id=str(uuid_utils.uuid7()),
+            transaction_id=transaction.id,
+            account_id=account,
+            asset_symbol=asset,
+            direction=direction,
+            amount=amount,
+            balance_after=draft.book.balances[key],
+            created_at=now,
+        )
+        draft.links[key] = link(draft.links[key], unlinked, transaction)
+        draft.counts[key] += 1
+        draft.entries.append(replace(unlinked, chain_hash=draft.links[key]))
+    draft.transactions.append((fingerprint, transaction))
+    return transaction

@@ -4,7 +4,7 @@ balances go through the ledger with fixed idempotency keys, so seeding twice cha
 from datetime import UTC, datetime
 
 from wallet.domain.errors import WalletError
-from wallet.domain.ledger import Asset, Command, Flow, SystemAccount, UserId
+from wallet.domain.ledger import Action, Asset, Command, SystemAccount, UserId
 from wallet.service.posting import post
 from wallet.store import queries
 from wallet.store.database import Database
@@ -39,7 +39,7 @@ async def seed(database: Database) -> None:
         database,
         [
             Command(
-                flow=Flow.TOPUP,
+                action=Action.TOPUP,
                 user_id=user_id,
                 asset_symbol=symbol,
                 amount=amount,

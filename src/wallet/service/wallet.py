@@ -1,4 +1,5 @@
-"""The wallet's use cases: the three flows, users, and the reads the API serves."""
+"""The wallet's use cases: the flows, holds, refunds, transfers and batches, users, and the
+reads the API serves."""
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,11 +12,23 @@ from wallet import metrics
 from wallet.domain.errors import (
     Refusal,
     UnknownAsset,
+    UnknownHold,
     UnknownTransaction,
     UnknownUser,
     UserExists,
 )
-from wallet.domain.ledger import Asset, Command, Entry, Flow, Posted, Transaction, User
+from wallet.domain.ledger import (
+    Asset,
+    Command,
+    Entry,
+    Flow,
+    Hold,
+    HoldStatus,
+    Posted,
+    Standing,
+    Transaction,
+    User,
+)
 from wallet.service.batcher import Batcher
 from wallet.service.posting import post
 from wallet.store import queries
@@ -48,12 +61,15 @@ class Wallet:
             (outcome,) = await post(self.database, [command])
         if isinstance(outcome, Exception):
             if isinstance(outcome, Refusal) and outcome.is_replay:
-                metrics.REPLAYS.labels(command.flow.value).inc()
+                metrics.REPLAYS.labels(command.action.value).inc()
             raise outcome
         if outcome.is_replay:
-            metrics.REPLAYS.labels(command.flow.value).inc()
+            metrics.REPLAYS.labels(command.action.value).inc()
         else:
-            metrics.MONEY_MOVED.labels(command.flow.value, command.asset_symbol).inc(command.amount)
+            for transaction in outcome.transactions:
+                metrics.MONEY_MOVED.labels(transaction.flow.value, transaction.asset_symbol).inc(
+                    transaction.amount
+                )
         return outcome
 
     async def assets(self) -> list[Asset]:
@@ -84,18 +100,44 @@ class Wallet:
             )
 
     async def balance(self, *, user_id: str, asset_symbol: str) -> int:
-        async with self.database.transaction(is_write=False) as connection:
-            await _require_user(connection, user_id)
-            await _require_asset(connection, asset_symbol)
-            return await queries.balance_of(connection, user_id=user_id, asset_symbol=asset_symbol)
+        (standing,) = await self.standings(user_id=user_id, asset_symbol=asset_symbol)
+        return standing.balance
 
     async def balances(self, *, user_id: str) -> list[tuple[str, int]]:
+        """Every asset with the user's balance of it, zero where the user never held it."""
+        return [(s.asset_symbol, s.balance) for s in await self.standings(user_id=user_id)]
+
+    async def standings(self, *, user_id: str, asset_symbol: str | None = None) -> list[Standing]:
+        """The user's balance, held and available amounts of every asset (or of one)."""
         async with self.database.transaction(is_write=False) as connection:
             await _require_user(connection, user_id)
-            return await queries.balances_of(connection, user_id=user_id)
+            if asset_symbol is not None:
+                await _require_asset(connection, asset_symbol)
+            return await queries.standings(
+                connection, user_id=user_id, now=datetime.now(UTC), only=asset_symbol
+            )
+
+    async def balances_at(
+        self, *, user_id: str, at: datetime, asset_symbol: str | None = None
+    ) -> list[tuple[str, int]]:
+        """The user's balance of every asset (or of `asset_symbol`) as it was at `at`."""
+        async with self.database.transaction(is_write=False) as connection:
+            await _require_user(connection, user_id)
+            if asset_symbol is not None:
+                await _require_asset(connection, asset_symbol)
+            return await queries.balances_at(
+                connection, user_id=user_id, at=at.astimezone(UTC), only=asset_symbol
+            )
 
     async def history(
-        self, *, user_id: str, flow: Flow | None, asset_symbol: str | None, page: PageRequest
+        self,
+        *,
+        user_id: str,
+        flow: Flow | None,
+        asset_symbol: str | None,
+        page: PageRequest,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> Page[Transaction]:
         async with self.database.transaction(is_write=False) as connection:
             await _require_user(connection, user_id)
@@ -106,10 +148,37 @@ class Wallet:
                 user_id=user_id,
                 flow=flow,
                 asset_symbol=asset_symbol,
+                since=None if since is None else since.astimezone(UTC),
+                until=None if until is None else until.astimezone(UTC),
                 limit=page.limit,
                 before=page.before,
                 offset=page.offset,
             )
+
+    async def hold(self, *, hold_id: str) -> Hold:
+        async with self.database.transaction(is_write=False) as connection:
+            found = await queries.find_hold(connection, hold_id)
+        if found is None:
+            raise UnknownHold(f"hold {hold_id} does not exist")
+        return found.as_of(datetime.now(UTC))
+
+    async def holds(
+        self, *, user_id: str | None, status: HoldStatus | None, page: PageRequest
+    ) -> Page[Hold]:
+        now = datetime.now(UTC)
+        async with self.database.transaction(is_write=False) as connection:
+            if user_id is not None:
+                await _require_user(connection, user_id)
+            found, cursor = await queries.list_holds(
+                connection,
+                user_id=user_id,
+                status=status,
+                now=now,
+                limit=page.limit,
+                before=page.before,
+                offset=page.offset,
+            )
+        return [hold.as_of(now) for hold in found], cursor
 
     async def transaction(
         self, *, user_id: str, transaction_id: str

@@ -24,7 +24,7 @@ LEDGER_TABLES = ", ".join(
     t.name for t in (accounts, balances, idempotency_keys, transactions, entries)
 )
 ACCOUNT_COLUMNS = ("id", "is_system", "email", "name", "created_at")
-BALANCE_COLUMNS = ("account_id", "asset_symbol", "balance", "chain_hash")
+BALANCE_COLUMNS = ("account_id", "asset_symbol", "balance", "chain_hash", "entry_count")
 KEY_COLUMNS = ("key",)
 TRANSACTION_COLUMNS = (
     "id",
@@ -94,17 +94,21 @@ async def lock_ledger(connection: AsyncConnection) -> None:
 
 async def balances_of_accounts(
     connection: AsyncConnection, account_ids: Sequence[str]
-) -> dict[tuple[str, str], tuple[int, str]]:
-    """The stored balance and newest chain link of each (account, asset) of these accounts."""
+) -> dict[tuple[str, str], tuple[int, str, int]]:
+    """The stored balance, newest chain link and chain length of each (account, asset) of these
+    accounts."""
     rows = await connection.execute(
         sa.select(
             balances.c.account_id,
             balances.c.asset_symbol,
             balances.c.balance,
             balances.c.chain_hash,
+            balances.c.entry_count,
         ).where(balances.c.account_id.in_(account_ids))
     )
-    return {(account, asset): (balance, link) for account, asset, balance, link in rows}
+    return {
+        (account, asset): (balance, link, count) for account, asset, balance, link, count in rows
+    }
 
 
 async def latest_created_at(connection: AsyncConnection) -> datetime | None:
@@ -136,20 +140,31 @@ async def copy_balances(connection: AsyncConnection, rows: Sequence[Row]) -> Non
 
 
 async def upsert_balances(
-    connection: AsyncConnection, new_balances: Mapping[tuple[str, str], tuple[int, str]]
+    connection: AsyncConnection, new_balances: Mapping[tuple[str, str], tuple[int, str, int]]
 ) -> None:
-    """Set the balance and newest chain link of each (account, asset), creating missing rows."""
+    """Set the balance, newest chain link and chain length of each (account, asset), creating
+    missing rows."""
     if not new_balances:
         return
     insert = postgresql.insert(balances)
     await connection.execute(
         insert.on_conflict_do_update(
             index_elements=[balances.c.account_id, balances.c.asset_symbol],
-            set_={"balance": insert.excluded.balance, "chain_hash": insert.excluded.chain_hash},
+            set_={
+                "balance": insert.excluded.balance,
+                "chain_hash": insert.excluded.chain_hash,
+                "entry_count": insert.excluded.entry_count,
+            },
         ),
         [
-            {"account_id": account, "asset_symbol": asset, "balance": balance, "chain_hash": link}
-            for (account, asset), (balance, link) in new_balances.items()
+            {
+                "account_id": account,
+                "asset_symbol": asset,
+                "balance": balance,
+                "chain_hash": link,
+                "entry_count": count,
+            }
+            for (account, asset), (balance, link, count) in new_balances.items()
         ],
     )
 

@@ -7,7 +7,7 @@ with BEGIN and COMMIT. SQLite, embedded and single-writer, runs the plain statem
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,10 +16,35 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wallet.domain.errors import REFUSALS, Refusal
-from wallet.domain.ledger import AccountId, Entry, Flow, Transaction, TransactionId, UserId
-from wallet.store.tables import accounts, assets, balances, entries, idempotency_keys, transactions
+from wallet.domain.ledger import (
+    AccountId,
+    BalanceKey,
+    Entry,
+    Flow,
+    Hold,
+    HoldStatus,
+    Posted,
+    Transaction,
+    TransactionId,
+    UserId,
+)
+from wallet.store.tables import (
+    accounts,
+    assets,
+    balances,
+    entries,
+    holds,
+    idempotency_keys,
+    transactions,
+)
 
-BalanceKey = tuple[AccountId, str]
+
+@dataclass(frozen=True, slots=True)
+class LockedBalance:
+    balance: int
+    chain_hash: str  # the newest link of the chain
+    entry_count: int  # the entries of the chain
+    held: int  # the sum of the holds in status held, expired or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,20 +150,66 @@ async def look_up_and_claim(
     )
 
 
+async def find_references(
+    connection: AsyncConnection, *, hold_ids: Iterable[str], transaction_ids: Iterable[str]
+) -> tuple[dict[str, Hold], dict[str, Transaction]]:
+    """The holds and transactions that captures, releases and refunds name. What is read here
+    before any lock (who, which asset, how much) never changes; their state is read again
+    under the lock (`read_under_lock`)."""
+    found_holds: dict[str, Hold] = {}
+    found_transactions: dict[str, Transaction] = {}
+    if hold_ids := set(hold_ids):
+        rows = await connection.execute(sa.select(holds).where(holds.c.id.in_(hold_ids)))
+        found_holds = {row.id: to_hold(row) for row in rows}
+    if transaction_ids := set(transaction_ids):
+        rows = await connection.execute(
+            sa.select(transactions).where(transactions.c.id.in_(transaction_ids))
+        )
+        found_transactions = {row.id: to_transaction(row) for row in rows}
+    return found_holds, found_transactions
+
+
 async def stored_requests(
     connection: AsyncConnection, keys: Iterable[str]
-) -> dict[str, tuple[str, Transaction | Refusal]]:
+) -> dict[str, tuple[str, Posted | Refusal]]:
     """For keys taken by earlier requests: the request's fingerprint and what it got, the
-    transaction it made or the refusal the ledger gave it."""
+    transaction or hold it made (a replay) or the refusal the ledger gave it."""
     keys = set(keys)
     if not keys:
         return {}
-    rows = await connection.execute(
-        sa.select(transactions).where(transactions.c.idempotency_key.in_(keys))
+    rows = list(
+        await connection.execute(
+            sa.select(transactions).where(transactions.c.idempotency_key.in_(keys))
+        )
     )
-    stored: dict[str, tuple[str, Transaction | Refusal]] = {
-        row.idempotency_key: (row.request_fingerprint, to_transaction(row)) for row in rows
-    }
+    captured = {row.hold_id for row in rows if row.hold_id is not None}
+    hold_rows = list(
+        await connection.execute(
+            sa.select(holds).where(
+                holds.c.idempotency_key.in_(keys)
+                | holds.c.release_key.in_(keys)
+                | holds.c.id.in_(captured)
+            )
+        )
+    )
+    holds_by_id = {row.id: to_hold(row) for row in hold_rows}
+    stored: dict[str, tuple[str, Posted | Refusal]] = {}
+    found = await with_refunds(connection, [to_transaction(row) for row in rows])
+    for row, transaction in zip(rows, found, strict=True):
+        hold = holds_by_id.get(row.hold_id) if row.hold_id else None
+        posted = Posted((transaction,), is_replay=True, hold=hold)
+        stored[row.idempotency_key] = (row.request_fingerprint, posted)
+    for row in hold_rows:
+        if row.idempotency_key in keys:
+            stored[row.idempotency_key] = (
+                row.request_fingerprint,
+                Posted((), is_replay=True, hold=holds_by_id[row.id]),
+            )
+        if row.release_key in keys:
+            stored[row.release_key] = (
+                row.release_fingerprint,
+                Posted((), is_replay=True, hold=holds_by_id[row.id]),
+            )
     if not keys - stored.keys():
         return stored
     refusals = await connection.execute(
@@ -166,7 +237,7 @@ async def create_balances(connection: AsyncConnection, keys: Iterable[BalanceKey
 
 
 LOCK_BALANCES = sa.text("""
-SELECT account_id, asset_symbol, balance, chain_hash FROM balances
+SELECT account_id, asset_symbol, balance, chain_hash, entry_count, held FROM balances
 WHERE (account_id, asset_symbol) IN (
     SELECT * FROM unnest(CAST(:accounts AS text[]), CAST(:symbols AS text[]))
 )
@@ -176,8 +247,8 @@ FOR UPDATE""")
 
 async def lock_balances(
     connection: AsyncConnection, keys: Iterable[BalanceKey]
-) -> dict[BalanceKey, tuple[int, str]]:
-    """Lock the existing balance rows of `keys` and return their balances and chain links.
+) -> dict[BalanceKey, LockedBalance]:
+    """Lock the existing balance rows of `keys` and return them.
 
     Every transaction locks in ascending (account, asset) order, by primary key, so none waits
     on another in a cycle. On SQLite, BEGIN IMMEDIATE already holds the one write lock."""
@@ -196,21 +267,63 @@ async def lock_balances(
                 balances.c.asset_symbol,
                 balances.c.balance,
                 balances.c.chain_hash,
+                balances.c.entry_count,
+                balances.c.held,
             ).where(sa.tuple_(balances.c.account_id, balances.c.asset_symbol).in_(ordered))
         )
     return {
-        (AccountId(account), symbol): (balance, chain_hash)
-        for account, symbol, balance, chain_hash in rows
+        (AccountId(account), symbol): LockedBalance(balance, chain_hash, entry_count, held)
+        for account, symbol, balance, chain_hash, entry_count, held in rows
     }
+
+
+async def read_under_lock(
+    connection: AsyncConnection,
+    *,
+    held_keys: Iterable[BalanceKey],
+    hold_ids: Iterable[str],
+    originals: Iterable[str],
+    now: datetime,
+) -> tuple[dict[BalanceKey, int], dict[str, Hold], dict[TransactionId, int]]:
+    """What holds and refunds change, read after the balance rows that guard it are locked, so
+    a new statement sees what every earlier holder of those locks committed: the holds that
+    count now per balance, the named holds, and what the named originals have had refunded."""
+    active_held: dict[BalanceKey, int] = {}
+    found_holds: dict[str, Hold] = {}
+    refunded: dict[TransactionId, int] = {}
+    if held_keys := sorted(set(held_keys)):
+        rows = await connection.execute(
+            sa.select(holds.c.user_id, holds.c.asset_symbol, sa.func.sum(holds.c.amount))
+            .where(
+                holds.c.status == HoldStatus.HELD.value,
+                holds.c.expires_at > now,
+                sa.tuple_(holds.c.user_id, holds.c.asset_symbol).in_(held_keys),
+            )
+            .group_by(holds.c.user_id, holds.c.asset_symbol)
+        )
+        active_held = {(AccountId(user), asset): int(total) for user, asset, total in rows}
+    if hold_ids := set(hold_ids):
+        rows = await connection.execute(sa.select(holds).where(holds.c.id.in_(hold_ids)))
+        found_holds = {row.id: to_hold(row) for row in rows}
+    if originals := set(originals):
+        rows = await connection.execute(
+            sa.select(transactions.c.id, transactions.c.refunded_amount).where(
+                transactions.c.id.in_(originals)
+            )
+        )
+        refunded = {TransactionId(row.id): row.refunded_amount for row in rows}
+    return active_held, found_holds, refunded
 
 
 WRITE_POSTINGS = sa.text("""
 WITH moved AS (
-    UPDATE balances AS b SET balance = v.balance, chain_hash = v.chain_hash
+    UPDATE balances AS b
+    SET balance = v.balance, chain_hash = v.chain_hash, entry_count = v.entry_count,
+        held = v.held
     FROM unnest(
         CAST(:b_accounts AS text[]), CAST(:b_symbols AS text[]), CAST(:b_balances AS bigint[]),
-        CAST(:b_links AS text[])
-    ) AS v(account_id, asset_symbol, balance, chain_hash)
+        CAST(:b_links AS text[]), CAST(:b_counts AS bigint[]), CAST(:b_held AS bigint[])
+    ) AS v(account_id, asset_symbol, balance, chain_hash, entry_count, held)
     WHERE b.account_id = v.account_id AND b.asset_symbol = v.asset_symbol
 ), released AS (
     DELETE FROM idempotency_keys WHERE key = ANY(CAST(:released AS text[]))
@@ -225,19 +338,22 @@ WITH moved AS (
 ), posted AS (
     INSERT INTO transactions (
         id, type, user_id, asset_symbol, amount, balance_after, idempotency_key,
-        request_fingerprint, note, metadata, created_at, created_by
+        request_fingerprint, note, metadata, created_at, created_by, to_user_id, hold_id,
+        refund_of
     )
     SELECT t.id, t.type, t.user_id, t.asset_symbol, t.amount, t.balance_after, t.key,
-        t.fingerprint, t.note, CAST(t.metadata AS json), :created_at, t.created_by
+        t.fingerprint, t.note, CAST(t.metadata AS json), :created_at, t.created_by,
+        t.to_user_id, t.hold_id, t.refund_of
     FROM unnest(
         CAST(:t_ids AS text[]), CAST(:t_types AS text[]), CAST(:t_users AS text[]),
         CAST(:t_symbols AS text[]), CAST(:t_amounts AS bigint[]),
         CAST(:t_balances AS bigint[]), CAST(:t_keys AS text[]),
         CAST(:t_fingerprints AS text[]), CAST(:t_notes AS text[]), CAST(:t_metadata AS text[]),
-        CAST(:t_created_by AS text[])
+        CAST(:t_created_by AS text[]), CAST(:t_to_users AS text[]), CAST(:t_holds AS text[]),
+        CAST(:t_refund_of AS text[])
     ) WITH ORDINALITY AS t(
         id, type, user_id, asset_symbol, amount, balance_after, key, fingerprint, note,
-        metadata, created_by, position
+        metadata, created_by, to_user_id, hold_id, refund_of, position
     )
     ORDER BY t.position
 )
@@ -261,17 +377,17 @@ ORDER BY e.position""")
 async def write_postings(
     connection: AsyncConnection,
     *,
-    changed: Mapping[BalanceKey, tuple[int, str]],
+    changed: Mapping[BalanceKey, LockedBalance],
     posted: Sequence[tuple[str, Transaction]],
     posted_entries: Sequence[Entry],
     refused: Mapping[str, tuple[str, Refusal]],
     released: Iterable[str],
     created_at: datetime,
 ) -> None:
-    """Write each changed balance (and its chain's newest link) once, insert the transactions
-    (with their request fingerprints) and entries in application order, so their `seq` follows
-    it, keep each refusal under its key, and forget the claims of commands that failed
-    otherwise: such a request records nothing."""
+    """Write each changed balance (with its chain's newest link, length and held sum) once,
+    insert the transactions (with their request fingerprints) and entries in application order,
+    so their `seq` follows it, keep each refusal under its key, and forget the claims of commands
+    that failed otherwise: such a request records nothing."""
     released = sorted(set(released))
     if not (changed or posted or refused or released):
         return
@@ -281,8 +397,10 @@ async def write_postings(
             {
                 "b_accounts": [a for a, _ in changed],
                 "b_symbols": [s for _, s in changed],
-                "b_balances": [balance for balance, _ in changed.values()],
-                "b_links": [chain_hash for _, chain_hash in changed.values()],
+                "b_balances": [row.balance for row in changed.values()],
+                "b_links": [row.chain_hash for row in changed.values()],
+                "b_counts": [row.entry_count for row in changed.values()],
+                "b_held": [row.held for row in changed.values()],
                 "released": released,
                 "r_keys": list(refused),
                 "r_fingerprints": [fingerprint for fingerprint, _ in refused.values()],
@@ -302,6 +420,9 @@ async def write_postings(
                     None if t.metadata is None else json.dumps(t.metadata) for _, t in posted
                 ],
                 "t_created_by": [t.created_by for _, t in posted],
+                "t_to_users": [t.to_user_id for _, t in posted],
+                "t_holds": [t.hold_id for _, t in posted],
+                "t_refund_of": [t.refund_of for _, t in posted],
                 "e_ids": [e.id for e in posted_entries],
                 "e_transactions": [e.transaction_id for e in posted_entries],
                 "e_accounts": [e.account_id for e in posted_entries],
@@ -320,15 +441,22 @@ async def write_postings(
                 balances.c.account_id == sa.bindparam("key_account"),
                 balances.c.asset_symbol == sa.bindparam("key_asset"),
             )
-            .values(balance=sa.bindparam("new_balance"), chain_hash=sa.bindparam("new_link")),
+            .values(
+                balance=sa.bindparam("new_balance"),
+                chain_hash=sa.bindparam("new_link"),
+                entry_count=sa.bindparam("new_count"),
+                held=sa.bindparam("new_held"),
+            ),
             [
                 {
                     "key_account": account,
                     "key_asset": asset,
-                    "new_balance": balance,
-                    "new_link": chain_hash,
+                    "new_balance": row.balance,
+                    "new_link": row.chain_hash,
+                    "new_count": row.entry_count,
+                    "new_held": row.held,
                 }
-                for (account, asset), (balance, chain_hash) in changed.items()
+                for (account, asset), row in changed.items()
             ],
         )
     if released:
@@ -371,6 +499,9 @@ async def write_postings(
                     "metadata": t.metadata,
                     "created_at": created_at,
                     "created_by": t.created_by,
+                    "to_user_id": t.to_user_id,
+                    "hold_id": t.hold_id,
+                    "refund_of": t.refund_of,
                 }
                 for fingerprint, t in posted
             ],
@@ -394,6 +525,140 @@ async def write_postings(
         )
 
 
+async def with_refunds(
+    connection: AsyncConnection, found: Sequence[Transaction]
+) -> list[Transaction]:
+    """`found`, each with the ids of its refunds (newest last), read for those refunded."""
+    refunded = [t.id for t in found if t.refunded_amount]
+    if not refunded:
+        return list(found)
+    rows = await connection.execute(
+        sa.select(transactions.c.refund_of, transactions.c.id)
+        .where(transactions.c.refund_of.in_(refunded))
+        .order_by(transactions.c.seq)
+    )
+    refunds: dict[str, list[TransactionId]] = {}
+    for original, refund in rows:
+        refunds.setdefault(original, []).append(TransactionId(refund))
+    return [replace(t, refunds=tuple(refunds.get(t.id, ()))) for t in found]
+
+
+async def write_holds(
+    connection: AsyncConnection,
+    *,
+    created: Sequence[tuple[str, Hold]],
+    ended: Mapping[str, tuple[Hold, str | None, str | None]],
+) -> None:
+    """Insert new holds (with their request fingerprints) and write the end of each captured or
+    released one (with the release's key and fingerprint)."""
+    if created:
+        await connection.execute(
+            sa.insert(holds),
+            [
+                {
+                    "id": h.id,
+                    "user_id": h.user_id,
+                    "asset_symbol": h.asset_symbol,
+                    "amount": h.amount,
+                    "captured_amount": h.captured_amount,
+                    "status": h.status.value,
+                    "expires_at": h.expires_at,
+                    "created_at": h.created_at,
+                    "ended_at": h.ended_at,
+                    "description": h.description,
+                    "created_by": h.created_by,
+                    "idempotency_key": h.idempotency_key,
+                    "request_fingerprint": fingerprint,
+                }
+                for fingerprint, h in created
+            ],
+        )
+    if ended:
+        await connection.execute(
+            sa.update(holds)
+            .where(holds.c.id == sa.bindparam("ended_id"))
+            .values(
+                status=sa.bindparam("new_status"),
+                captured_amount=sa.bindparam("new_captured"),
+                ended_at=sa.bindparam("new_ended_at"),
+                release_key=sa.bindparam("new_release_key"),
+                release_fingerprint=sa.bindparam("new_release_fingerprint"),
+            ),
+            [
+                {
+                    "ended_id": hold_id,
+                    "new_status": h.status.value,
+                    "new_captured": h.captured_amount,
+                    "new_ended_at": h.ended_at,
+                    "new_release_key": release_key,
+                    "new_release_fingerprint": release_fingerprint,
+                }
+                for hold_id, (h, release_key, release_fingerprint) in ended.items()
+            ],
+        )
+
+
+async def due_holds(connection: AsyncConnection, *, now: datetime, limit: int) -> list[Hold]:
+    """Up to `limit` holds still marked held whose expiry has passed, soonest expired first."""
+    rows = await connection.execute(
+        sa.select(holds)
+        .where(holds.c.status == HoldStatus.HELD.value, holds.c.expires_at <= now)
+        .order_by(holds.c.expires_at)
+        .limit(limit)
+    )
+    return [to_hold(row) for row in rows]
+
+
+async def mark_expired(
+    connection: AsyncConnection, due: Sequence[Hold], *, now: datetime
+) -> list[Hold]:
+    """Mark `due` holds expired (at their expiry), those still held: run it under the locks of
+    their balance rows, so a capture, a release or another sweeper that got there first wins;
+    take each marked hold's amount off its balance's `held`. Returns the holds it marked."""
+    rows = await connection.execute(
+        sa.update(holds)
+        .where(
+            holds.c.id.in_([h.id for h in due]),
+            holds.c.status == HoldStatus.HELD.value,
+            holds.c.expires_at <= now,
+        )
+        .values(status=HoldStatus.EXPIRED.value, ended_at=holds.c.expires_at)
+        .returning(holds)
+    )
+    marked = [to_hold(row) for row in rows]
+    released: dict[BalanceKey, int] = {}
+    for hold in marked:
+        key = (AccountId(hold.user_id), hold.asset_symbol)
+        released[key] = released.get(key, 0) + hold.amount
+    if released:
+        await connection.execute(
+            sa.update(balances)
+            .where(
+                balances.c.account_id == sa.bindparam("key_account"),
+                balances.c.asset_symbol == sa.bindparam("key_asset"),
+            )
+            .values(held=balances.c.held - sa.bindparam("released")),
+            [
+                {"key_account": account, "key_asset": asset, "released": amount}
+                for (account, asset), amount in sorted(released.items())
+            ],
+        )
+    return marked
+
+
+async def write_refunded(
+    connection: AsyncConnection, refunded: Mapping[TransactionId, int]
+) -> None:
+    """Set what each original has had refunded (the database refuses more than its amount)."""
+    if refunded:
+        await connection.execute(
+            sa.update(transactions)
+            .where(transactions.c.id == sa.bindparam("original_id"))
+            .values(refunded_amount=sa.bindparam("new_refunded")),
+            [{"original_id": i, "new_refunded": amount} for i, amount in refunded.items()],
+        )
+
+
 def to_transaction(row: sa.Row[Any]) -> Transaction:
     return Transaction(
         id=TransactionId(row.id),
@@ -407,6 +672,27 @@ def to_transaction(row: sa.Row[Any]) -> Transaction:
         metadata=row.metadata,
         created_at=as_utc(row.created_at),
         created_by=row.created_by,
+        to_user_id=None if row.to_user_id is None else UserId(row.to_user_id),
+        hold_id=row.hold_id,
+        refund_of=None if row.refund_of is None else TransactionId(row.refund_of),
+        refunded_amount=row.refunded_amount,
+    )
+
+
+def to_hold(row: Any) -> Hold:
+    return Hold(
+        id=row.id,
+        user_id=UserId(row.user_id),
+        asset_symbol=row.asset_symbol,
+        amount=row.amount,
+        captured_amount=row.captured_amount,
+        status=HoldStatus(row.status),
+        expires_at=as_utc(row.expires_at),
+        created_at=as_utc(row.created_at),
+        ended_at=None if row.ended_at is None else as_utc(row.ended_at),
+        description=row.description,
+        created_by=row.created_by,
+        idempotency_key=row.idempotency_key,
     )
 
 

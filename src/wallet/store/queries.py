@@ -15,13 +15,24 @@ from wallet.domain.ledger import (
     Direction,
     Entry,
     Flow,
+    Hold,
+    HoldStatus,
+    Standing,
     Transaction,
     TransactionId,
     User,
     UserId,
 )
-from wallet.store.ledger import as_utc, insert_on_conflict, to_transaction
-from wallet.store.tables import accounts, api_keys, assets, balances, entries, transactions
+from wallet.store.ledger import as_utc, insert_on_conflict, to_hold, to_transaction, with_refunds
+from wallet.store.tables import (
+    accounts,
+    api_keys,
+    assets,
+    balances,
+    entries,
+    holds,
+    transactions,
+)
 
 T = TypeVar("T")
 
@@ -92,19 +103,23 @@ async def list_users(
     return await _page(connection, query, accounts.c.seq, _to_user, limit, before, offset)
 
 
-async def balance_of(connection: AsyncConnection, *, user_id: str, asset_symbol: str) -> int:
-    row = await connection.execute(
-        sa.select(balances.c.balance).where(
-            balances.c.account_id == user_id, balances.c.asset_symbol == asset_symbol
+async def standings(
+    connection: AsyncConnection, *, user_id: str, now: datetime, only: str | None = None
+) -> list[Standing]:
+    """Every asset (or `only` that one) with the user's balance of it and what their holds that
+    count at `now` reserve, zeros where the user never held it."""
+    held = (
+        sa.select(sa.func.coalesce(sa.func.sum(holds.c.amount), 0))
+        .where(
+            holds.c.user_id == user_id,
+            holds.c.asset_symbol == assets.c.symbol,
+            holds.c.status == HoldStatus.HELD.value,
+            holds.c.expires_at > now,
         )
+        .scalar_subquery()
     )
-    return row.scalar() or 0
-
-
-async def balances_of(connection: AsyncConnection, *, user_id: str) -> list[tuple[str, int]]:
-    """Every asset with the user's balance of it, zero where the user never held it."""
-    rows = await connection.execute(
-        sa.select(assets.c.symbol, sa.func.coalesce(balances.c.balance, 0))
+    query = (
+        sa.select(assets.c.symbol, sa.func.coalesce(balances.c.balance, 0), held)
         .select_from(
             assets.outerjoin(
                 balances,
@@ -115,7 +130,40 @@ async def balances_of(connection: AsyncConnection, *, user_id: str) -> list[tupl
         )
         .order_by(assets.c.symbol)
     )
-    return [(symbol, balance) for symbol, balance in rows]
+    if only is not None:
+        query = query.where(assets.c.symbol == only)
+    rows = await connection.execute(query)
+    return [Standing(symbol, balance, held_now) for symbol, balance, held_now in rows]
+
+
+async def balances_at(
+    connection: AsyncConnection, *, user_id: str, at: datetime, only: str | None = None
+) -> list[tuple[str, int]]:
+    """Every asset (or `only` that one) with the user's balance right after their last entry at
+    or before `at`: one index look-up per asset, never a sum over history."""
+    balance_after = (
+        sa.select(entries.c.balance_after)
+        .where(
+            entries.c.account_id == user_id,
+            entries.c.asset_symbol == assets.c.symbol,
+            entries.c.created_at <= at,
+        )
+        .order_by(entries.c.created_at.desc(), entries.c.seq.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    query = sa.select(assets.c.symbol, sa.func.coalesce(balance_after, 0)).order_by(assets.c.symbol)
+    if only is not None:
+        query = query.where(assets.c.symbol == only)
+    return [(symbol, balance) for symbol, balance in await connection.execute(query)]
+
+
+# A user's transactions are found through their entries, so a transfer is in both users' lists,
+# each with that user's balance after it (the entry's).
+_SEEN_BY_USER = [c for c in transactions.c if c.name not in ("seq", "balance_after")] + [
+    entries.c.seq,
+    entries.c.balance_after,
+]
 
 
 async def list_transactions(
@@ -124,16 +172,29 @@ async def list_transactions(
     user_id: str,
     flow: Flow | None,
     asset_symbol: str | None,
+    since: datetime | None,
+    until: datetime | None,
     limit: int,
     before: int | None,
     offset: int | None,
 ) -> tuple[list[Transaction], int | None]:
-    query = sa.select(transactions).where(transactions.c.user_id == user_id)
+    query = (
+        sa.select(*_SEEN_BY_USER)
+        .select_from(entries.join(transactions, transactions.c.id == entries.c.transaction_id))
+        .where(entries.c.account_id == user_id)
+    )
     if flow is not None:
         query = query.where(transactions.c.type == flow.value)
     if asset_symbol is not None:
-        query = query.where(transactions.c.asset_symbol == asset_symbol)
-    return await _page(connection, query, transactions.c.seq, to_transaction, limit, before, offset)
+        query = query.where(entries.c.asset_symbol == asset_symbol)
+    if since is not None:
+        query = query.where(entries.c.created_at >= since)
+    if until is not None:
+        query = query.where(entries.c.created_at <= until)
+    found, cursor = await _page(
+        connection, query, entries.c.seq, to_transaction, limit, before, offset
+    )
+    return await with_refunds(connection, found), cursor
 
 
 async def find_transaction(
@@ -141,9 +202,9 @@ async def find_transaction(
 ) -> tuple[Transaction, list[Entry]] | None:
     row = (
         await connection.execute(
-            sa.select(transactions).where(
-                transactions.c.id == transaction_id, transactions.c.user_id == user_id
-            )
+            sa.select(*_SEEN_BY_USER)
+            .select_from(entries.join(transactions, transactions.c.id == entries.c.transaction_id))
+            .where(transactions.c.id == transaction_id, entries.c.account_id == user_id)
         )
     ).first()
     if row is None:
@@ -151,7 +212,42 @@ async def find_transaction(
     entry_rows = await connection.execute(
         sa.select(entries).where(entries.c.transaction_id == transaction_id).order_by(entries.c.seq)
     )
-    return to_transaction(row), [to_entry(r) for r in entry_rows]
+    (found,) = await with_refunds(connection, [to_transaction(row)])
+    return found, [to_entry(r) for r in entry_rows]
+
+
+async def find_hold(connection: AsyncConnection, hold_id: str) -> Hold | None:
+    row = (await connection.execute(sa.select(holds).where(holds.c.id == hold_id))).first()
+    return to_hold(row) if row else None
+
+
+async def list_holds(
+    connection: AsyncConnection,
+    *,
+    user_id: str | None,
+    status: HoldStatus | None,
+    now: datetime,
+    limit: int,
+    before: int | None,
+    offset: int | None,
+) -> tuple[list[Hold], int | None]:
+    """Holds newest first; a hold past its expiry is `expired` here whether or not the sweeper
+    has marked it yet."""
+    query = sa.select(holds)
+    if user_id is not None:
+        query = query.where(holds.c.user_id == user_id)
+    is_held = holds.c.status == HoldStatus.HELD.value
+    match status:
+        case HoldStatus.HELD:
+            query = query.where(is_held, holds.c.expires_at > now)
+        case HoldStatus.EXPIRED:
+            query = query.where(
+                (holds.c.status == HoldStatus.EXPIRED.value)
+                | (is_held & (holds.c.expires_at <= now))
+            )
+        case HoldStatus.CAPTURED | HoldStatus.RELEASED:
+            query = query.where(holds.c.status == status.value)
+    return await _page(connection, query, holds.c.seq, to_hold, limit, before, offset)
 
 
 async def list_entries(

@@ -1,5 +1,6 @@
 """The schema. The database enforces the ledger's invariants too: amounts are positive, user
-balances never negative, each transaction has one debit and one credit entry, keys are unique.
+balances never negative, each transaction has one debit and one credit entry, keys are unique,
+refunds never exceed what they refund, a hold is captured at most once and for at most its amount.
 Each entry carries its hash-chain link; each balance row, the newest link of its chain."""
 
 import sqlalchemy as sa
@@ -19,6 +20,8 @@ metadata = sa.MetaData(
 Sequence = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 Timestamp = sa.DateTime(timezone=True)
 MAX_AMOUNT_SQL = "1000000000000000"
+# 128 for a client's key, and ":99" for the transactions of an atomic batch.
+KEY_LENGTH = 132
 
 assets = sa.Table(
     "assets",
@@ -50,9 +53,15 @@ balances = sa.Table(
     sa.Column("balance", sa.BigInteger(), nullable=False),
     # The link of this account and asset's newest entry (GENESIS_LINK before the first).
     sa.Column("chain_hash", sa.String(64), nullable=False, server_default=GENESIS_LINK),
+    # How many entries the chain has: a checkpoint names its newest link by this position.
+    sa.Column("entry_count", sa.BigInteger(), nullable=False, server_default="0"),
+    # The sum of the holds in status held, expired or not (reads subtract the expired ones).
+    sa.Column("held", sa.BigInteger(), nullable=False, server_default="0"),
     sa.CheckConstraint(
         "balance >= 0 OR substr(account_id, 1, 7) = 'system:'", name="user_not_negative"
     ),
+    sa.CheckConstraint("entry_count >= 0", name="entry_count_not_negative"),
+    sa.CheckConstraint("held >= 0", name="held_not_negative"),
 )
 
 idempotency_keys = sa.Table(
@@ -61,7 +70,7 @@ idempotency_keys = sa.Table(
     # A key is claimed here first, inside the flow's transaction, so concurrent requests with
     # one key queue on this row. A request the ledger's state refused keeps its claim with the
     # refusal, so a retry gets the same answer; any other failure deletes its claim.
-    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("key", sa.String(KEY_LENGTH), primary_key=True),
     sa.Column("request_fingerprint", sa.String(64)),
     sa.Column("refusal_code", sa.String(64)),
     sa.Column("refusal_detail", sa.String(500)),
@@ -102,7 +111,7 @@ transactions = sa.Table(
     sa.Column("balance_after", sa.BigInteger(), nullable=False),
     sa.Column(
         "idempotency_key",
-        sa.String(128),
+        sa.String(KEY_LENGTH),
         sa.ForeignKey("idempotency_keys.key"),
         nullable=False,
         unique=True,
@@ -114,11 +123,91 @@ transactions = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
     # The API key that made it; null for rows older than keys, and with auth disabled.
     sa.Column("created_by", sa.String(36), sa.ForeignKey("api_keys.id")),
-    sa.CheckConstraint("type IN ('topup', 'bonus', 'spend')", name="type"),
+    sa.Column("to_user_id", sa.String(64), sa.ForeignKey("accounts.id")),  # a transfer's receiver
+    sa.Column("hold_id", sa.String(36), sa.ForeignKey("holds.id"), unique=True),  # a capture's
+    sa.Column("refund_of", sa.String(36), sa.ForeignKey("transactions.id")),
+    sa.Column("refunded_amount", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.CheckConstraint(
+        "type IN ('topup', 'bonus', 'spend', 'transfer', 'refund', 'reversal')", name="type"
+    ),
     sa.CheckConstraint(f"amount BETWEEN 1 AND {MAX_AMOUNT_SQL}", name="amount_range"),
     sa.CheckConstraint("balance_after >= 0", name="user_not_negative"),
+    sa.CheckConstraint(
+        "(type = 'transfer') = (to_user_id IS NOT NULL) AND to_user_id <> user_id",
+        name="transfer_receiver",
+    ),
+    sa.CheckConstraint("hold_id IS NULL OR type = 'spend'", name="capture_is_spend"),
+    sa.CheckConstraint(
+        "(type IN ('refund', 'reversal')) = (refund_of IS NOT NULL)", name="refund_names_original"
+    ),
+    sa.CheckConstraint(
+        "refunded_amount BETWEEN 0 AND amount"
+        " AND (refunded_amount = 0 OR type IN ('topup', 'bonus', 'spend'))",
+        name="refunded_within_amount",
+    ),
     sa.Index("ix_transactions_user_seq", "user_id", "seq"),
     sa.Index("ix_transactions_user_asset_seq", "user_id", "asset_symbol", "seq"),
+    sa.Index("ix_transactions_refund_of", "refund_of"),
+)
+
+holds = sa.Table(
+    "holds",
+    metadata,
+    sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
+    sa.Column("id", sa.String(36), nullable=False, unique=True),
+    sa.Column("user_id", sa.String(64), sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("asset_symbol", sa.String(32), sa.ForeignKey("assets.symbol"), nullable=False),
+    sa.Column("amount", sa.BigInteger(), nullable=False),
+    sa.Column("captured_amount", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("status", sa.String(8), nullable=False),
+    sa.Column("expires_at", Timestamp, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("ended_at", Timestamp),
+    sa.Column("description", sa.String(500)),
+    sa.Column("created_by", sa.String(36), sa.ForeignKey("api_keys.id")),
+    sa.Column(
+        "idempotency_key",
+        sa.String(KEY_LENGTH),
+        sa.ForeignKey("idempotency_keys.key"),
+        nullable=False,
+        unique=True,
+    ),
+    sa.Column("request_fingerprint", sa.String(64), nullable=False),
+    # The release's key and request (a capture's are on its transaction).
+    sa.Column(
+        "release_key", sa.String(KEY_LENGTH), sa.ForeignKey("idempotency_keys.key"), unique=True
+    ),
+    sa.Column("release_fingerprint", sa.String(64)),
+    sa.CheckConstraint(f"amount BETWEEN 1 AND {MAX_AMOUNT_SQL}", name="amount_range"),
+    sa.CheckConstraint("status IN ('held', 'captured', 'released', 'expired')", name="status"),
+    sa.CheckConstraint("(status = 'held') = (ended_at IS NULL)", name="ended_when_not_held"),
+    sa.CheckConstraint(
+        "captured_amount BETWEEN 0 AND amount AND (status = 'captured') = (captured_amount > 0)",
+        name="captured_within_amount",
+    ),
+    sa.CheckConstraint(
+        "(status = 'released') = (release_key IS NOT NULL)"
+        " AND (release_key IS NULL) = (release_fingerprint IS NULL)",
+        name="release_recorded",
+    ),
+    sa.CheckConstraint("substr(user_id, 1, 7) <> 'system:'", name="user_not_system"),
+    sa.Index("ix_holds_user_seq", "user_id", "seq"),
+    sa.Index("ix_holds_user_status_seq", "user_id", "status", "seq"),
+    sa.Index("ix_holds_status_seq", "status", "seq"),
+    # Active holds: what counts in `held`, and what the expiry sweeper looks for.
+    sa.Index(
+        "ix_holds_held_user_asset",
+        "user_id",
+        "asset_symbol",
+        postgresql_where=sa.text("status = 'held'"),
+        sqlite_where=sa.text("status = 'held'"),
+    ),
+    sa.Index(
+        "ix_holds_held_expires_at",
+        "expires_at",
+        postgresql_where=sa.text("status = 'held'"),
+        sqlite_where=sa.text("status = 'held'"),
+    ),
 )
 
 entries = sa.Table(
@@ -143,4 +232,8 @@ entries = sa.Table(
     sa.UniqueConstraint("transaction_id", "direction"),
     sa.Index("ix_entries_account_seq", "account_id", "seq"),
     sa.Index("ix_entries_account_asset_seq", "account_id", "asset_symbol", "seq"),
+    # Balance at a time: one look-up of the newest entry at or before it.
+    sa.Index(
+        "ix_entries_account_asset_created_at", "account_id", "asset_symbol", "created_at", "seq"
+    ),
 )

@@ -5,18 +5,21 @@ Revises: 0001
 Create Date: 2026-11-25 18:40:00
 """
 
+import hashlib
 from collections.abc import Sequence
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
-
-from wallet.domain.ledger import GENESIS_LINK, AccountId, Direction, Entry, TransactionId, link
 
 revision: str = "0002"
 down_revision: str | None = "0001"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
+
+GENESIS_LINK = "0" * 64  # the link before an account's first entry
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # The columns this migration reads, as they are at revision 0001.
 entries = sa.table(
@@ -58,17 +61,7 @@ def _link_existing_entries() -> None:
     links = []
     for row in connection.execute(sa.select(entries).order_by(entries.c.seq)):
         key = (row.account_id, row.asset_symbol)
-        entry = Entry(
-            id=row.id,
-            transaction_id=TransactionId(row.transaction_id),
-            account_id=AccountId(row.account_id),
-            asset_symbol=row.asset_symbol,
-            direction=Direction(row.direction),
-            amount=row.amount,
-            balance_after=row.balance_after,
-            created_at=row.created_at.replace(tzinfo=row.created_at.tzinfo or UTC),
-        )
-        heads[key] = link(heads.get(key, GENESIS_LINK), entry)
+        heads[key] = _link_v1(heads.get(key, GENESIS_LINK), row)
         links.append({"entry_seq": row.seq, "link": heads[key]})
     if links:
         connection.execute(
@@ -86,6 +79,27 @@ def _link_existing_entries() -> None:
             .values(chain_hash=sa.bindparam("link")),
             [{"key_account": a, "key_asset": s, "link": h} for (a, s), h in heads.items()],
         )
+
+
+def _link_v1(previous: str, entry: sa.Row[Any]) -> str:
+    """Version 1 of the chain, frozen as this migration shipped it: SHA-256 of the previous link
+    and the entry's fields joined by `|`, its creation time in microseconds since the epoch."""
+    created_at = entry.created_at.replace(tzinfo=entry.created_at.tzinfo or UTC)
+    created_us = (created_at - EPOCH) // timedelta(microseconds=1)
+    content = "|".join(
+        (
+            previous,
+            entry.id,
+            entry.transaction_id,
+            entry.account_id,
+            entry.asset_symbol,
+            entry.direction,
+            str(entry.amount),
+            str(entry.balance_after),
+            str(created_us),
+        )
+    )
+    return hashlib.sha256(content.encode()).hexdigest()
 
 
 def downgrade() -> None:
