@@ -30,6 +30,7 @@ VARYING = [
         r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d+Z",
     ),
     (KEY, KEY.pattern),
+    (re.compile(r"\b[0-9a-f]{64}\b"), r"[0-9a-f]{64}"),  # hash-chain links
     (re.compile(r"\b[0-9a-f]{32}\b"), r"[0-9a-f]{32}"),
     (re.compile(r"run\d{10}"), r"run\d+"),  # $RUN: the run's own part of idempotency keys
 ]
