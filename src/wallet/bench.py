@@ -73,7 +73,8 @@ TIMED_READS = 50
 # The load's API key: rate limiting stays on, as in production (each request pays for its
 # check), with a budget so large it never refuses one; 0 would mean unlimited and skip the check.
 LOAD_KEY_BUDGET_PER_S = 1_000_000
-LOAD_KEY_SCOPES = frozenset({Scope.WALLET_CREDIT, Scope.WALLET_DEBIT})  # the three flows, no more
+# The three flows, and the mixed load's transfers, holds and captures (debit), no more.
+LOAD_KEY_SCOPES = frozenset({Scope.WALLET_CREDIT, Scope.WALLET_DEBIT})
 T = TypeVar("T")
 
 
@@ -84,6 +85,19 @@ class BenchRefused(Exception):
 class Scenario(StrEnum):
     SPREAD = "spread"  # round-robin over every bench user: only the system account is hot
     HOT = "hot"  # every request on one user: the user's row is hot too
+
+
+class Mix(StrEnum):
+    """A load of several kinds of request in one cell, driven beside the single flows."""
+
+    MIXED = "mixed"  # spend, transfer, hold, and capture of a hold the same wrk thread made
+
+
+# What --flows accepts: a single flow (every request posts it) or a mix.
+LOADS: dict[str, Flow | Mix] = {
+    load.value: load for load in (Flow.SPEND, Flow.TOPUP, Flow.BONUS, Mix.MIXED)
+}
+MIX_KINDS = ("spend", "transfer", "hold", "capture")  # what a mixed cell counts, per kind
 
 
 # ---- options ----------------------------------------------------------------------------
@@ -111,7 +125,7 @@ class LoadPlan:
     warmup_s: int
     concurrencies: tuple[int, ...]
     scenarios: tuple[Scenario, ...]
-    flows: tuple[Flow, ...]
+    flows: tuple[Flow | Mix, ...]
     configurations: tuple[Configuration, ...]
     max_requests: int
     is_markdown: bool  # print the table as Markdown, to paste into docs
@@ -162,6 +176,12 @@ def parse_list(text: str, *, what: str) -> tuple[str, ...]:
     return items
 
 
+def _load(name: str) -> Flow | Mix:
+    if name not in LOADS:
+        raise ValueError(f"{name!r} is not a flow the bench drives")
+    return LOADS[name]
+
+
 def _positive_int(text: str, *, what: str) -> int:
     try:
         number = int(text)
@@ -188,9 +208,12 @@ def load_plan(
     """The plan the options describe, or BenchRefused naming the bad option."""
     try:
         chosen_scenarios = tuple(Scenario(s) for s in parse_list(scenarios, what="--scenarios"))
-        chosen_flows = tuple(Flow(f) for f in parse_list(flows, what="--flows"))
+        chosen_flows = tuple(_load(f) for f in parse_list(flows, what="--flows"))
     except ValueError as error:
-        raise BenchRefused(f"{error}; scenarios: spread, hot; flows: spend, topup, bonus") from None
+        choices = ", ".join(LOADS)
+        raise BenchRefused(f"{error}; scenarios: spread, hot; flows: {choices}") from None
+    if Mix.MIXED in chosen_flows and users < 2:
+        raise BenchRefused("--flows mixed transfers between two users: give --users 2 or more")
     chosen = [parse_configuration(c, workers=workers) for c in configurations]
     if len({c.name for c in chosen}) != len(chosen):
         raise BenchRefused("two configurations have the same name")
@@ -418,13 +441,13 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 # ---- the load ---------------------------------------------------------------------------
 
-LUA = Template("""-- written by `wallet bench`: one $flow per request, each with its own key
+# The load's Lua script: a common head and tail around a `request` of each kind of load.
+LUA_HEAD = """-- written by `wallet bench`: $what, each request with its own key
 local prefix = "$prefix"
 local users = $users
 local is_hot = $is_hot
 local threads_count = $threads
 local max_per_thread = $max_per_thread
-local path = "/api/v1/wallet/$flow"
 local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer $api_key"}
 local threads = {}
 
@@ -439,7 +462,8 @@ function init(args)
   offset = math.floor(tid * users / threads_count)
 end
 
-function request()
+-- The next request's number in this thread and its user.
+local function next_request()
   if sent >= max_per_thread then
     -- the request bound: this thread stops; the duration bound ends the run
     capped = 1
@@ -450,33 +474,109 @@ function request()
   if not is_hot then
     user = (offset + sent) % users
   end
+  return sent, user
+end
+"""
+LUA_FLOW = """
+local path = "/api/v1/wallet/$flow"
+
+function request()
+  local number, user = next_request()
   local body = string.format(
     '{"userId":"bench-user-%06d","assetSymbol":"$asset","amount":1,"idempotencyKey":"%s-%d-%d"}',
-    user, prefix, tid, sent)
+    user, prefix, tid, number)
   return wrk.format("POST", path, headers, body)
 end
+"""
+# wrk tells `request` nothing of the connection it writes to, so a thread's connections share
+# one queue of hold ids: each hold's id goes in when its answer is read, and the thread's next
+# request, on whichever connection, captures it. Otherwise the thread goes round spend,
+# transfer, hold; so about a quarter of the requests are of each kind.
+LUA_MIXED = """
+local round = {"spend", "transfer", "hold"}
+local answered = {}  -- ids of holds answered and not yet captured, oldest first
+local oldest, newest = 1, 0
+local turn = 0
+count_spend, count_transfer, count_hold, count_capture = 0, 0, 0, 0
 
+function request()
+  local number, user = next_request()
+  local key = string.format("%s-%d-%d", prefix, tid, number)
+  if oldest <= newest then
+    local hold = answered[oldest]
+    answered[oldest] = nil
+    oldest = oldest + 1
+    count_capture = count_capture + 1
+    return wrk.format("POST", "/api/v1/wallet/holds/" .. hold .. "/capture", headers,
+      string.format('{"idempotencyKey":"%s"}', key))
+  end
+  turn = turn % #round + 1
+  local kind = round[turn]
+  if kind == "transfer" then
+    count_transfer = count_transfer + 1
+    -- spread: to the next user; hot: between the first two, each way in turn
+    local from, to = user, (user + 1) % users
+    if is_hot then
+      from = count_transfer % 2
+      to = 1 - from
+    end
+    return wrk.format("POST", "/api/v1/wallet/transfer", headers, string.format(
+      '{"fromUserId":"bench-user-%06d","toUserId":"bench-user-%06d","assetSymbol":"$asset",'
+      .. '"amount":1,"idempotencyKey":"%s"}', from, to, key))
+  end
+  local body = string.format(
+    '{"userId":"bench-user-%06d","assetSymbol":"$asset","amount":1,"idempotencyKey":"%s"}',
+    user, key)
+  if kind == "hold" then
+    count_hold = count_hold + 1
+    return wrk.format("POST", "/api/v1/wallet/holds", headers, body)
+  end
+  count_spend = count_spend + 1
+  return wrk.format("POST", "/api/v1/wallet/spend", headers, body)
+end
+
+function response(status, _, body)
+  -- a new hold's body begins with its id; a capture's begins with "hold", a transaction's
+  -- with "transactionId"
+  local hold = status == 201 and body:match('^{"holdId":"([^"]+)"')
+  if hold then
+    newest = newest + 1
+    answered[newest] = hold
+  end
+end
+"""
+LUA_DONE = """
 function done(summary, latency, requests)
   local capped_threads = 0
   for _, thread in ipairs(threads) do
     capped_threads = capped_threads + thread:get("capped")
   end
+  local counts = ""  -- requests of each kind, in a mixed load
+  for _, kind in ipairs({$counted}) do
+    local count = 0
+    for _, thread in ipairs(threads) do
+      count = count + thread:get("count_" .. kind)
+    end
+    counts = counts .. string.format(" %s=%d", kind, count)
+  end
   local errors = summary.errors
   io.write(string.format(
     "wallet-bench requests=%d duration_us=%d p50_us=%d p95_us=%d p99_us=%d "
     .. "status_errors=%d connect_errors=%d read_errors=%d write_errors=%d timeouts=%d "
-    .. "capped_threads=%d\\n",
+    .. "capped_threads=%d%s\\n",
     summary.requests, summary.duration, latency:percentile(50), latency:percentile(95),
     latency:percentile(99), errors.status, errors.connect, errors.read, errors.write,
-    errors.timeout, capped_threads))
+    errors.timeout, capped_threads, counts))
 end
-""")
+"""
+FLOW_LUA = Template(LUA_HEAD + LUA_FLOW + LUA_DONE)
+MIXED_LUA = Template(LUA_HEAD + LUA_MIXED + LUA_DONE)
 
 
 @dataclass(frozen=True, slots=True)
 class Cell:
     scenario: Scenario
-    flow: Flow
+    flow: Flow | Mix
     concurrency: int
 
 
@@ -495,6 +595,7 @@ class Measurement:
     client_cpu: float
     server_cpu: float
     database_cpu: float | None
+    kinds: dict[str, int] = field(default_factory=dict)  # a mix's requests made, per kind
 
     @property
     def rate(self) -> float:
@@ -540,8 +641,10 @@ def run_wrk(
         raise BenchRefused("the load's API key is not one the service issues")
     threads = min(cell.concurrency, os.cpu_count() or 1)
     script = workdir / f"{prefix}.lua"
+    is_mixed = cell.flow is Mix.MIXED
     script.write_text(
-        LUA.substitute(
+        (MIXED_LUA if is_mixed else FLOW_LUA).substitute(
+            what=f"a mix of {', '.join(MIX_KINDS)}" if is_mixed else f"one {cell.flow} per request",
             api_key=api_key,
             flow=cell.flow.value,
             prefix=prefix,
@@ -550,6 +653,7 @@ def run_wrk(
             threads=threads,
             max_per_thread=math.ceil(max_requests / threads),
             asset=ASSET,
+            counted=", ".join(f'"{kind}"' for kind in MIX_KINDS) if is_mixed else "",
         )
     )
     command = [wrk, f"-t{threads}", f"-c{cell.concurrency}", f"-d{duration_s}s", "--timeout", "10s"]
@@ -600,6 +704,7 @@ def run_wrk(
         client_cpu=100 * client_cpu / wall,
         server_cpu=100 * server_cpu / wall,
         database_cpu=None if database_cpu is None else 100 * database_cpu / wall,
+        kinds={kind: summary[kind] for kind in MIX_KINDS if kind in summary},
     )
 
 
@@ -671,10 +776,13 @@ def run_configuration(
             )
             result.cells[cell] = measured
             _sample_memory(server, result)
+            mix = ", ".join(f"{kind} {count:,}" for kind, count in measured.kinds.items())
             console.print(
                 f"[dim]{configuration.name}: {cell.scenario} {cell.flow} "
                 f"c={cell.concurrency}: {measured.rate:,.0f} req/s, "
-                f"p99 {measured.p99_ms:.1f} ms, {measured.errors} errors[/]"
+                f"p99 {measured.p99_ms:.1f} ms, {measured.errors} errors"
+                + (f" (made: {mix})" if mix else "")
+                + "[/]"
             )
         result.peak_rss_mb = [_memory_mb(pid, "VmHWM") for pid in server.worker_pids()]
     return result
@@ -839,6 +947,16 @@ def _measure(
             f"at most {plan.max_requests:,} requests per cell",
             f"data: {plan.users:,} bench users funded with {FUNDING:,} {ASSET}; "
             "spread = round-robin over them, hot = all on one user; amount 1 per request",
+            *(
+                [
+                    "mixed: each wrk thread captures each hold it made as soon as the hold's "
+                    "answer is read, and otherwise goes round spend, transfer, hold; transfers "
+                    "go to the next user (spread) or between the first two, each way in turn "
+                    "(hot)"
+                ]
+                if Mix.MIXED in plan.flows
+                else []
+            ),
             *(f"server: {c.describe()}" for c in plan.configurations),
             f"auth: one API key made for the run ({' '.join(sorted(LOAD_KEY_SCOPES))}), "
             f"budgets {LOAD_KEY_BUDGET_PER_S:,}/s of reads and of writes: rate limiting on, "

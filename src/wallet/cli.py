@@ -388,9 +388,12 @@ def bench(
     scenarios: Annotated[str, typer.Option(help="spread (many users), hot (one user).")] = (
         "spread,hot"
     ),
-    flows: Annotated[str, typer.Option(help="Flows to drive: spend, topup, bonus.")] = (
-        "spend,topup"
-    ),
+    flows: Annotated[
+        str,
+        typer.Option(
+            help="Flows to drive: spend, topup, bonus, mixed (spends, transfers, holds, captures)."
+        ),
+    ] = ("spend,topup"),
     configuration: Annotated[
         list[str] | None,
         typer.Option(

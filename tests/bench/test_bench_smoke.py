@@ -1,6 +1,7 @@
 """`wallet bench` end to end at a tiny size: the load run prints its provenance and one row per
-cell and configuration with the ratio to the first, then verifies the ledger; `--populate` loads
-a ledger that `wallet verify` accepts and shows index scans. Smoke tests, not timing assertions."""
+cell and configuration with the ratio to the first, single flows and the mixed load (spends,
+transfers, holds and their captures) alike, then verifies the ledger; `--populate` loads a
+ledger that `wallet verify` accepts and shows index scans. Smoke tests, not timing assertions."""
 
 import asyncio
 import os
@@ -16,7 +17,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from wallet.bench import BenchRefused, Configuration, parse_configuration
+from wallet.bench import BenchRefused, Configuration, Mix, load_plan, parse_configuration
+from wallet.domain.ledger import Flow
 
 pytestmark = pytest.mark.timeout(120)
 WALLET = Path(sys.executable).parent / "wallet"
@@ -67,6 +69,23 @@ def test_bench_configurations_parse_with_their_settings_and_workers() -> None:
             parse_configuration(bad, workers=1)
 
 
+def _plan_of(*, flows: str, users: int = 20) -> tuple[Flow | Mix, ...]:
+    plan = load_plan(
+        users=users, duration_s=1, warmup_s=0, concurrency="1", scenarios="spread", flows=flows,
+        configurations=["on"], workers=1, max_requests=10, is_markdown=False,
+    )  # fmt: skip
+    return plan.flows
+
+
+def test_bench_drives_the_single_flows_and_the_mixed_load_only() -> None:
+    assert _plan_of(flows="spend,mixed,topup") == (Flow.SPEND, Mix.MIXED, Flow.TOPUP)
+    for not_driven in ("transfer", "refund", "hold", "nothing"):
+        with pytest.raises(BenchRefused, match="flows: spend, topup, bonus, mixed"):
+            _plan_of(flows=not_driven)
+    with pytest.raises(BenchRefused, match="--users 2 or more"):
+        _plan_of(flows="mixed", users=1)
+
+
 @pytest.mark.postgres_only
 async def test_bench_prints_a_row_per_cell_and_configuration_then_verifies(
     postgres_database_url: str,
@@ -75,7 +94,7 @@ async def test_bench_prints_a_row_per_cell_and_configuration_then_verifies(
         pytest.skip("wrk is not installed: apt-get install wrk")
     code, output = await wallet_command(
         *("bench", "--users", "20", "--duration", "1", "--warmup", "0"),
-        *("--concurrency", "1,4", "--scenarios", "spread", "--flows", "spend"),
+        *("--concurrency", "1,4", "--scenarios", "spread", "--flows", "spend,mixed"),
         *("--workers", "1"),
         database_url=postgres_database_url,
     )
@@ -87,18 +106,31 @@ async def test_bench_prints_a_row_per_cell_and_configuration_then_verifies(
         assert heading in output, f"no {heading!r} column:\n{output}"
     for heading in ("errors", "wrk CPU%"):
         assert heading in output, f"no {heading!r} column:\n{output}"
-    row = re.compile(r"^│ batching (off|on)\s+│ spread\s+│ spend\s+│\s+(\d+) │(.*)$", re.MULTILINE)
+    row = re.compile(
+        r"^│ batching (off|on)\s+│ spread\s+│ (spend|mixed)\s+│\s+(\d+) │(.*)$", re.MULTILINE
+    )
     rows = row.findall(output)
-    assert sorted((name, clients) for name, clients, _ in rows) == [
-        ("off", "1"),
-        ("off", "4"),
-        ("on", "1"),
-        ("on", "4"),
+    assert sorted((name, flow, clients) for name, flow, clients, _ in rows) == [
+        (name, flow, clients)
+        for name in ("off", "on")
+        for flow in ("mixed", "spend")
+        for clients in ("1", "4")
     ], output
-    assert all("×" in rest for name, _, rest in rows if name == "on"), output
+    assert all("×" in rest for name, _, _, rest in rows if name == "on"), output
+    # after clients: requests, req/s, the ratio (blank for the baseline), p50, p95, p99, errors
+    errors = [rest.split("│")[6].strip() for _, _, _, rest in rows]
+    assert errors == ["0"] * len(rows), output
+    made = re.findall(
+        r"spread mixed c=\d+: .* 0 errors \(made: spend (\d+), transfer (\d+), "
+        r"hold (\d+), capture (\d+)\)",
+        output,
+    )
+    assert len(made) == 4, output
+    assert all(int(count) > 0 for counts in made for count in counts), output
     assert "worker RSS, batching on:" in output
     assert "ledger verified: every invariant holds" in output
     await _check_the_load_used_its_own_rate_limited_key(postgres_database_url, output)
+    await _check_the_mixed_load_transferred_and_captured(postgres_database_url)
 
 
 async def _check_the_load_used_its_own_rate_limited_key(database_url: str, output: str) -> None:
@@ -134,6 +166,30 @@ async def _check_the_load_used_its_own_rate_limited_key(database_url: str, outpu
     assert revoked_at is not None, "the bench left its key live"
     assert [maker for maker, _ in makers] == [key_id], makers
     assert makers[0][1] > 0
+
+
+async def _check_the_mixed_load_transferred_and_captured(database_url: str) -> None:
+    """The mixed cells left transfers and captured holds in the ledger."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            transfers = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT count(*) FROM transactions WHERE type = 'transfer'"
+                        " AND idempotency_key LIKE 'bench-%'"
+                    )
+                )
+            ).scalar()
+            captured = (
+                await connection.execute(
+                    sa.text("SELECT count(*) FROM holds WHERE status = 'captured'")
+                )
+            ).scalar()
+    finally:
+        await engine.dispose()
+    assert transfers, "the mixed load made no transfer"
+    assert captured, "the mixed load captured no hold"
 
 
 @pytest.mark.postgres_only
