@@ -393,7 +393,7 @@ def bench(
         typer.Option(
             help="Flows to drive: spend, topup, bonus, mixed (spends, transfers, holds, captures)."
         ),
-    ] = ("spend,topup"),
+    ] = "spend,topup",
     configuration: Annotated[
         list[str] | None,
         typer.Option(
