@@ -1029,6 +1029,11 @@ READS = (
         "ledger, first page of 50 (GET /wallet/ledger/{user})",
         lambda wallet, user: wallet.ledger(user_id=user, asset_symbol=None, page=PageRequest()),
     ),
+    Read(
+        # The newest entry at or before `at` is one index descent, wherever `at` falls.
+        "every balance at a time (GET /wallet/balances/{user}?at=)",
+        lambda wallet, user: wallet.balances_at(user_id=user, at=datetime.now(UTC)),
+    ),
 )
 
 

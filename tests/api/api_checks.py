@@ -15,6 +15,13 @@ ALICE = "550e8400-e29b-41d4-a716-446655440000"  # the seed users, as API.md name
 BOB = "6ba7b810-9dad-11d1-80b4-00c04fd430c8"
 FLOWS = ("topup", "bonus", "spend")
 FREE_TEXT_FIELD = {"topup": "metadata", "bonus": "reason", "spend": "description"}
+# API-ledger.md: what a refundable transaction shows of its refunds, and a spend of its hold.
+REFUND_FIELDS = {"refundedAmount", "refunds"}
+FLOW_FIELDS = {
+    "topup": {"metadata", *REFUND_FIELDS},
+    "bonus": {"reason", *REFUND_FIELDS},
+    "spend": {"description", "holdId", *REFUND_FIELDS},
+}
 SAMPLE_FREE_TEXT: dict[str, Any] = {
     "topup": {"order": "A-1", "store": "web"},
     "bonus": "welcome back",
@@ -58,6 +65,22 @@ ENTRY_FIELDS = frozenset(
         "amount",
         "balanceAfter",
         "createdAt",
+        "chainHash",
+    }
+)
+HOLD_FIELDS = frozenset(
+    {
+        "holdId",
+        "userId",
+        "assetSymbol",
+        "amount",
+        "capturedAmount",
+        "status",
+        "expiresAt",
+        "createdAt",
+        "endedAt",
+        "description",
+        "createdBy",
     }
 )
 USER_FIELDS = frozenset({"id", "email", "name", "createdAt"})
@@ -115,7 +138,73 @@ async def post_flow(
     *,
     headers: Mapping[str, str] | None = None,
 ) -> httpx.Response:
+    """POST `body` to /wallet/`flow`: a flow, or a write of API-ledger.md ("transfer", "batch",
+    "holds", "holds/<id>/capture", "transactions/<id>/refund"...)."""
     return await client.post(f"{API}/wallet/{flow}", json=body, headers=headers)
+
+
+def created(response: httpx.Response) -> dict[str, Any]:
+    """The body of a write's first answer: 201, not a replay."""
+    assert response.status_code == 201, describe(response)
+    assert "idempotent-replayed" not in response.headers, response.headers
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def assert_replayed(first: httpx.Response, again: httpx.Response) -> None:
+    """`again` replays `first` (API.md): 200, Idempotent-Replayed, the same body."""
+    assert again.status_code == 200, describe(again)
+    assert again.headers["idempotent-replayed"] == "true", again.headers
+    assert again.json() == first.json(), f"first: {first.text}\nagain: {again.text}"
+
+
+def transfer_body(
+    *,
+    from_user: str = ALICE,
+    to_user: str = BOB,
+    asset: str = "GOLD_COINS",
+    amount: Any = 10,
+    key: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A transfer request body: GOLD_COINS from Alice to Bob unless told, with a fresh key."""
+    return {
+        "fromUserId": from_user,
+        "toUserId": to_user,
+        "assetSymbol": asset,
+        "amount": amount,
+        "idempotencyKey": key or new_key(),
+        **extra,
+    }
+
+
+async def create_hold(client: httpx.AsyncClient, **fields: Any) -> dict[str, Any]:
+    """A new hold (a flow body: Alice's GOLD_COINS unless told, `expiresInSeconds` and
+    `description` among `fields`)."""
+    return created(await post_flow(client, "holds", flow_body(**fields)))
+
+
+async def post_hold_action(
+    client: httpx.AsyncClient, hold_id: str, action: str, **fields: Any
+) -> httpx.Response:
+    """Capture or release (`action`) a hold, with a fresh key unless `fields` give one."""
+    body = {"idempotencyKey": new_key(), **fields}
+    return await post_flow(client, f"holds/{hold_id}/{action}", body)
+
+
+async def post_refund(
+    client: httpx.AsyncClient, transaction_id: str, **fields: Any
+) -> httpx.Response:
+    """Refund or reverse a transaction, with a fresh key unless `fields` give one."""
+    body = {"idempotencyKey": new_key(), **fields}
+    return await post_flow(client, f"transactions/{transaction_id}/refund", body)
+
+
+async def key_id_of(client: httpx.AsyncClient) -> str:
+    """The id of the admin key `client` sends: the newest key (the seed's own is older)."""
+    keys = await get_ok(client, f"{API}/keys")
+    key_id: str = keys["items"][0]["keyId"]
+    return key_id
 
 
 async def post_raw(
@@ -139,10 +228,60 @@ async def get_ok(client: httpx.AsyncClient, path: str, **params: Any) -> Any:
     return response.json()
 
 
+def ids(items: list[dict[str, Any]], id_field: str) -> list[str]:
+    return [item[id_field] for item in items]
+
+
+async def walk(
+    client: httpx.AsyncClient, path: str, id_field: str, limit: int, **params: Any
+) -> list[str]:
+    """Every item's id, following nextCursor page by page."""
+    seen: list[str] = []
+    cursor = None
+    for _ in range(1000):
+        query = {"limit": limit, **params} | ({"cursor": cursor} if cursor else {})
+        page = await get_ok(client, path, **query)
+        assert set(page) == {"items", "nextCursor"}
+        assert len(page["items"]) <= limit
+        seen += ids(page["items"], id_field)
+        cursor = page["nextCursor"]
+        if cursor is None:
+            return seen
+        assert isinstance(cursor, str)
+        assert len(page["items"]) == limit
+    raise AssertionError("the pages never ended")
+
+
 async def balance_of(client: httpx.AsyncClient, user_id: str, asset: str) -> int:
     body = await get_ok(client, f"{API}/wallet/balance/{user_id}/{asset}")
     balance: int = body["balance"]
     return balance
+
+
+async def standing_of(client: httpx.AsyncClient, user_id: str, asset: str) -> dict[str, int]:
+    """What API-ledger.md's balance shows: balance, held and available."""
+    body = await get_ok(client, f"{API}/wallet/balance/{user_id}/{asset}")
+    assert set(body) == {"userId", "assetSymbol", "balance", "held", "available"}, body
+    assert (body["userId"], body["assetSymbol"]) == (user_id, asset)
+    return {name: body[name] for name in ("balance", "held", "available")}
+
+
+async def transactions_of(
+    client: httpx.AsyncClient, user_id: str, **params: Any
+) -> list[dict[str, Any]]:
+    """One page (up to 500) of the user's transactions, newest first."""
+    page = await get_ok(client, f"{API}/wallet/transactions/{user_id}", limit=500, **params)
+    items: list[dict[str, Any]] = page["items"]
+    return items
+
+
+async def transaction_detail(
+    client: httpx.AsyncClient, transaction_id: str, user_id: str = ALICE
+) -> dict[str, Any]:
+    detail: dict[str, Any] = await get_ok(
+        client, f"{API}/wallet/transactions/{user_id}/{transaction_id}"
+    )
+    return detail
 
 
 async def balances_of(client: httpx.AsyncClient, user_id: str) -> dict[str, int]:
@@ -181,6 +320,10 @@ def problem_of(response: httpx.Response) -> dict[str, Any]:
     expected_fields = PROBLEM_FIELDS | (
         {"errors"} if problem.get("code") == "validation_error" else set()
     )
+    if response.request.url.path == f"{API}/wallet/batch" and "operationIndex" in problem:
+        # API-ledger.md: an atomic batch's failure names the operation that failed.
+        assert type(problem["operationIndex"]) is int, problem
+        expected_fields |= {"operationIndex"}
     assert set(problem) == expected_fields, problem
     assert problem["status"] == response.status_code
     for name in ("type", "title", "detail", "code"):
@@ -254,9 +397,13 @@ def assert_transaction(
     user_id: str = ALICE,
     asset: str = "GOLD_COINS",
     free_text: Any = None,
+    refunded_amount: int = 0,
+    refunds: tuple[str, ...] = (),
+    hold_id: str | None = None,
 ) -> None:
-    """A transaction exactly as API.md describes it, made by the API key `created_by`."""
-    assert set(body) == TRANSACTION_FIELDS | {FREE_TEXT_FIELD[flow]}, body
+    """A transaction of a flow exactly as API.md and API-ledger.md describe it, made by the API
+    key `created_by`."""
+    assert set(body) == TRANSACTION_FIELDS | FLOW_FIELDS[flow], body
     assert isinstance(body["transactionId"], str)
     assert body["transactionId"]
     assert type(body["amount"]) is int
@@ -271,6 +418,9 @@ def assert_transaction(
         "idempotencyKey": key,
         "createdBy": created_by,
         FREE_TEXT_FIELD[flow]: free_text,
+        "refundedAmount": refunded_amount,
+        "refunds": list(refunds),
+        **({"holdId": hold_id} if flow == "spend" else {}),
     }
     assert_rfc3339_utc(body["createdAt"])
 
@@ -287,3 +437,4 @@ def assert_entry(entry: Mapping[str, Any]) -> None:
     assert type(entry["balanceAfter"]) is int
     assert entry["assetSymbol"] in ASSET_NAMES
     assert_rfc3339_utc(entry["createdAt"])
+    assert re.fullmatch("[0-9a-f]{64}", entry["chainHash"]), entry

@@ -26,12 +26,14 @@ PATH_VALUES = {
     "assetSymbol": "GOLD_COINS",
     "transactionId": "01a213cc-6477-716a-bb08-b23f082a45d5",
     "keyId": "01a213cc-0000-7000-8000-000000000000",
+    "holdId": "01a213cc-1111-7000-8000-000000000000",
     "path": "swagger-ui.css",
 }
 
 
-def routing_table() -> list[tuple[str, str, Scope | None]]:
-    """(method, concrete path, scope) for every method of every route the app serves."""
+def routing_table() -> list[tuple[str, str, frozenset[Scope] | None]]:
+    """(method, concrete path, scopes a key needs one of) for every method of every route the
+    app serves."""
     app = create_app(Settings(database_url="sqlite:///unused.db"))
     table = []
     for route in (context.route for context in iter_route_contexts(app.routes)):
@@ -50,12 +52,31 @@ PUBLIC = [(m, p) for m, p, s in ROUTES if s is None]
 
 
 def test_the_routing_table_covers_the_contract() -> None:
-    assert ("POST", f"{API}/wallet/topup", Scope.WALLET_CREDIT) in SCOPED
-    assert ("POST", f"{API}/wallet/bonus", Scope.WALLET_CREDIT) in SCOPED
-    assert ("POST", f"{API}/wallet/spend", Scope.WALLET_DEBIT) in SCOPED
-    assert ("POST", f"{API}/users", Scope.USERS_WRITE) in SCOPED
-    assert ("DELETE", f"{API}/keys/{PATH_VALUES['keyId']}", Scope.ADMIN) in SCOPED
-    assert all(s is Scope.WALLET_READ for m, p, s in SCOPED if m == "GET" and "/keys" not in p)
+    hold = f"{API}/wallet/holds/{PATH_VALUES['holdId']}"
+    expected = {
+        ("POST", f"{API}/wallet/topup"): {Scope.WALLET_CREDIT},
+        ("POST", f"{API}/wallet/bonus"): {Scope.WALLET_CREDIT},
+        ("POST", f"{API}/wallet/spend"): {Scope.WALLET_DEBIT},
+        ("POST", f"{API}/wallet/transfer"): {Scope.WALLET_DEBIT},
+        ("POST", f"{API}/wallet/holds"): {Scope.WALLET_DEBIT},
+        ("POST", f"{hold}/capture"): {Scope.WALLET_DEBIT},
+        ("POST", f"{hold}/release"): {Scope.WALLET_DEBIT},
+        ("POST", f"{API}/wallet/transactions/{PATH_VALUES['transactionId']}/refund"): {
+            Scope.WALLET_REFUND
+        },
+        # An atomic batch: a key with either passes the gate; the route checks each operation.
+        ("POST", f"{API}/wallet/batch"): {Scope.WALLET_CREDIT, Scope.WALLET_DEBIT},
+        ("POST", f"{API}/users"): {Scope.USERS_WRITE},
+        ("DELETE", f"{API}/keys/{PATH_VALUES['keyId']}"): {Scope.ADMIN},
+        ("GET", f"{API}/ledger/checkpoint"): {Scope.ADMIN},
+    }
+    table = {(m, p): s for m, p, s in SCOPED}
+    assert {route: table.get(route) for route in expected} == expected
+    assert all(
+        s == {Scope.WALLET_READ}
+        for m, p, s in SCOPED
+        if m == "GET" and "/keys" not in p and "/ledger/" not in p
+    )
     assert set(PUBLIC) == {
         ("GET", f"{API}/health"),
         ("GET", f"{API}/health/ready"),
@@ -104,11 +125,11 @@ async def test_every_scoped_route_refuses_no_key_a_revoked_key_and_a_key_without
                 assert_problem(response, 401, "unauthenticated")
                 assert response.headers["www-authenticate"] == "Bearer"
             for scope in Scope:
-                if scope in (needed, Scope.ADMIN):
+                if scope in needed or scope is Scope.ADMIN:
                     continue
                 response = await _send(http, method, path, headers=bearer(keys[scope.value]))
                 problem = assert_problem(response, 403, "insufficient_scope")
-                assert needed.value in problem["detail"]
+                assert all(s.value in problem["detail"] for s in needed)
 
 
 async def test_every_scoped_route_admits_a_key_with_its_scope_and_an_admin_key(
@@ -116,7 +137,7 @@ async def test_every_scoped_route_admits_a_key_with_its_scope_and_an_admin_key(
 ) -> None:
     async with app_client(settings) as http:
         for method, path, needed in SCOPED:
-            for key in (keys[needed.value], keys["admin"]):
+            for key in (*(keys[s.value] for s in needed), keys["admin"]):
                 response = await _send(http, method, path, headers=bearer(key))
                 assert response.status_code not in (401, 403), (method, path, response.text)
 

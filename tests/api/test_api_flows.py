@@ -2,8 +2,6 @@
 key), what moves between which accounts, and the refusals (insufficient funds, a balance past
 64 bits) that leave every balance, transaction and entry as it was."""
 
-from typing import Any
-
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -27,9 +25,10 @@ from api_checks import (
     balances_of,
     create_user,
     flow_body,
-    get_ok,
+    key_id_of,
     post_flow,
     post_raw,
+    transaction_detail,
 )
 
 from wallet.store.database import Database
@@ -37,22 +36,6 @@ from wallet.store.tables import balances
 
 MAX_BALANCE = 2**63 - 1
 MIN_BALANCE = -(2**63)
-
-
-async def key_id_of(client: httpx.AsyncClient) -> str:
-    """The id of the admin key `client` sends: the newest key (the seed's own is older)."""
-    keys = await get_ok(client, f"{API}/keys")
-    key_id: str = keys["items"][0]["keyId"]
-    return key_id
-
-
-async def transaction_detail(
-    client: httpx.AsyncClient, transaction_id: str, user_id: str = ALICE
-) -> dict[str, Any]:
-    detail: dict[str, Any] = await get_ok(
-        client, f"{API}/wallet/transactions/{user_id}/{transaction_id}"
-    )
-    return detail
 
 
 @pytest.mark.parametrize("flow", FLOWS)

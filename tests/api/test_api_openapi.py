@@ -1,6 +1,6 @@
 """The OpenAPI document the service serves agrees with docs/API.md: the same endpoints, every
 documented answer, the scope each needs, and docs/API.md carries the shared contract files
-(API.md, then API-operations.md, version 1.1) verbatim."""
+(API.md, then API-operations.md, version 1.1, then API-ledger.md, version 1.2) verbatim."""
 
 import re
 from collections.abc import AsyncIterator, Callable
@@ -11,7 +11,8 @@ import httpx
 import pytest
 from api_checks import (
     ENTRY_FIELDS,
-    FREE_TEXT_FIELD,
+    FLOW_FIELDS,
+    HOLD_FIELDS,
     PROBLEM_MEDIA_TYPE,
     TRANSACTION_FIELDS,
     get_ok,
@@ -23,12 +24,18 @@ from wallet.settings import Settings
 REPO = Path(__file__).resolve().parents[2]
 API_MD = REPO / "docs" / "API.md"
 # The shared contract files, in the order docs/API.md carries them, each verbatim.
-SHARED_CONTRACT = [REPO.parent / "shared" / "API.md", REPO.parent / "shared" / "API-operations.md"]
+SHARED_CONTRACT = [
+    REPO.parent / "shared" / name for name in ("API.md", "API-operations.md", "API-ledger.md")
+]
 METHOD = "GET|POST|PUT|PATCH|DELETE"
-# A row of an endpoints table (API.md's, and API-operations.md's keys table) ...
-ENDPOINT_ROW = re.compile(rf"^\| `({METHOD}) (/api/v1/[^`]*)` \|", re.MULTILINE)
-# ... and an endpoint API-operations.md gives in prose: "`GET /api/v1/health/ready` answers ...".
-ENDPOINT_IN_PROSE = re.compile(rf"`({METHOD}) (/api/v1/[^`]*)` answers ")
+# An endpoint's method and path, less any query it shows ("?userId=&status=", "?at=<RFC 3339>")...
+ENDPOINT = rf"`({METHOD}) (/api/v1/[^`?]*)(?:\?[^`]*)?`"
+# ... in a row of an endpoints table (API.md's, API-operations.md's keys table, the holds
+# table of API-ledger.md) ...
+ENDPOINT_ROW = re.compile(rf"^\| {ENDPOINT} \|", re.MULTILINE)
+# ... or given in prose: "`GET /api/v1/health/ready` answers ...", "`POST /api/v1/wallet/transfer`
+# `{fromUserId, ...}` → `201`", "`GET /api/v1/ledger/checkpoint` (scope `admin`) → ...".
+ENDPOINT_IN_PROSE = re.compile(rf"{ENDPOINT}(?: answers | `\{{| →| \(scope )")
 # API-operations.md: every endpoint needs an API key but these.
 PUBLIC_ENDPOINTS = {("GET", "/api/v1/health"), ("GET", "/api/v1/health/ready")}
 LIST_PARAMETERS = {"limit", "cursor", "offset"}
@@ -41,24 +48,36 @@ def documented_endpoints() -> set[tuple[str, str]]:
     return set(ENDPOINT_ROW.findall(text)) | set(ENDPOINT_IN_PROSE.findall(text))
 
 
-def documented_scope(method: str, path: str) -> str | None:
-    """The scope API-operations.md's table gives an endpoint; None for a public one."""
+def documented_scope(method: str, path: str) -> str | list[str] | None:
+    """The scope API-operations.md's table gives an endpoint (for an atomic batch, the scopes of
+    its operations, one of which lets it past the gate); None for a public one."""
     if (method, path) in PUBLIC_ENDPOINTS:
         return None
-    if path.startswith("/api/v1/keys"):
+    if path.startswith("/api/v1/keys") or path == "/api/v1/ledger/checkpoint":
         return "admin"
     if method == "GET":
         return "wallet:read"
     if path == "/api/v1/users":
         return "users:write"
-    return {"topup": "wallet:credit", "bonus": "wallet:credit", "spend": "wallet:debit"}[
-        path.rsplit("/", 1)[-1]
-    ]
+    if path == "/api/v1/wallet/batch":
+        return ["wallet:credit", "wallet:debit"]
+    return {
+        "topup": "wallet:credit",
+        "bonus": "wallet:credit",
+        "spend": "wallet:debit",
+        "transfer": "wallet:debit",
+        "holds": "wallet:debit",
+        "capture": "wallet:debit",
+        "release": "wallet:debit",
+        "refund": "wallet:refund",
+    }[path.rsplit("/", 1)[-1]]
 
 
 def documented_successes(method: str, path: str) -> set[int]:
-    """The success statuses the contract gives this endpoint: a flow answers 201, or 200 on a
-    replay; a revocation answers 204."""
+    """The success statuses the contract gives this endpoint: a write of the wallet answers 201,
+    or 200 on a replay (a release 200 either way); a revocation answers 204."""
+    if path.endswith("/release"):
+        return {200}
     if method == "POST":
         return {200, 201} if path.startswith("/api/v1/wallet/") else {201}
     if method == "DELETE":
@@ -75,8 +94,14 @@ def documented_errors(method: str, path: str) -> set[int]:
         statuses |= {400, 413, 415, 422}
     if "{userId}" in path:  # an unknown user, or an id that breaks the id rules
         statuses |= {404, 422}
+    if "{holdId}" in path or "{transactionId}" in path:  # hold_not_found, transaction_not_found
+        statuses |= {404, 422}
     if path.startswith("/api/v1/wallet/") and method == "POST":
-        statuses |= {404, 409}  # an unknown user or asset; a reused key
+        # An unknown user, asset, hold or transaction; a reused key, hold_not_active,
+        # refund_exceeds_original; insufficient_funds, capture_exceeds_hold, not_refundable.
+        statuses |= {404, 409, 422}
+    if path == "/api/v1/wallet/holds" and method == "GET":
+        statuses |= {422}  # bad paging parameters or status filter
     if path == "/api/v1/users":
         statuses |= {409} if method == "POST" else {422}  # user_exists; bad paging parameters
     if path == "/api/v1/keys" and method == "GET":
@@ -137,6 +162,21 @@ def test_api_md_endpoints_table_is_read() -> None:
     assert {("POST", "/api/v1/keys"), ("GET", "/api/v1/keys")} <= endpoints
     assert ("DELETE", "/api/v1/keys/{keyId}") in endpoints
     assert ("GET", "/api/v1/health/ready") in endpoints
+    # API-ledger.md's holds table, its query left out, and the endpoints its prose introduces.
+    assert {
+        ("POST", "/api/v1/wallet/holds"),
+        ("POST", "/api/v1/wallet/holds/{holdId}/capture"),
+        ("POST", "/api/v1/wallet/holds/{holdId}/release"),
+        ("GET", "/api/v1/wallet/holds/{holdId}"),
+        ("GET", "/api/v1/wallet/holds"),
+    } <= endpoints
+    assert {
+        ("POST", "/api/v1/wallet/transfer"),
+        ("POST", "/api/v1/wallet/batch"),
+        ("POST", "/api/v1/wallet/transactions/{transactionId}/refund"),
+        ("GET", "/api/v1/ledger/checkpoint"),
+    } <= endpoints
+    assert not any("?" in path for _, path in endpoints)
 
 
 async def test_openapi_paths_and_methods_are_the_endpoints_of_api_md(
@@ -161,9 +201,10 @@ async def test_openapi_declares_the_scope_each_endpoint_needs(openapi: dict[str,
             assert operation["security"] == [], f"{method} {path}"
             continue
         assert operation["security"], f"{method} {path}"
+        scopes = [scope] if isinstance(scope, str) else scope
         for requirement in operation["security"]:
             assert set(requirement) <= schemes, f"{method} {path}: {requirement}"
-            assert list(requirement.values()) == [[scope]], f"{method} {path}: {requirement}"
+            assert list(requirement.values()) in [[[s]] for s in scopes], f"{method} {path}"
         assert operation["x-required-scope"] == scope, f"{method} {path}"
 
 
@@ -218,14 +259,60 @@ async def test_openapi_flows_take_the_documented_body_and_key_header(
         assert headers == {"Idempotency-Key"}
 
 
+@pytest.mark.parametrize(
+    ("path", "fields", "required"),
+    [
+        (
+            "/api/v1/wallet/transfer",
+            {"fromUserId", "toUserId", "assetSymbol", "amount", "idempotencyKey", "description"},
+            {"fromUserId", "toUserId", "assetSymbol", "amount"},
+        ),
+        (
+            "/api/v1/wallet/holds",
+            {"userId", "assetSymbol", "amount", "idempotencyKey"}
+            | {"expiresInSeconds", "description"},
+            {"userId", "assetSymbol", "amount"},
+        ),
+        (
+            "/api/v1/wallet/holds/{holdId}/capture",
+            {"idempotencyKey", "amount", "description"},
+            set(),
+        ),
+        ("/api/v1/wallet/holds/{holdId}/release", {"idempotencyKey"}, set()),
+        (
+            "/api/v1/wallet/transactions/{transactionId}/refund",
+            {"idempotencyKey", "amount", "reason"},
+            set(),
+        ),
+        ("/api/v1/wallet/batch", {"idempotencyKey", "operations"}, {"operations"}),
+    ],
+    ids=["transfer", "hold", "capture", "release", "refund", "batch"],
+)
+async def test_openapi_ledger_writes_take_the_documented_body_and_key_header(
+    openapi: dict[str, Any], path: str, fields: set[str], required: set[str]
+) -> None:
+    operation = openapi["paths"][path]["post"]
+    reference = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    body = openapi["components"]["schemas"][reference.rsplit("/", 1)[-1]]
+
+    assert set(body["properties"]) == fields
+    assert set(body.get("required", [])) == required
+    headers = {p["name"] for p in operation.get("parameters", []) if p["in"] == "header"}
+    assert headers == {"Idempotency-Key"}
+
+
 async def test_openapi_lists_take_the_documented_query_parameters(
     openapi: dict[str, Any],
 ) -> None:
     expected = {
         "/api/v1/users": LIST_PARAMETERS,
         "/api/v1/keys": LIST_PARAMETERS,
-        "/api/v1/wallet/transactions/{userId}": LIST_PARAMETERS | {"type", "assetSymbol"},
+        "/api/v1/wallet/transactions/{userId}": LIST_PARAMETERS
+        | {"type", "assetSymbol", "from", "to"},
         "/api/v1/wallet/ledger/{userId}": LIST_PARAMETERS | {"assetSymbol"},
+        "/api/v1/wallet/holds": LIST_PARAMETERS | {"userId", "status"},
+        "/api/v1/wallet/balance/{userId}/{assetSymbol}": {"at"},
+        "/api/v1/wallet/balances/{userId}": {"at"},
     }
     for path, names in expected.items():
         parameters = openapi["paths"][path]["get"]["parameters"]
@@ -241,11 +328,49 @@ async def test_openapi_describes_transactions_and_entries_with_their_documented_
         found: dict[str, Any] = schemas[reference.rsplit("/", 1)[-1]]
         return found
 
-    for flow, free_text in FREE_TEXT_FIELD.items():
+    for flow, fields in FLOW_FIELDS.items():
         created = openapi["paths"][f"/api/v1/wallet/{flow}"]["post"]["responses"]["201"]
         schema = schema_of(created["content"]["application/json"]["schema"]["$ref"])
-        assert set(schema["properties"]) == TRANSACTION_FIELDS | {free_text}, flow
+        assert set(schema["properties"]) == TRANSACTION_FIELDS | fields, flow
+    transfer = openapi["paths"]["/api/v1/wallet/transfer"]["post"]["responses"]["201"]
+    schema = schema_of(transfer["content"]["application/json"]["schema"]["$ref"])
+    assert set(schema["properties"]) == TRANSACTION_FIELDS | {"toUserId", "description"}
+    for name in ("RefundTransaction", "ReversalTransaction"):
+        assert set(schemas[name]["properties"]) == TRANSACTION_FIELDS | {"refundOf", "reason"}
     assert set(schemas["EntryOut"]["properties"]) == ENTRY_FIELDS
+
+
+async def test_openapi_describes_holds_balances_and_checkpoints_with_their_documented_fields(
+    openapi: dict[str, Any],
+) -> None:
+    schemas = openapi["components"]["schemas"]
+
+    def properties(path: str, method: str = "get", status: str = "201") -> set[str]:
+        answer = openapi["paths"][path][method]["responses"][status]["content"]
+        name = answer["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
+        return set(schemas[name]["properties"])
+
+    assert properties("/api/v1/wallet/holds", "post") == HOLD_FIELDS
+    assert properties("/api/v1/wallet/holds/{holdId}", status="200") == HOLD_FIELDS
+    assert properties("/api/v1/wallet/holds/{holdId}/release", "post", "200") == HOLD_FIELDS
+    capture = "/api/v1/wallet/holds/{holdId}/capture"
+    assert properties(capture, "post") == {"hold", "transaction"}
+    assert properties("/api/v1/wallet/batch", "post") == {"transactions"}
+    assert properties("/api/v1/ledger/checkpoint", status="200") == {"at", "chains"}
+    assert set(schemas["ChainHead"]["properties"]) == {
+        "account",
+        "assetSymbol",
+        "chainHash",
+        "entries",
+    }
+    assert set(schemas["Balance"]["properties"]) == {
+        *("userId", "assetSymbol", "balance", "held", "available")
+    }
+    assert set(schemas["BalanceAt"]["properties"]) == {"userId", "assetSymbol", "balance", "at"}
+    assert set(schemas["AssetBalance"]["properties"]) == {
+        *("assetSymbol", "balance", "held", "available")
+    }
+    assert {"operationIndex"} <= set(schemas["Problem"]["properties"])
 
 
 async def test_openapi_describes_the_key_endpoints_bodies_as_documented(

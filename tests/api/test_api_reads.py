@@ -24,7 +24,9 @@ from api_checks import (
     create_user,
     flow_body,
     get_ok,
+    ids,
     post_flow,
+    walk,
 )
 
 from wallet.service.seed import seed
@@ -58,30 +60,6 @@ async def some_history(client: httpx.AsyncClient) -> list[dict[str, Any]]:
     for _ in range(3):
         await create_user(client)
     return created
-
-
-def ids(items: list[dict[str, Any]], id_field: str) -> list[str]:
-    return [item[id_field] for item in items]
-
-
-async def walk(
-    client: httpx.AsyncClient, path: str, id_field: str, limit: int, **params: Any
-) -> list[str]:
-    """Every item's id, following nextCursor page by page."""
-    seen: list[str] = []
-    cursor = None
-    for _ in range(1000):
-        query = {"limit": limit, **params} | ({"cursor": cursor} if cursor else {})
-        page = await get_ok(client, path, **query)
-        assert set(page) == {"items", "nextCursor"}
-        assert len(page["items"]) <= limit
-        seen += ids(page["items"], id_field)
-        cursor = page["nextCursor"]
-        if cursor is None:
-            return seen
-        assert isinstance(cursor, str)
-        assert len(page["items"]) == limit
-    raise AssertionError("the pages never ended")
 
 
 async def test_health_is_ok_when_the_database_is(client: httpx.AsyncClient) -> None:
@@ -148,10 +126,18 @@ async def test_seeding_again_changes_nothing(client: httpx.AsyncClient, database
     assert {path: await get_ok(client, path, limit=500) for path in before} == before
 
 
-async def test_balance_answers_user_asset_and_amount(client: httpx.AsyncClient) -> None:
+async def test_balance_answers_user_asset_amount_held_and_available(
+    client: httpx.AsyncClient,
+) -> None:
     body = await get_ok(client, f"{API}/wallet/balance/{ALICE}/DIAMONDS")
 
-    assert body == {"userId": ALICE, "assetSymbol": "DIAMONDS", "balance": 10}
+    assert body == {
+        "userId": ALICE,
+        "assetSymbol": "DIAMONDS",
+        "balance": 10,
+        "held": 0,
+        "available": 10,
+    }
 
 
 async def test_balance_of_an_asset_never_held_is_zero(client: httpx.AsyncClient) -> None:
@@ -159,7 +145,13 @@ async def test_balance_of_an_asset_never_held_is_zero(client: httpx.AsyncClient)
 
     for symbol in ASSET_NAMES:
         body = await get_ok(client, f"{API}/wallet/balance/{user['id']}/{symbol}")
-        assert body == {"userId": user["id"], "assetSymbol": symbol, "balance": 0}
+        assert body == {
+            "userId": user["id"],
+            "assetSymbol": symbol,
+            "balance": 0,
+            "held": 0,
+            "available": 0,
+        }
 
 
 async def test_balances_list_every_asset_type_zeros_included(client: httpx.AsyncClient) -> None:
@@ -171,7 +163,8 @@ async def test_balances_list_every_asset_type_zeros_included(client: httpx.Async
     assert set(body) == {"userId", "balances"}
     assert body["userId"] == user["id"]
     for row in body["balances"]:
-        assert set(row) == {"assetSymbol", "balance"}
+        assert set(row) == {"assetSymbol", "balance", "held", "available"}
+        assert (row["held"], row["available"]) == (0, row["balance"])
     assert len(body["balances"]) == len(ASSET_NAMES)
     assert {row["assetSymbol"]: row["balance"] for row in body["balances"]} == {
         "DIAMONDS": 4,
@@ -263,7 +256,7 @@ async def test_transactions_filter_by_type_and_asset(client: httpx.AsyncClient) 
 async def test_transactions_with_an_unknown_type_are_a_validation_error(
     client: httpx.AsyncClient,
 ) -> None:
-    for flow in ("refund", "TOPUP", ""):
+    for flow in ("refunds", "TOPUP", "hold", ""):
         response = await client.get(f"{API}/wallet/transactions/{ALICE}", params={"type": flow})
         assert_validation_error(response, "type")
 

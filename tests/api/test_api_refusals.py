@@ -9,7 +9,7 @@ import pytest
 from api_checks import ALICE, API, assert_problem, flow_body, new_key, post_flow
 
 from app_clients import app_client
-from wallet.domain.ledger import Command, Flow, Posted, UserId
+from wallet.domain.ledger import Action, Command, Posted, UserId
 from wallet.service.posting import post
 from wallet.settings import Settings
 from wallet.store.database import Database
@@ -82,7 +82,7 @@ async def test_a_balance_limit_refusal_is_final_too(
         database,
         [
             Command(
-                flow=Flow.BONUS,
+                action=Action.BONUS,
                 user_id=UserId(ALICE),
                 asset_symbol="GOLD_COINS",
                 amount=step,

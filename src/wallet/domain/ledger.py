@@ -180,6 +180,10 @@ class Hold:
     def is_active(self, now: datetime) -> bool:
         return self.status is HoldStatus.HELD and now < self.expires_at
 
+    def as_created(self) -> "Hold":
+        """The hold as its creation answered it."""
+        return replace(self, status=HoldStatus.HELD, captured_amount=0, ended_at=None)
+
     def as_of(self, now: datetime) -> "Hold":
         """The hold as it stands at `now`: past its expiry it is expired, marked or not yet."""
         if self.status is HoldStatus.HELD and now >= self.expires_at:

@@ -1,6 +1,7 @@
 """The routes of API.md. They translate HTTP to service calls and back; errors are raised, never
 caught here, and mapped in one place (errors.py)."""
 
+from datetime import UTC
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -503,7 +504,12 @@ async def balance(
         ((_, amount),) = await _wallet(request).balances_at(
             user_id=userId, at=at, asset_symbol=assetSymbol
         )
-        return {"userId": userId, "assetSymbol": assetSymbol, "balance": amount, "at": at}
+        return {
+            "userId": userId,
+            "assetSymbol": assetSymbol,
+            "balance": amount,
+            "at": at.astimezone(UTC),
+        }
     (standing,) = await _wallet(request).standings(user_id=userId, asset_symbol=assetSymbol)
     return {"userId": userId, **_standing_body(standing)}
 
@@ -520,7 +526,7 @@ async def balances(request: Request, userId: UserIdPath, at: At = None) -> Any:
         return {
             "userId": userId,
             "balances": [{"assetSymbol": symbol, "balance": amount} for symbol, amount in rows_at],
-            "at": at,
+            "at": at.astimezone(UTC),
         }
     rows = await _wallet(request).standings(user_id=userId)
     return {"userId": userId, "balances": [_standing_body(s) for s in rows]}

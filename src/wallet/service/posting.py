@@ -8,6 +8,7 @@ and refunds change is read after that step, under those locks, so two commands r
 hold, one original or one user's available coins are decided one after the other."""
 
 import asyncio
+import itertools
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -171,10 +172,10 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         if outcomes[index] is None:
             outcomes[index] = _unknown_names(command, lookup)
     valid = [(i, c) for i, c in enumerate(resolved) if outcomes[i] is None]
-    stored = await ledger.stored_requests(
-        connection, {key for _, c in valid for key in _keys(c)} - lookup.claimed
-    )
-    _gather_batch_replays(stored, [c for _, c in valid if c.action is Action.BATCH])
+    taken = {key for _, c in valid for key in _keys(c)} - lookup.claimed
+    # `<key>:0` too: a key an atomic batch took has nothing stored under itself.
+    stored = await ledger.stored_requests(connection, taken | {f"{key}:0" for key in taken})
+    _gather_batch_replays(stored, [c for _, c in valid if c.idempotency_key in taken])
 
     to_lock = {
         key
@@ -340,19 +341,20 @@ def _balance_keys(command: Command, originals: Mapping[str, Transaction]) -> set
 
 
 def _gather_batch_replays(
-    stored: dict[str, tuple[str, Posted | Refusal]], batches: Sequence[Command]
+    stored: dict[str, tuple[str, Posted | Refusal]], commands: Sequence[Command]
 ) -> None:
-    """A batch that applied is found by its transactions' keys (`<key>:<i>`), which carry the
-    batch's fingerprint: make it a stored request under its own key."""
-    for batch in batches:
-        key = batch.idempotency_key
+    """An atomic batch that applied is found by its transactions' keys (`<key>:<i>`), which
+    carry the batch's fingerprint: make it a stored request under its own key, so a retry of
+    the batch replays it and any other request with that key is told the key is taken."""
+    for command in commands:
+        key = command.idempotency_key
         first = stored.get(f"{key}:0")
         if key in stored or first is None:
             continue
         found: list[Transaction] = []
-        for index in range(len(batch.operations)):
+        for index in itertools.count():
             earlier = stored.get(f"{key}:{index}")
-            if not isinstance(earlier, tuple) or not isinstance(earlier[1], Posted):
+            if earlier is None or not isinstance(earlier[1], Posted):
                 break
             found.append(earlier[1].transaction)
         stored[key] = (first[0], Posted(tuple(found), is_replay=True))

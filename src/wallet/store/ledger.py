@@ -193,17 +193,22 @@ async def stored_requests(
         )
     )
     holds_by_id = {row.id: to_hold(row) for row in hold_rows}
+    # A replay answers what the first request got: the transaction and the hold as they were
+    # then, not what refunds, captures or releases have made of them since.
     stored: dict[str, tuple[str, Posted | Refusal]] = {}
-    found = await with_refunds(connection, [to_transaction(row) for row in rows])
-    for row, transaction in zip(rows, found, strict=True):
+    for row in rows:
         hold = holds_by_id.get(row.hold_id) if row.hold_id else None
-        posted = Posted((transaction,), is_replay=True, hold=hold)
-        stored[row.idempotency_key] = (row.request_fingerprint, posted)
+        transaction = replace(to_transaction(row), refunded_amount=0)
+        stored[row.idempotency_key] = (
+            row.request_fingerprint,
+            Posted((transaction,), is_replay=True, hold=hold),
+        )
     for row in hold_rows:
         if row.idempotency_key in keys:
+            created = holds_by_id[row.id].as_created()
             stored[row.idempotency_key] = (
                 row.request_fingerprint,
-                Posted((), is_replay=True, hold=holds_by_id[row.id]),
+                Posted((), is_replay=True, hold=created),
             )
         if row.release_key in keys:
             stored[row.release_key] = (
@@ -523,24 +528,6 @@ async def write_postings(
                 for e in posted_entries
             ],
         )
-
-
-async def with_refunds(
-    connection: AsyncConnection, found: Sequence[Transaction]
-) -> list[Transaction]:
-    """`found`, each with the ids of its refunds (newest last), read for those refunded."""
-    refunded = [t.id for t in found if t.refunded_amount]
-    if not refunded:
-        return list(found)
-    rows = await connection.execute(
-        sa.select(transactions.c.refund_of, transactions.c.id)
-        .where(transactions.c.refund_of.in_(refunded))
-        .order_by(transactions.c.seq)
-    )
-    refunds: dict[str, list[TransactionId]] = {}
-    for original, refund in rows:
-        refunds.setdefault(original, []).append(TransactionId(refund))
-    return [replace(t, refunds=tuple(refunds.get(t.id, ()))) for t in found]
 
 
 async def write_holds(

@@ -2,6 +2,7 @@
 page by keyset (`seq` below the cursor) so deep pages cost what the first page costs."""
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -23,7 +24,7 @@ from wallet.domain.ledger import (
     User,
     UserId,
 )
-from wallet.store.ledger import as_utc, insert_on_conflict, to_hold, to_transaction, with_refunds
+from wallet.store.ledger import as_utc, insert_on_conflict, to_hold, to_transaction
 from wallet.store.tables import (
     accounts,
     api_keys,
@@ -214,6 +215,24 @@ async def find_transaction(
     )
     (found,) = await with_refunds(connection, [to_transaction(row)])
     return found, [to_entry(r) for r in entry_rows]
+
+
+async def with_refunds(
+    connection: AsyncConnection, found: Sequence[Transaction]
+) -> list[Transaction]:
+    """`found`, each with the ids of its refunds (newest last), read for those refunded."""
+    refunded = [t.id for t in found if t.refunded_amount]
+    if not refunded:
+        return list(found)
+    rows = await connection.execute(
+        sa.select(transactions.c.refund_of, transactions.c.id)
+        .where(transactions.c.refund_of.in_(refunded))
+        .order_by(transactions.c.seq)
+    )
+    refunds: dict[str, list[TransactionId]] = {}
+    for original, refund in rows:
+        refunds.setdefault(original, []).append(TransactionId(refund))
+    return [replace(t, refunds=tuple(refunds.get(t.id, ()))) for t in found]
 
 
 async def find_hold(connection: AsyncConnection, hold_id: str) -> Hold | None:

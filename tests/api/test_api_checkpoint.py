@@ -1,0 +1,144 @@
+"""The checkpoint of API-ledger.md: for an admin only, the newest link and length of every
+account's chain per asset, the same links the ledger entries show."""
+
+import re
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+from api_checks import (
+    ALICE,
+    API,
+    ASSET_NAMES,
+    BOB,
+    assert_problem,
+    assert_rfc3339_utc,
+    create_hold,
+    create_user,
+    created,
+    flow_body,
+    get_ok,
+    post_flow,
+    post_refund,
+    transactions_of,
+    transfer_body,
+)
+
+from app_clients import bearer, create_key
+from wallet.domain.access import Scope
+from wallet.settings import Settings
+
+CHECKPOINT = f"{API}/ledger/checkpoint"
+SYSTEM_ACCOUNTS = ("system:bonus_pool", "system:revenue", "system:treasury")
+
+
+async def checkpoint(client: httpx.AsyncClient) -> dict[tuple[str, str], dict[str, Any]]:
+    """The checkpoint's chains by (account, asset), after checking its shape."""
+    body = await get_ok(client, CHECKPOINT)
+    assert set(body) == {"at", "chains"}, body
+    assert_rfc3339_utc(body["at"])
+    chains = body["chains"]
+    for chain in chains:
+        assert set(chain) == {"account", "assetSymbol", "chainHash", "entries"}, chain
+        assert re.fullmatch("[0-9a-f]{64}", chain["chainHash"]), chain
+        assert type(chain["entries"]) is int
+        assert chain["entries"] >= 1
+    names = [(chain["account"], chain["assetSymbol"]) for chain in chains]
+    assert names == sorted(set(names))  # each chain once, by account, then asset
+    return {(chain["account"], chain["assetSymbol"]): chain for chain in chains}
+
+
+async def ledger_of(client: httpx.AsyncClient, user_id: str, asset: str) -> list[dict[str, Any]]:
+    page = await get_ok(client, f"{API}/wallet/ledger/{user_id}", assetSymbol=asset, limit=500)
+    assert page["nextCursor"] is None
+    entries: list[dict[str, Any]] = page["items"]
+    return entries
+
+
+async def some_history(client: httpx.AsyncClient) -> str:
+    """Flows of every type between Alice, Bob and a new user; the new user's id."""
+    carol = await create_user(client)
+    spend = created(await post_flow(client, "spend", flow_body(amount=30)))
+    created(await post_flow(client, "bonus", flow_body(user_id=BOB, asset="DIAMONDS", amount=2)))
+    created(await post_flow(client, "transfer", transfer_body(to_user=carol["id"], amount=7)))
+    created(await post_refund(client, spend["transactionId"], amount=10))
+    hold = await create_hold(client, user_id=BOB, amount=20)
+    capture = f"holds/{hold['holdId']}/capture"
+    created(await post_flow(client, capture, {"idempotencyKey": f"cap-{hold['holdId']}"}))
+    return str(carol["id"])
+
+
+async def test_the_checkpoint_is_for_admin_keys_only(
+    client: httpx.AsyncClient, settings: Settings
+) -> None:
+    url = settings.database_url.get_secret_value()
+    for scope in (Scope.WALLET_READ, Scope.WALLET_CREDIT, Scope.WALLET_REFUND):
+        key = await create_key(url, scope)
+        response = await client.get(CHECKPOINT, headers=bearer(key))
+        problem = assert_problem(response, 403, "insufficient_scope")
+        assert "admin" in problem["detail"]
+    response = await client.get(CHECKPOINT, headers={"Authorization": ""})
+    assert_problem(response, 401, "unauthenticated")
+
+
+async def test_each_users_chain_ends_at_their_newest_entry(client: httpx.AsyncClient) -> None:
+    carol = await some_history(client)
+
+    chains = await checkpoint(client)
+
+    for user in (ALICE, BOB, carol):
+        for asset in ASSET_NAMES:
+            entries = await ledger_of(client, user, asset)
+            chain = chains.get((user, asset))
+            if not entries:
+                assert chain is None, (user, asset)
+                continue
+            assert chain is not None, (user, asset)
+            assert chain["chainHash"] == entries[0]["chainHash"], (user, asset)
+            assert chain["entries"] == len(entries), (user, asset)
+
+
+async def test_the_chains_hold_both_entries_of_every_transaction(
+    client: httpx.AsyncClient,
+) -> None:
+    carol = await some_history(client)
+
+    chains = await checkpoint(client)
+
+    users = {account for account, _ in chains if not account.startswith("system:")}
+    assert users == {ALICE, BOB, carol}
+    assert {account for account, _ in chains} - users == set(SYSTEM_ACCOUNTS)
+    transactions = {
+        t["transactionId"]: t["assetSymbol"]
+        for user in users
+        for t in await transactions_of(client, user)
+    }
+    per_asset: Counter[str] = Counter()
+    for (_, asset), chain in chains.items():
+        per_asset[asset] += chain["entries"]
+    assert per_asset == Counter(
+        {asset: 2 * n for asset, n in Counter(transactions.values()).items()}
+    )
+
+
+@pytest.mark.parametrize("flow", ["topup", "spend"])
+async def test_a_new_entry_advances_its_chains_and_no_other(
+    client: httpx.AsyncClient, flow: str
+) -> None:
+    before = await checkpoint(client)
+
+    created(await post_flow(client, flow, flow_body(asset="LOYALTY_POINTS", amount=3)))
+
+    after = await checkpoint(client)
+    other = "system:treasury" if flow == "topup" else "system:revenue"
+    moved = {(ALICE, "LOYALTY_POINTS"), (other, "LOYALTY_POINTS")}
+    assert {name: after[name] for name in after if name not in moved} == {
+        name: before[name] for name in before if name not in moved
+    }
+    newest = (await ledger_of(client, ALICE, "LOYALTY_POINTS"))[0]
+    assert after[(ALICE, "LOYALTY_POINTS")]["chainHash"] == newest["chainHash"]
+    for name in moved:
+        entries = before[name]["entries"] if name in before else 0
+        assert after[name]["entries"] == entries + 1, name
+        assert after[name]["chainHash"] != before.get(name, {}).get("chainHash")
