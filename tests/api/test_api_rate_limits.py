@@ -22,11 +22,10 @@ POLICY = re.compile(r'"(reads|writes)";q=(\d+);w=2')
 REMAINING = re.compile(r'"(reads|writes)";r=(\d+);t=(\d+)')
 
 
-@pytest.fixture(autouse=True)
 async def window_start() -> None:
     """Budgets are counted per window of 2 s aligned to the clock (the sliding window counter
-    weighs the previous window in): each test starts at a window's start, so its few requests
-    fall in one window and the counts are exact."""
+    weighs the previous window in, rounding down): each test sends its counted requests from a
+    window's start, after its set-up, so they fall in one window and the counts are exact."""
     await asyncio.sleep(WINDOW_S - time.time() % WINDOW_S)
 
 
@@ -45,6 +44,7 @@ async def test_writes_past_the_burst_are_429_and_change_nothing(
     url = settings.database_url.get_secret_value()
     limited = await create_key(url, Scope.ADMIN, writes_per_second=2)
     async with app_client(settings, key=limited) as http:
+        await window_start()
         allowed = [await post_flow(http, "topup", flow_body(amount=1)) for _ in range(4)]
         assert [a.status_code for a in allowed] == [201] * 4  # a burst of twice the budget
         refused_body = flow_body(amount=1)
@@ -70,6 +70,7 @@ async def test_allowed_answers_carry_the_policy_and_what_remains(
     url = settings.database_url.get_secret_value()
     key = await create_key(url, Scope.WALLET_READ, reads_per_second=10)
     async with app_client(settings, key=key) as http:
+        await window_start()
         remaining = []
         for _ in range(3):
             response = await http.get(f"{API}/assets")
@@ -87,6 +88,7 @@ async def test_budgets_set_by_the_key_endpoint_apply(client: httpx.AsyncClient) 
         f"{API}/keys", json={"label": "slow", "scopes": ["wallet:read"], "readsPerSecond": 1}
     )
     slow = bearer(created.json()["key"])
+    await window_start()
     statuses = [(await client.get(f"{API}/assets", headers=slow)).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
 
@@ -98,6 +100,7 @@ async def test_two_workers_share_one_budget_through_redis(
     key = await create_key(url, Scope.ADMIN, writes_per_second=1)
     shared = settings.model_copy(update={"redis_url": SecretStr(redis_url)})
     async with app_client(shared, key=key) as first, app_client(shared, key=key) as second:
+        await window_start()
         statuses = []
         for worker in (first, second, first, second):
             statuses.append((await post_flow(worker, "topup", flow_body(amount=1))).status_code)
@@ -108,6 +111,7 @@ async def test_without_redis_each_worker_keeps_its_own_budget(settings: Settings
     url = settings.database_url.get_secret_value()
     key = await create_key(url, Scope.ADMIN, writes_per_second=1)
     async with app_client(settings, key=key) as first, app_client(settings, key=key) as second:
+        await window_start()
         statuses = []
         for worker in (first, first, first, second, second, second):
             statuses.append((await post_flow(worker, "topup", flow_body(amount=1))).status_code)
