@@ -3,6 +3,7 @@ credited account, so per asset all balances sum to zero; user balances never go 
 system accounts may (they issue credits); every balance stays within 64 bits. Each account's
 entries of an asset form a hash chain, so an edit made behind the service's back shows."""
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -220,44 +221,49 @@ class Entry:
 
 
 CHAIN_VERSION = 2
+_quote = json.encoder.encode_basestring  # a JSON string, non-ASCII kept (ensure_ascii=False)
 
 
+@functools.lru_cache(maxsize=8)  # the transactions of one batch share their time
 def _timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _json(text: str | None) -> str:
+    return "null" if text is None else _quote(text)
+
+
 def link_content(previous: str, entry: Entry, transaction: Transaction) -> bytes:
     """The bytes an entry's link digests, in the encoding docs/LEDGER.md defines: one line of
-    JSON, keys sorted, no white space, UTF-8, integers in full."""
-    record = {
-        "v": CHAIN_VERSION,
-        "previous": previous,
-        "entry": {
-            "id": entry.id,
-            "account": entry.account_id,
-            "assetSymbol": entry.asset_symbol,
-            "direction": entry.direction.value,
-            "amount": entry.amount,
-            "balanceAfter": entry.balance_after,
-            "createdAt": _timestamp(entry.created_at),
-        },
-        "transaction": {
-            "id": transaction.id,
-            "type": transaction.flow.value,
-            "userId": transaction.user_id,
-            "toUserId": transaction.to_user_id,
-            "assetSymbol": transaction.asset_symbol,
-            "amount": transaction.amount,
-            "holdId": transaction.hold_id,
-            "refundOf": transaction.refund_of,
-            "idempotencyKey": transaction.idempotency_key,
-            "note": transaction.note,
-            "metadata": None if transaction.metadata is None else dict(transaction.metadata),
-            "createdBy": transaction.created_by,
-            "createdAt": _timestamp(transaction.created_at),
-        },
-    }
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    JSON, keys sorted, no white space, UTF-8, integers in full. It is what
+    `json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)` writes for
+    the record docs/LEDGER.md shows (tests/unit/test_chain_encoding.py holds the two equal),
+    written out by hand because this runs twice per transaction on the write path."""
+    created = _timestamp(transaction.created_at)
+    entry_created = (
+        created if entry.created_at == transaction.created_at else _timestamp(entry.created_at)
+    )
+    metadata = (
+        "null"
+        if transaction.metadata is None
+        else json.dumps(
+            dict(transaction.metadata), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+    )
+    return (
+        f'{{"entry":{{"account":{_quote(entry.account_id)},"amount":{entry.amount:d},'
+        f'"assetSymbol":{_quote(entry.asset_symbol)},"balanceAfter":{entry.balance_after:d},'
+        f'"createdAt":"{entry_created}","direction":"{entry.direction.value}",'
+        f'"id":{_quote(entry.id)}}},"previous":{_quote(previous)},'
+        f'"transaction":{{"amount":{transaction.amount:d},'
+        f'"assetSymbol":{_quote(transaction.asset_symbol)},"createdAt":"{created}",'
+        f'"createdBy":{_json(transaction.created_by)},"holdId":{_json(transaction.hold_id)},'
+        f'"id":{_quote(transaction.id)},"idempotencyKey":{_quote(transaction.idempotency_key)},'
+        f'"metadata":{metadata},"note":{_json(transaction.note)},'
+        f'"refundOf":{_json(transaction.refund_of)},"toUserId":{_json(transaction.to_user_id)},'
+        f'"type":"{transaction.flow.value}","userId":{_quote(transaction.user_id)}}},'
+        f'"v":{CHAIN_VERSION}}}'
+    ).encode()
 
 
 def link(previous: str, entry: Entry, transaction: Transaction) -> str:
