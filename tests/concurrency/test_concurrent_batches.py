@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from concurrent_load import assert_ledger_verifies
 from sqlalchemy import event
 
-from wallet.domain.ledger import Action, Command, Flow, Posted, UserId
+from wallet.domain.ledger import Action, Command, Posted, UserId
 from wallet.service.posting import post
 from wallet.service.seed import ALICE, BOB
 from wallet.service.wallet import Wallet
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.postgres_only, pytest.mark.timeout(120)]
 
 ASSETS = ("GOLD_COINS", "DIAMONDS")
 OPENING = 1_000_000
-SIGN = {Flow.TOPUP: 1, Flow.BONUS: 1, Flow.SPEND: -1}
+SIGN = {Action.TOPUP: 1, Action.BONUS: 1, Action.SPEND: -1}
 
 
 @pytest.fixture
@@ -133,7 +133,9 @@ async def test_concurrent_overlapping_batches_apply_each_key_once(
     expected = Counter(opening)
     for command in pool:
         if command.idempotency_key in sent_keys:
-            expected[(command.user_id, command.asset_symbol)] += SIGN[command.flow] * command.amount
+            expected[(command.user_id, command.asset_symbol)] += SIGN[command.action] * (
+                command.amount or 0
+            )
     for user, asset in opening:
         assert await wallet.balance(user_id=user, asset_symbol=asset) == expected[(user, asset)]
 
