@@ -152,7 +152,20 @@ async def test_a_hold_is_no_entry_and_leaves_the_past_balance_alone(
 
 
 @pytest.mark.parametrize(
-    "at", ["2026-12-02T01:00:00", "2026-12-02", "yesterday", "2026-13-01T00:00:00Z", ""]
+    "at",
+    [
+        "2026-12-02T01:00:00",
+        "2026-12-02",
+        "yesterday",
+        "2026-13-01T00:00:00Z",
+        "",
+        "0.5",  # a Unix time
+        "2026-12-02 01:00:00Z",  # a space for T
+        "2026-12-02T01:00Z",  # no seconds
+        "2026-12-31T23:59:60Z",  # a leap second
+        "9999-12-31T23:59:59-01:00",  # past year 9999 in UTC
+        "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+    ],
 )
 async def test_a_moment_without_an_offset_or_not_rfc3339_is_a_validation_error(
     client: httpx.AsyncClient, at: str
@@ -235,7 +248,7 @@ async def test_transactions_between_two_moments_with_offsets_type_and_cursor(
 async def test_a_bound_without_an_offset_is_a_validation_error(
     client: httpx.AsyncClient, name: str
 ) -> None:
-    for value in ("2026-12-02T01:00:00", "soon"):
+    for value in ("2026-12-02T01:00:00", "soon", "0.5", "9999-12-31T23:59:59-01:00"):
         response = await client.get(f"{API}/wallet/transactions/{ALICE}", params={name: value})
         assert_validation_error(response, name)
 

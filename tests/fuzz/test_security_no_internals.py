@@ -52,6 +52,37 @@ def get(path: str, **params: Any) -> Request:
     return lambda client: client.get(path, params=params)
 
 
+def transfer(name: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "fromUserId": ALICE,
+        "toUserId": BOB,
+        "assetSymbol": "GOLD_COINS",
+        "amount": 10,
+        "idempotencyKey": f"internals-{name}",
+        **fields,
+    }
+
+
+def batch(name: str, *operations: dict[str, Any]) -> dict[str, Any]:
+    return {"idempotencyKey": f"internals-{name}", "operations": list(operations)}
+
+
+def operation(kind: str = "topup", **fields: Any) -> dict[str, Any]:
+    return {"type": kind, "userId": ALICE, "assetSymbol": "GOLD_COINS", "amount": 10, **fields}
+
+
+# The writes of API 1.2 beside the three flows: each reaches the ledger, so each answers 503 when
+# the database cannot be reached and 500 when the ledger fails.
+WRITES_1_2 = (
+    (f"{API}/wallet/transfer", transfer("transfer")),
+    (f"{API}/wallet/batch", batch("batch", operation(), operation("spend"))),
+    (f"{API}/wallet/holds", flow("hold")),
+    (f"{API}/wallet/holds/some-hold/capture", {"idempotencyKey": "internals-capture"}),
+    (f"{API}/wallet/holds/some-hold/release", {"idempotencyKey": "internals-release"}),
+    (f"{API}/wallet/transactions/some-id/refund", {"idempotencyKey": "internals-refund"}),
+)
+
+
 # (what is wrong, the request, the status API.md gives it)
 BAD_REQUESTS: list[tuple[str, Request, int]] = [
     ("not JSON", post_raw(f"{API}/wallet/topup", b"{'userId': 1,"), 400),
@@ -94,7 +125,89 @@ BAD_REQUESTS: list[tuple[str, Request, int]] = [
     ("limit out of range", get(f"{API}/users", limit=0), 422),
     ("cursor with offset", get(f"{API}/users", cursor="djE6MQ==", offset=1), 422),
     ("cursor not ours", get(f"{API}/wallet/ledger/{ALICE}", cursor="SELECT"), 422),
-    ("unknown type", get(f"{API}/wallet/transactions/{ALICE}", type="refund"), 422),
+    ("unknown type", get(f"{API}/wallet/transactions/{ALICE}", type="hold"), 422),
+    # API 1.2: transfers, batches, holds, refunds, the past.
+    (
+        "transfer to oneself",
+        post_json(f"{API}/wallet/transfer", transfer("self", toUserId=ALICE)),
+        422,
+    ),
+    (
+        "transfer to nobody",
+        post_json(f"{API}/wallet/transfer", transfer("nobody", toUserId="x")),
+        404,
+    ),
+    (
+        "transfer short of funds",
+        post_json(f"{API}/wallet/transfer", transfer("short", amount=10**15)),
+        422,
+    ),
+    ("transfer float", post_json(f"{API}/wallet/transfer", transfer("float", amount=1.5)), 422),
+    ("batch empty", post_json(f"{API}/wallet/batch", batch("empty")), 422),
+    (
+        "batch unknown type",
+        post_json(f"{API}/wallet/batch", batch("type", operation("refund"))),
+        422,
+    ),
+    (
+        "batch extra field",
+        post_json(f"{API}/wallet/batch", batch("extra", operation(sql="SELECT 1"))),
+        422,
+    ),
+    (
+        "batch unknown user",
+        post_json(f"{API}/wallet/batch", batch("user", operation(), operation(userId="nobody"))),
+        404,
+    ),
+    (
+        "batch short of funds",
+        post_json(f"{API}/wallet/batch", batch("bshort", operation("spend", amount=10**15))),
+        422,
+    ),
+    (
+        "hold too long",
+        post_json(f"{API}/wallet/holds", flow("long", expiresInSeconds=604_801)),
+        422,
+    ),
+    ("hold short of funds", post_json(f"{API}/wallet/holds", flow("hshort", amount=10**15)), 422),
+    (
+        "capture of nothing",
+        post_json(f"{API}/wallet/holds/nope/capture", {"idempotencyKey": "internals-c"}),
+        404,
+    ),
+    (
+        "release of nothing",
+        post_json(f"{API}/wallet/holds/nope/release", {"idempotencyKey": "internals-r"}),
+        404,
+    ),
+    (
+        "malformed hold id",
+        post_json(f"{API}/wallet/holds/a%20b/release", {"idempotencyKey": "internals-m"}),
+        422,
+    ),
+    ("capture no key", post_json(f"{API}/wallet/holds/nope/capture", {}), 422),
+    (
+        "refund of nothing",
+        post_json(f"{API}/wallet/transactions/nope/refund", {"idempotencyKey": "internals-f"}),
+        404,
+    ),
+    (
+        "refund float",
+        post_json(
+            f"{API}/wallet/transactions/nope/refund",
+            {"idempotencyKey": "internals-g", "amount": 2.5},
+        ),
+        422,
+    ),
+    ("unknown hold read", get(f"{API}/wallet/holds/nope"), 404),
+    ("unknown hold status", get(f"{API}/wallet/holds", status="active"), 422),
+    ("holds of nobody", get(f"{API}/wallet/holds", userId="nobody"), 404),
+    (
+        "time without offset",
+        get(f"{API}/wallet/balance/{ALICE}/GOLD_COINS", at="2020-01-01T00:00:00"),
+        422,
+    ),
+    ("not a time", get(f"{API}/wallet/transactions/{ALICE}", **{"from": "yesterday"}), 422),
 ]
 READS = (
     f"{API}/assets",
@@ -105,6 +218,11 @@ READS = (
     f"{API}/wallet/transactions/{ALICE}",
     f"{API}/wallet/transactions/{ALICE}/some-id",
     f"{API}/wallet/ledger/{ALICE}",
+    f"{API}/wallet/balance/{ALICE}/GOLD_COINS?at=2020-01-01T00:00:00Z",
+    f"{API}/wallet/balances/{ALICE}?at=2020-01-01T00:00:00Z",
+    f"{API}/wallet/holds",
+    f"{API}/wallet/holds/some-hold",
+    f"{API}/ledger/checkpoint",
 )
 
 
@@ -171,6 +289,9 @@ async def test_an_unreachable_database_is_503_without_internals() -> None:
             for name in FLOWS:
                 response = await client.post(f"{API}/wallet/{name}", json=flow(name))
                 assert_problem_without_internals(response, 503, "database_unavailable")
+            for path, body in WRITES_1_2:
+                response = await client.post(path, json=body)
+                assert_problem_without_internals(response, 503, "database_unavailable")
             response = await client.post(f"{API}/users", json={"email": "a@b.io", "name": "A"})
             assert_problem_without_internals(response, 503, "database_unavailable")
 
@@ -186,6 +307,9 @@ async def test_a_broken_sqlite_database_is_503_without_internals(
             assert_problem_without_internals(await client.get(path), 503, "database_unavailable")
         for name in FLOWS:
             response = await client.post(f"{API}/wallet/{name}", json=flow(name))
+            assert_problem_without_internals(response, 503, "database_unavailable")
+        for path, body in WRITES_1_2:
+            response = await client.post(path, json=body)
             assert_problem_without_internals(response, 503, "database_unavailable")
 
 
@@ -203,7 +327,9 @@ async def test_a_defect_is_a_bare_500_whose_cause_is_not_sent(
     async def fail(*_args: Any, **_kwargs: Any) -> Any:
         raise cause
 
-    for method in ("execute", "balance", "history", "create_user"):
+    # What the routes below call: a balance is read through `standings` (balance and held),
+    # a balance at a time through `balances_at`.
+    for method in ("execute", "standings", "balances_at", "history", "holds", "create_user"):
         monkeypatch.setattr(Wallet, method, fail)
     for lean_flows in (True, False):
         settings = Settings(database_url=database_url, lean_flows=lean_flows)
@@ -212,9 +338,12 @@ async def test_a_defect_is_a_bare_500_whose_cause_is_not_sent(
             async with app_client(settings, key=admin_key, raise_app_exceptions=False) as client:
                 requests = [
                     client.get(f"{API}/wallet/balance/{ALICE}/GOLD_COINS"),
+                    client.get(f"{API}/wallet/balance/{ALICE}/GOLD_COINS?at=2020-01-01T00:00:00Z"),
                     client.get(f"{API}/wallet/transactions/{ALICE}"),
+                    client.get(f"{API}/wallet/holds"),
                     client.post(f"{API}/users", json={"email": "d@example.com", "name": "D"}),
                     *(client.post(f"{API}/wallet/{name}", json=flow(name)) for name in FLOWS),
+                    *(client.post(path, json=body) for path, body in WRITES_1_2),
                 ]
                 for sending in requests:
                     assert_problem_without_internals(await sending, 500, "internal_error")

@@ -80,17 +80,24 @@ FREE_TEXT_FIELD = {"topup": "metadata", "bonus": "reason", "spend": "description
 
 @dataclass
 class Accepted:
-    """The flows the service applied, to account for every balance change."""
+    """What the service applied, to account for every balance change: one move (debited account,
+    credited account, asset, amount) per transaction."""
 
-    flows: list[tuple[str, str, str, int]] = field(default_factory=list)
+    moves: list[tuple[str, str, str, int]] = field(default_factory=list)
 
     def add(self, flow: str, body: dict[str, Any]) -> None:
-        self.flows.append((flow, body["userId"], body["assetSymbol"], body["amount"]))
+        user = body["userId"]
+        self.move(
+            DEBITED[flow] or user, CREDITED[flow] or user, body["assetSymbol"], body["amount"]
+        )
+
+    def move(self, debited: str, credited: str, asset: str, amount: int) -> None:
+        self.moves.append((debited, credited, asset, amount))
 
     def balances_after(self, before: dict[tuple[str, str], int]) -> dict[tuple[str, str], int]:
         balances = dict(before)
-        for flow, user, asset, amount in self.flows:
-            for account, sign in ((DEBITED[flow] or user, -1), (CREDITED[flow] or user, 1)):
+        for debited, credited, asset, amount in self.moves:
+            for account, sign in ((debited, -1), (credited, 1)):
                 balances[account, asset] = balances.get((account, asset), 0) + sign * amount
         return balances
 
@@ -134,8 +141,8 @@ def assert_ledger_intact(before: LedgerState, after: LedgerState, accepted: Acce
     assert after.tables == before.tables
     assert {"accounts", "assets", "balances", "entries", "transactions"} <= after.tables
     assert after.audit_failures == []
-    assert after.transactions == before.transactions + len(accepted.flows)
-    assert after.entries == before.entries + 2 * len(accepted.flows)
+    assert after.transactions == before.transactions + len(accepted.moves)
+    assert after.entries == before.entries + 2 * len(accepted.moves)
     assert after.balances == accepted.balances_after(before.balances)
 
 
@@ -312,9 +319,23 @@ async def test_sql_metacharacters_in_query_parameters_match_nothing(
             f"{API}/users",
             f"{API}/wallet/transactions/{ALICE}",
             f"{API}/wallet/ledger/{ALICE}",
+            f"{API}/wallet/holds",
         ):
             response = await client.get(path, params={"cursor": text})
             assert_answer(response, (422, "validation_error"))
+        # Moments are RFC 3339 or refused; hold states are a closed set.
+        for path, name in (
+            (f"{API}/wallet/balance/{ALICE}/GOLD_COINS", "at"),
+            (f"{API}/wallet/balances/{ALICE}", "at"),
+            (f"{API}/wallet/transactions/{ALICE}", "from"),
+            (f"{API}/wallet/transactions/{ALICE}", "to"),
+            (f"{API}/wallet/holds", "status"),
+        ):
+            response = await client.get(path, params={name: text})
+            assert_answer(response, (422, "validation_error"))
+    for text in SQL_METACHARACTERS + WILDCARD_USERS + SYSTEM_ACCOUNTS:
+        response = await client.get(f"{API}/wallet/holds", params={"userId": text})
+        assert_answer(response, expected_for_user_id(text))
     # The real symbol filters to exactly that asset, so the 404s above are not a broken filter.
     for asset in ASSETS:
         for path in (f"{API}/wallet/transactions/{BOB}", f"{API}/wallet/ledger/{BOB}"):
@@ -417,3 +438,162 @@ async def test_real_ids_and_symbols_spelled_as_like_patterns_match_only_themselv
         page = assert_answer(await client.get(f"{API}/wallet/transactions/{user}"), (200, None))
         assert {(t["userId"], t["assetSymbol"]) for t in page["items"]} == {(user, asset)}
     assert_ledger_intact(before, await ledger_state(database_url), accepted)
+
+
+async def hold_of(client: httpx.AsyncClient, key: str, **fields: Any) -> dict[str, Any]:
+    response = await client.post(f"{API}/wallet/holds", json=flow_body(key, **fields))
+    return assert_answer(response, (201, None))
+
+
+async def test_free_text_with_sql_metacharacters_in_the_writes_of_1_2_is_stored_exactly(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    """Transfers, holds, captures, refunds and atomic batches store their free text as sent
+    and echo it in their answers and reads."""
+    before = await ledger_state(database_url)
+    accepted = Accepted()
+    for number, text in enumerate(SQL_METACHARACTERS):
+        body = {
+            "fromUserId": ALICE,
+            "toUserId": BOB,
+            "assetSymbol": "GOLD_COINS",
+            "amount": 1,
+            "idempotencyKey": f"meta-transfer-{number}",
+            "description": text,
+        }
+        sent = assert_answer(await client.post(f"{API}/wallet/transfer", json=body), (201, None))
+        accepted.move(ALICE, BOB, "GOLD_COINS", 1)
+        assert sent["description"] == text
+        replayed = await client.post(f"{API}/wallet/transfer", json=body)
+        assert assert_answer(replayed, (200, None)) == sent
+        for user in (ALICE, BOB):
+            path = f"{API}/wallet/transactions/{user}/{sent['transactionId']}"
+            assert assert_answer(await client.get(path), (200, None))["description"] == text
+
+        hold = await hold_of(client, f"meta-hold-{number}", description=text)
+        assert hold["description"] == text
+        read = assert_answer(await client.get(f"{API}/wallet/holds/{hold['holdId']}"), (200, None))
+        assert read == hold
+        capture = {"idempotencyKey": f"meta-capture-{number}", "description": text}
+        captured = assert_answer(
+            await client.post(f"{API}/wallet/holds/{hold['holdId']}/capture", json=capture),
+            (201, None),
+        )
+        accepted.move(ALICE, "system:revenue", "GOLD_COINS", 1)
+        assert captured["hold"]["description"] == text
+        assert captured["transaction"]["description"] == text
+        spend_id = captured["transaction"]["transactionId"]
+
+        refund = {"idempotencyKey": f"meta-refund-{number}", "reason": text}
+        refunded = assert_answer(
+            await client.post(f"{API}/wallet/transactions/{spend_id}/refund", json=refund),
+            (201, None),
+        )
+        accepted.move("system:revenue", ALICE, "GOLD_COINS", 1)
+        assert refunded["reason"] == text
+        path = f"{API}/wallet/transactions/{ALICE}/{refunded['transactionId']}"
+        assert assert_answer(await client.get(path), (200, None))["reason"] == text
+
+        gold = {"userId": ALICE, "assetSymbol": "GOLD_COINS", "amount": 1}
+        free_text = (
+            ("topup", "metadata", {text: text, "order": "A-1"}),
+            ("bonus", "reason", text),
+            ("spend", "description", text),
+        )
+        operations = [{"type": kind, **gold, name: value} for kind, name, value in free_text]
+        operations.append(
+            {
+                "type": "transfer",
+                "fromUserId": ALICE,
+                "toUserId": BOB,
+                "assetSymbol": "GOLD_COINS",
+                "amount": 1,
+                "description": text,
+            }
+        )
+        body = {"idempotencyKey": f"meta-batch-{number}", "operations": operations}
+        made = assert_answer(await client.post(f"{API}/wallet/batch", json=body), (201, None))
+        for kind, _, _ in free_text:
+            accepted.add(kind, {**gold})
+        accepted.move(ALICE, BOB, "GOLD_COINS", 1)
+        echoed = [
+            (t["type"], t[name])
+            for t, name in zip(
+                made["transactions"],
+                ("metadata", "reason", "description", "description"),
+                strict=True,
+            )
+        ]
+        assert echoed == [(kind, value) for kind, _, value in free_text] + [("transfer", text)]
+        replayed = await client.post(f"{API}/wallet/batch", json=body)
+        assert assert_answer(replayed, (200, None)) == made
+    assert_ledger_intact(before, await ledger_state(database_url), accepted)
+
+
+async def test_sql_metacharacters_in_the_ids_and_symbols_of_1_2_writes_name_nothing(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    """A user id or asset symbol with SQL metacharacters in a transfer, a hold or a batch's
+    operation names no one (404, a batch's naming the operation) or breaks the id rules (422);
+    so do hold and transaction ids in paths, and nothing moves."""
+    before = await ledger_state(database_url)
+    hold = await hold_of(client, "meta-real-hold")
+    listed = assert_answer(await client.get(f"{API}/wallet/transactions/{ALICE}"), (200, None))
+    real_transaction = listed["items"][0]["transactionId"]
+    for number, text in enumerate(SQL_METACHARACTERS + WILDCARD_USERS + SYSTEM_ACCOUNTS):
+        expected = expected_for_user_id(text)
+        for sender, receiver in ((text, BOB), (ALICE, text)):
+            body = {
+                "fromUserId": sender,
+                "toUserId": receiver,
+                "assetSymbol": "GOLD_COINS",
+                "amount": 1,
+                "idempotencyKey": f"user-transfer-{number}-{sender == text}",
+            }
+            response = await client.post(f"{API}/wallet/transfer", json=body)
+            assert_answer(response, expected)
+        response = await client.post(
+            f"{API}/wallet/holds", json=flow_body(f"user-hold-{number}", userId=text)
+        )
+        assert_answer(response, expected)
+        operations = [
+            {"type": "topup", "userId": ALICE, "assetSymbol": "GOLD_COINS", "amount": 1},
+            {"type": "bonus", "userId": text, "assetSymbol": "GOLD_COINS", "amount": 1},
+        ]
+        body = {"idempotencyKey": f"user-batch-{number}", "operations": operations}
+        problem = assert_answer(await client.post(f"{API}/wallet/batch", json=body), expected)
+        if expected[0] == 404:
+            assert problem["operationIndex"] == 1
+    for number, text in enumerate(SQL_METACHARACTERS + WILDCARD_ASSETS):
+        expected = expected_for_asset(text)
+        body = {
+            "fromUserId": ALICE,
+            "toUserId": BOB,
+            "assetSymbol": text,
+            "amount": 1,
+            "idempotencyKey": f"asset-transfer-{number}",
+        }
+        assert_answer(await client.post(f"{API}/wallet/transfer", json=body), expected)
+        response = await client.post(
+            f"{API}/wallet/holds", json=flow_body(f"asset-hold-{number}", assetSymbol=text)
+        )
+        assert_answer(response, expected)
+    near_holds = (hold["holdId"][:-1] + "_", hold["holdId"][:-1] + "%", "%", "_")
+    for number, text in enumerate(PATH_SAFE + near_holds):
+        expected = (404, "hold_not_found") if ID_RULE.fullmatch(text) else (422, "validation_error")
+        path = f"{API}/wallet/holds/{segment(text)}"
+        assert_answer(await client.get(path), expected)
+        for action in ("capture", "release"):
+            body = {"idempotencyKey": f"path-{action}-{number}"}
+            assert_answer(await client.post(f"{path}/{action}", json=body), expected)
+    near_transactions = (real_transaction[:-1] + "_", real_transaction[:-1] + "%", "%", "_")
+    for number, text in enumerate(PATH_SAFE + near_transactions):
+        response = await client.post(
+            f"{API}/wallet/transactions/{segment(text)}/refund",
+            json={"idempotencyKey": f"path-refund-{number}"},
+        )
+        assert_answer(response, (404, "transaction_not_found"))
+    # The real hold is still held, untouched by its near misses.
+    read = assert_answer(await client.get(f"{API}/wallet/holds/{hold['holdId']}"), (200, None))
+    assert read == hold
+    assert_ledger_intact(before, await ledger_state(database_url), Accepted())

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime
 
 from wallet.domain.access import ApiKey, Scope
 from wallet.domain.errors import InsufficientScope, InvalidRequest
@@ -86,7 +85,7 @@ TransactionIdPath = Annotated[
     ),
 ]
 At = Annotated[
-    AwareDatetime | None,
+    schemas.Moment | None,
     Query(description="RFC 3339 with an offset: the balance as it was at that moment."),
 ]
 # What each operation of an atomic batch needs of the key.
@@ -547,11 +546,11 @@ async def transactions(
     type: Annotated[Flow | None, Query(description="Only this type.")] = None,
     assetSymbol: AssetFilter = None,
     since: Annotated[
-        AwareDatetime | None,
+        schemas.Moment | None,
         Query(alias="from", description="RFC 3339: created at or after it."),
     ] = None,
     until: Annotated[
-        AwareDatetime | None, Query(alias="to", description="RFC 3339: created at or before it.")
+        schemas.Moment | None, Query(alias="to", description="RFC 3339: created at or before it.")
     ] = None,
 ) -> Any:
     items, next_seq = await _wallet(request).history(

@@ -2,10 +2,19 @@
 nothing malformed reaches the database."""
 
 import json
-from datetime import datetime
+import re
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 from wallet.domain.access import Scope
 from wallet.domain.ledger import MAX_AMOUNT, MAX_HOLD_S, SYSTEM_PREFIX
@@ -21,6 +30,25 @@ MAX_METADATA_BYTES = 4096
 # another set (it has U+FEFF and lacks U+0085).
 WHITE_SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 EMAIL_PATTERN = rf"^[^@{WHITE_SPACE}\x00]{{1,64}}@[^@{WHITE_SPACE}\x00]{{1,255}}$"
+
+
+# RFC 3339's date-time (section 5.6), `T` and `Z` in either case; no leap second.
+MOMENT_PATTERN = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+
+
+def _moment(value: object) -> object:
+    """An RFC 3339 date-time as a UTC datetime; nothing else (no Unix times, no space for `T`)."""
+    if not isinstance(value, str) or not re.fullmatch(MOMENT_PATTERN, value):
+        raise ValueError("must be an RFC 3339 date-time such as 2026-12-01T10:00:00Z")
+    try:
+        return datetime.fromisoformat(value.upper()).astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ValueError(
+            "must be a real moment from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
+        ) from None
 
 
 def _not_system(value: str) -> str:
@@ -46,6 +74,11 @@ NewUserId = Annotated[
     WithJsonSchema(
         {"type": "string", "minLength": 1, "maxLength": 64, "pattern": NEW_USER_ID_PATTERN}
     ),
+]
+Moment = Annotated[
+    datetime,
+    BeforeValidator(_moment),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": MOMENT_PATTERN}),
 ]
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN)]
 AssetSymbol = Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=NO_NUL_PATTERN)]
