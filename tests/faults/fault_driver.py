@@ -29,9 +29,35 @@ import httpx
 
 API = "/api/v1"
 ASSETS = ("GOLD_COINS", "DIAMONDS", "LOYALTY_POINTS")
-SIGN = {"topup": 1, "bonus": 1, "spend": -1}
-SOURCE = {"topup": "system:treasury", "bonus": "system:bonus_pool"}
+TREASURY = "system:treasury"
+BONUS_POOL = "system:bonus_pool"
 REVENUE = "system:revenue"
+# What a client asks for. The ones that move money answer with a transaction; a hold and a
+# release with the hold; a capture with both.
+KINDS = ("topup", "bonus", "spend", "transfer", "hold", "capture", "release", "refund")
+# The request field that carries an operation's free text.
+FREE_TEXT_FIELD = {
+    "topup": "metadata",
+    "bonus": "reason",
+    "spend": "description",
+    "transfer": "description",
+    "hold": "description",
+    "capture": "description",
+    "refund": "reason",
+}
+# The refusals by the ledger's state (API-operations.md, API-ledger.md) each kind may meet:
+# final, stored under the key like a success, so a retry replays them.
+REFUSAL_CODES: dict[str, tuple[str, ...]] = {
+    "topup": (),
+    "bonus": (),
+    "spend": ("insufficient_funds",),
+    "transfer": ("insufficient_funds",),
+    "hold": ("insufficient_funds",),
+    "capture": ("hold_not_active", "capture_exceeds_hold"),
+    "release": ("hold_not_active",),
+    "refund": ("refund_exceeds_original", "insufficient_funds", "not_refundable"),
+}
+HOLD_SECONDS = (2, 600, 600, 600)  # short holds expire during the run; the others outlast it
 WALLET_COMMAND = Path(sys.executable).parent / "wallet"
 DATABASE_NAME = "wallet_faults"
 KEY_PREFIX = "fault-"
@@ -46,6 +72,7 @@ IDEMPOTENCY = "idempotency"
 REFUSALS = "refusals"  # a refusal not final: made twice, then applied, or not replayed as it was
 LEDGER = "ledger"
 BALANCES = "balances"
+HOLDS = "holds"  # a hold ended twice, or not as acknowledged; `held` not the holds' sum
 VERIFY = "verify"
 OUTAGES = "outages"
 RECOVERY = "recovery"
@@ -56,6 +83,7 @@ CATEGORIES = (
     REFUSALS,
     LEDGER,
     BALANCES,
+    HOLDS,
     VERIFY,
     OUTAGES,
     RECOVERY,
@@ -497,28 +525,54 @@ class Attempt:
 
 @dataclass(slots=True)
 class Operation:
-    """One flow request as its client means it: one key, sent until it has an answer."""
+    """One request as its client means it: one key, sent until it has an answer."""
 
     key: str
-    flow: str
-    user_id: str
+    flow: str  # one of KINDS
+    user_id: str  # the user it concerns (a transfer's sender; a hold's, an original's user)
     asset: str
-    amount: int
-    free_text: Any = None  # metadata (top-up), reason (bonus) or description (spend)
+    amount: int | None  # None: a capture's or a refund's default (all of it, what is left)
+    free_text: Any = None  # metadata (top-up), reason (bonus, refund) or description
+    to_user_id: str | None = None  # a transfer's receiver
+    # What a capture, release or refund names: the acknowledged answer that made the hold (a
+    # hold's body) or the original (a transaction's body).
+    reference: dict[str, Any] | None = None
+    expires_in_s: int | None = None  # a hold's
     is_duplicated: bool = False  # sent twice at once by its client
     attempts: list[Attempt] = field(default_factory=list)
 
+    @property
+    def reference_id(self) -> str:
+        assert self.reference is not None
+        return str(
+            self.reference["holdId" if self.flow in ("capture", "release") else "transactionId"]
+        )
+
+    @property
+    def path(self) -> str:
+        match self.flow:
+            case "hold":
+                return f"{API}/wallet/holds"
+            case "capture" | "release":
+                return f"{API}/wallet/holds/{self.reference_id}/{self.flow}"
+            case "refund":
+                return f"{API}/wallet/transactions/{self.reference_id}/refund"
+        return f"{API}/wallet/{self.flow}"
+
     def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "userId": self.user_id,
-            "assetSymbol": self.asset,
-            "amount": self.amount,
-            "idempotencyKey": self.key,
-        }
+        body: dict[str, Any] = {"idempotencyKey": self.key}
+        match self.flow:
+            case "transfer":
+                body |= {"fromUserId": self.user_id, "toUserId": self.to_user_id}
+                body |= {"assetSymbol": self.asset, "amount": self.amount}
+            case "topup" | "bonus" | "spend" | "hold":
+                body |= {"userId": self.user_id, "assetSymbol": self.asset, "amount": self.amount}
+            case "capture" | "refund" if self.amount is not None:
+                body["amount"] = self.amount
+        if self.expires_in_s is not None:
+            body["expiresInSeconds"] = self.expires_in_s
         if self.free_text is not None:
-            body[{"topup": "metadata", "bonus": "reason", "spend": "description"}[self.flow]] = (
-                self.free_text
-            )
+            body[FREE_TEXT_FIELD[self.flow]] = self.free_text
         return body
 
     def answers(self, *, phases: Sequence[str] = ("load", "settle")) -> list[Attempt]:
@@ -531,33 +585,81 @@ class Operation:
 
     @property
     def refusals(self) -> list[Attempt]:
-        """The 422s: a refusal by the ledger's state is final, stored under the key like a
-        success (API-operations.md), so a retry replays it."""
-        return [a for a in self.answers() if a.status == 422]
+        """The refusals by the ledger's state: final, stored under the key like a success
+        (API-operations.md), so a retry replays them."""
+        return [a for a in self.answers() if self.is_refusal(a)]
+
+    def is_refusal(self, attempt: Attempt) -> bool:
+        return attempt.status in (409, 422) and attempt.code in REFUSAL_CODES[self.flow]
+
+    def is_made(self, attempt: Attempt) -> bool:
+        """The attempt that applied the request or made its refusal (not a replay of it): a
+        release answers 200 either way, without Idempotent-Replayed the first time."""
+        return (attempt.is_success or self.is_refusal(attempt)) and not attempt.is_replayed
 
     @property
     def has_definite_answer(self) -> bool:
-        """Answered with anything but a 503 or a 5xx: applied, or refused for good (a 422)."""
+        """Answered with anything but a 503 or a 5xx: applied, or refused for good."""
         return any(a.status is not None and a.status < 500 for a in self.answers())
+
+    @property
+    def transaction(self) -> dict[str, Any] | None:
+        """The transaction its first success made, if it makes one."""
+        successes = self.successes
+        if not successes or self.flow in ("hold", "release") or successes[0].body is None:
+            return None
+        body = successes[0].body
+        return body.get("transaction") if self.flow == "capture" else body
+
+    @property
+    def hold(self) -> dict[str, Any] | None:
+        """The hold its first success made or ended, if it concerns one."""
+        successes = self.successes
+        if not successes or self.flow not in ("hold", "capture", "release"):
+            return None
+        body = successes[0].body or {}
+        return body.get("hold") if self.flow == "capture" else body
 
     def describe(self) -> str:
         attempts = self.attempts
         if len(attempts) > 10:  # the first (often the one a fault met) and the last ones
             attempts = [attempts[0], *attempts[-9:]]
         shown = "\n    ".join(a.describe() for a in attempts)
+        what = {
+            "transfer": f" to {self.to_user_id}",
+            "capture": f" of hold {self.reference_id if self.reference else ''}",
+            "release": f" of hold {self.reference_id if self.reference else ''}",
+            "refund": f" of {self.reference_id if self.reference else ''}",
+        }.get(self.flow, "")
         return (
-            f"{self.flow} {self.amount} {self.asset} of {self.user_id} key {self.key} "
+            f"{self.flow} {self.amount} {self.asset} of {self.user_id}{what} key {self.key} "
             f"({len(self.attempts)} attempts):\n    {shown}"
         )
 
 
 @dataclass
 class Recorder:
-    """Every operation and attempt of a run, and the moments flows succeeded."""
+    """Every operation and attempt of a run, the moments requests succeeded, the holds and
+    transactions acknowledged so far (what later captures, releases and refunds name), and the
+    balances read once the load was over."""
 
     operations: list[Operation] = field(default_factory=list)
     in_flight: int = 0
     success_times: list[tuple[float, float]] = field(default_factory=list)  # (started, ended)
+    holds: list[dict[str, Any]] = field(default_factory=list)
+    ended_holds: set[str] = field(default_factory=set)  # captured or released, as acknowledged
+    transactions: list[dict[str, Any]] = field(default_factory=list)
+    # (user, started, ended (wall time), GET /wallet/balances/{user}'s body), read at the end
+    standings: list[tuple[str, float, float, dict[str, Any]]] = field(default_factory=list)
+
+    def acknowledge(self, operation: Operation) -> None:
+        """Keep what the operation's first success made, for later operations to name."""
+        if operation.flow == "hold" and operation.hold is not None:
+            self.holds.append(operation.hold)
+        if operation.flow in ("capture", "release") and operation.successes:
+            self.ended_holds.add(operation.reference_id)
+        if operation.transaction is not None:
+            self.transactions.append(operation.transaction)
 
     def first_success_after(self, moment: float) -> float | None:
         """When the first flow request sent after `moment` succeeded, if one has."""
@@ -588,7 +690,7 @@ async def send(
     recorder.in_flight += 1
     try:
         async with asyncio.timeout(CLIENT_TIMEOUT_S + 1):
-            response = await client.post(f"{API}/wallet/{operation.flow}", json=operation.body())
+            response = await client.post(operation.path, json=operation.body())
     except (httpx.TimeoutException, TimeoutError) as error:
         attempt = Attempt(phase, started, time.monotonic(), None, error=f"timeout: {error!r}")
     except httpx.TransportError as error:
@@ -649,21 +751,67 @@ class LoadPlan:
 
 
 def new_operation(
-    rng: random.Random, users: Sequence[str], *, client: int, number: int, duplicate_share: float
+    rng: random.Random,
+    users: Sequence[str],
+    recorder: Recorder,
+    *,
+    client: int,
+    number: int,
+    duplicate_share: float,
 ) -> Operation:
-    flow = rng.choices(("topup", "bonus", "spend"), weights=(4, 2, 4))[0]
-    amount = rng.randint(*{"topup": (1, 500), "bonus": (1, 100), "spend": (1, 400)}[flow])
+    """A random request: a flow or a transfer; a hold; or a capture, release or refund of a hold
+    or transaction acknowledged earlier in the run (by any client, so some race), now and then
+    of more than there is (a capture over the hold, a refund over what is left) or of one that
+    cannot be (an ended hold, a transfer)."""
+    holds, transactions = recorder.holds[-40:], recorder.transactions[-60:]
+    kinds = ("topup", "bonus", "spend", "transfer", "hold", "capture", "release", "refund")
+    weights = (4, 1, 3, 2, 2, 2 if holds else 0, 1 if holds else 0, 2 if transactions else 0)
+    flow = rng.choices(kinds, weights=weights)[0]
+    key = f"{KEY_PREFIX}{client:02d}-{number:05d}-{uuid.uuid4().hex[:10]}"
     free_text: Any = None
     if rng.random() < 0.3:
         free_text = {"source": "faults", "n": str(number)} if flow == "topup" else f"fault {number}"
+    duplicated = rng.random() < duplicate_share
+    if flow in ("capture", "release"):
+        held = [h for h in holds if h["holdId"] not in recorder.ended_holds]
+        hold = rng.choice(held if held and rng.random() < 0.8 else holds)
+        amount = None
+        if flow == "capture":
+            amount = rng.choice([None, rng.randint(1, hold["amount"]), hold["amount"] + 1])
+        return Operation(
+            key=key,
+            flow=flow,
+            user_id=hold["userId"],
+            asset=hold["assetSymbol"],
+            amount=amount,
+            free_text=None if flow == "release" else free_text,
+            reference=hold,
+            is_duplicated=duplicated,
+        )
+    if flow == "refund":
+        original = rng.choice(transactions)
+        amount = rng.choice([None, rng.randint(1, original["amount"]), original["amount"] + 1])
+        return Operation(
+            key=key,
+            flow=flow,
+            user_id=original["userId"],
+            asset=original["assetSymbol"],
+            amount=amount,
+            free_text=free_text,
+            reference=original,
+            is_duplicated=duplicated,
+        )
+    user_id = rng.choice(users)
     return Operation(
-        key=f"{KEY_PREFIX}{client:02d}-{number:05d}-{uuid.uuid4().hex[:10]}",
+        key=key,
         flow=flow,
-        user_id=rng.choice(users),
+        user_id=user_id,
         asset=rng.choice(ASSETS),
-        amount=amount,
+        amount=rng.randint(*{"topup": (1, 500), "bonus": (1, 100)}.get(flow, (1, 400))),
         free_text=free_text,
-        is_duplicated=rng.random() < duplicate_share,
+        to_user_id=rng.choice([u for u in users if u != user_id]) if flow == "transfer" else None,
+        expires_in_s=rng.choice(HOLD_SECONDS) if flow == "hold" else None,
+        is_duplicated=duplicated,
     )
 
 
@@ -676,8 +824,9 @@ async def run_clients(
     stop: asyncio.Event,
     seed: int,
 ) -> None:
-    """`plan.clients` clients, each sending random flows one after another until `stop` is set
-    (or the plan's bounds are reached); each operation is seen through to an answer."""
+    """`plan.clients` clients, each sending random requests one after another until `stop` is
+    set (or the plan's bounds are reached); each operation is seen through to an answer, and
+    what it made is kept for later captures, releases and refunds to name."""
     deadline = time.monotonic() + plan.deadline_s
 
     async def one_client(index: int) -> None:
@@ -687,7 +836,12 @@ async def run_clients(
             if len(recorder.operations) >= plan.max_operations:
                 return
             operation = new_operation(
-                rng, users, client=index, number=number, duplicate_share=plan.duplicate_share
+                rng,
+                users,
+                recorder,
+                client=index,
+                number=number,
+                duplicate_share=plan.duplicate_share,
             )
             recorder.operations.append(operation)
             number += 1
@@ -698,6 +852,7 @@ async def run_clients(
                     for _ in range(copies)
                 )
             )
+            recorder.acknowledge(operation)
             with suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), rng.uniform(*plan.think_s))
 
@@ -745,6 +900,18 @@ async def settle(client: httpx.AsyncClient, recorder: Recorder, *, seed: int) ->
     retry with the same key gives the definite answer."""
     pending = [op for op in recorder.operations if not op.has_definite_answer]
     await _resend(client, recorder, pending, phase="settle", seed=seed, within_s=30)
+
+
+async def read_standings(
+    client: httpx.AsyncClient, recorder: Recorder, users: Sequence[str]
+) -> None:
+    """Every user's balance, held and available amounts, read once the requests are over (the
+    checks hold `held` to the holds acknowledged and not ended, nor expired at that moment)."""
+    for user_id in users:
+        started = time.time()  # wall time, as a hold's expiresAt is
+        response = await client.get(f"{API}/wallet/balances/{user_id}")
+        assert response.status_code == 200, f"balances of {user_id}: {response.text}"
+        recorder.standings.append((user_id, started, time.time(), response.json()))
 
 
 async def replay_every_final_answer(

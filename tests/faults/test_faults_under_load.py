@@ -1,8 +1,10 @@
 """Money under faults: the real server (two workers) on a PostgreSQL cluster of the suite's own,
-32 clients moving money and retrying every request with its key, while workers, the whole
-server and the database are killed, restarted and stalled in turn. Afterwards nothing may have
-been lost, applied twice or created, and every refusal must have stayed final (a 422 is stored
-under its key, so a retry replays it): every check below reads the record of that one run."""
+32 clients moving money (top-ups, bonuses, spends, transfers), placing holds and capturing or
+releasing them, and refunding what was acknowledged, each retrying every request with its key,
+while workers, the whole server and the database are killed, restarted and stalled in turn.
+Afterwards nothing may have been lost, applied twice or created, every refusal must have stayed
+final (stored under its key, so a retry replays it), and each hold ended at most once, as
+announced: every check below reads the record of that one run."""
 
 import asyncio
 import os
@@ -29,7 +31,9 @@ from fault_driver import (
     ANSWERS,
     BALANCES,
     HANGS,
+    HOLDS,
     IDEMPOTENCY,
+    KINDS,
     LEDGER,
     OUTAGES,
     RECOVERY,
@@ -45,6 +49,7 @@ from fault_driver import (
     create_api_key,
     create_users,
     network_client,
+    read_standings,
     replay_every_final_answer,
     run_clients,
     run_wallet_command,
@@ -351,6 +356,7 @@ async def run(cluster: Cluster, server: WalletServer, api_key: str) -> Run:
                 await load
             await settle(client, recorder, seed=SEED)
             await replay_every_final_answer(client, recorder, seed=SEED)
+            await read_standings(client, recorder, users)
     finally:
         await server.stop()
 
@@ -395,11 +401,36 @@ def test_no_key_is_applied_twice_and_every_retry_gets_the_first_transaction(run:
 
 
 def test_every_refusal_is_final_and_every_retry_gets_it_again(run: Run) -> None:
-    """API-operations.md: a 422 insufficient_funds is stored under its key like a success, so
-    a retry (after a 503, a lost answer or the run) replays it, and the key never applies."""
+    """API-operations.md: a refusal by the ledger's state (insufficient_funds, hold_not_active,
+    capture_exceeds_hold, refund_exceeds_original, not_refundable) is stored under its key like
+    a success, so a retry (after a 503, a lost answer or the run) replays it, and the key never
+    applies."""
     refused = [op for op in run.recorder.operations if op.refusals]
     assert refused, "no request of the run was refused: the rule went untested"
     run.assert_clean(REFUSALS)
+
+
+def test_every_kind_of_request_met_the_faults(run: Run) -> None:
+    """Each kind of request was sent, some of each applied and some met a fault (and were
+    retried with their key); captures, releases and refunds were also refused for the state
+    of the hold or transaction they name."""
+    operations = run.recorder.operations
+    for kind in KINDS:
+        of_kind = [op for op in operations if op.flow == kind]
+        assert any(op.successes for op in of_kind), f"no {kind} applied"
+        assert any(a.status is None or a.status == 503 for op in of_kind for a in op.answers()), (
+            f"no {kind} met a fault"
+        )
+    for kind in ("capture", "release", "refund"):
+        assert any(op.refusals for op in operations if op.flow == kind), f"no {kind} refused"
+
+
+def test_each_hold_ends_once_as_announced_and_held_is_what_the_holds_reserve(run: Run) -> None:
+    """Of the captures and releases of one hold at most one applies; a hold is captured (of
+    the amount announced), released, or still held or expired as the answers said; each
+    balance's `held` is the sum of the holds announced and not ended, read back as held and
+    available at the end."""
+    run.assert_clean(HOLDS)
 
 
 def test_assets_sum_to_zero_and_no_user_balance_is_negative(run: Run) -> None:

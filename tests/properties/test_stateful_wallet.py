@@ -1,12 +1,17 @@
-"""Stateful property: random flows, batches, retries and replays driven through the service layer
-(`Wallet` and `post()`) agree, step by step, with a plain model of balances and idempotency keys,
-on SQLite and on PostgreSQL; the ledger verifies clean throughout. A key keeps what it got, a
-transaction or a refusal by the ledger's state (API-operations.md: a refusal is final)."""
+"""Stateful property: random flows, transfers, holds (placed, captured whole or in part, released,
+expired by the clock and marked by the sweeper), refunds and reversals, atomic batches, retries,
+replays and reused keys, driven through the service layer (`Wallet`, `post()`, `expire_holds()`),
+agree step by step with a plain model of balances, holds and idempotency keys, on SQLite and on
+PostgreSQL; the ledger verifies clean throughout. The engine's clock is the machine's, and moves
+only when a rule moves it. A key keeps what it got, a success or a refusal by the ledger's state
+(API-operations.md: a refusal is final)."""
 
 import asyncio
 import dataclasses
 from collections import Counter
 from collections.abc import Coroutine
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,12 +30,20 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+import wallet.service.posting
+import wallet.service.seed
+import wallet.service.wallet
 from wallet.domain.errors import (
+    CaptureExceedsHold,
+    HoldNotActive,
     IdempotencyKeyReused,
     InsufficientFunds,
     InvalidRequest,
+    NotRefundable,
+    RefundExceedsOriginal,
     Refusal,
     UnknownAsset,
+    UnknownHold,
     UnknownTransaction,
     UnknownUser,
     UserExists,
@@ -38,35 +51,46 @@ from wallet.domain.errors import (
 )
 from wallet.domain.ledger import (
     MAX_AMOUNT,
+    Action,
     Command,
     Direction,
     Flow,
+    Hold,
+    HoldStatus,
     Posted,
     Transaction,
+    TransactionId,
     UserId,
 )
 from wallet.service.audit import verify
-from wallet.service.posting import Outcome, post
+from wallet.service.posting import Outcome, expire_holds, post
 from wallet.service.seed import ALICE, BOB, seed
 from wallet.service.wallet import PageRequest, Wallet
 from wallet.settings import Settings
 from wallet.store.database import Database, create_engine
 from wallet.store.migrate import migrate
-from wallet.store.tables import balances, metadata
+from wallet.store.tables import balances, holds, metadata
 
 T = TypeVar("T")
 BACKENDS = ["sqlite", "postgresql"]
-ASSETS = ("DIAMONDS", "GOLD_COINS", "LOYALTY_POINTS")
+ASSETS = ("DIAMONDS", "GOLD_COINS", "LOYALTY_POINTS")  # in the order the reads list them
 UNKNOWN_ASSET = "SILVER"
 # Seeded users, and ids a rule may create later: a flow for one of them fails with UnknownUser
 # until it exists, and the same key may then succeed. A system account is never a user.
 USER_POOL = (ALICE, BOB, "carol", "dave")
 NOT_A_USER = "system:treasury"
+UNKNOWN_HOLD = "hold-that-never-was"
+UNKNOWN_TRANSACTION = "transaction-that-never-was"
+TREASURY, BONUS_POOL, REVENUE = "system:treasury", "system:bonus_pool", "system:revenue"
+DEFAULT_HOLD_S = 900  # API-ledger.md: a hold without expiresInSeconds lasts 900 s
 VERIFY_EVERY = 10  # steps between full ledger audits (and once more at the end)
+# One client never meets a transient conflict, so a request the engine keeps rerunning is a bug:
+# let it give up after a second, not the 20 s a loaded server allows.
+RETRY_FOR_S = 1.0
 
 MACHINE_SETTINGS = settings(
     max_examples=30,
-    stateful_step_count=25,
+    stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
     # No explain phase: on a failure it would replay the example hundreds of times more, for
@@ -82,22 +106,64 @@ amounts = st.one_of(
 # Mostly ids and symbols that exist (or may), now and then ones that never will.
 user_ids = st.sampled_from(USER_POOL * 3 + (NOT_A_USER,))
 asset_symbols = st.sampled_from((*ASSETS, *ASSETS, UNKNOWN_ASSET))
+notes = st.sampled_from([None, "gift", "refund"])
+# Seconds a hold lasts: None is the default; short ones expire as the clock moves.
+expiries = st.sampled_from([None, 1, 2, 60, 3600])
+FLOW_ACTIONS = (Action.TOPUP, Action.BONUS, Action.SPEND, Action.TRANSFER)
+
+
+# ---- the clock ----------------------------------------------------------------------------
+
+
+class Clock:
+    """The time the engine and the reads take as now while a machine runs."""
+
+    def __init__(self) -> None:
+        self.moment = datetime.now(UTC)
+
+
+CLOCK = Clock()
+
+
+class MachineDatetime(datetime):
+    """`datetime` whose `now()` is CLOCK's: patched into the modules that take the time."""
+
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+        if tz is None:  # local and naive, as datetime.now() is
+            return CLOCK.moment.astimezone().replace(tzinfo=None)
+        return CLOCK.moment.astimezone(tz)
+
+
+CLOCKED_MODULES = (wallet.service.posting, wallet.service.wallet, wallet.service.seed)
+
+
+@pytest.fixture
+def machine_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every `datetime.now` of the engine, the reads and the seed reads CLOCK."""
+    for module in CLOCKED_MODULES:
+        monkeypatch.setattr(module, "datetime", MachineDatetime)
+    monkeypatch.setattr(wallet.service.posting, "RETRY_FOR_S", RETRY_FOR_S)
+
+
+# ---- requests -----------------------------------------------------------------------------
 
 
 @st.composite
 def flow_requests(draw: st.DrawFn) -> Command:
-    """A flow request without its key (the rule gives it one)."""
-    flow = draw(st.sampled_from(Flow))
+    """A top-up, bonus, spend or transfer without its key (the rule gives it one)."""
+    action = draw(st.sampled_from(FLOW_ACTIONS))
     return Command(
-        flow=flow,
+        action=action,
         user_id=UserId(draw(user_ids)),
+        to_user_id=UserId(draw(user_ids)) if action is Action.TRANSFER else None,
         asset_symbol=draw(asset_symbols),
         amount=draw(amounts),
         idempotency_key="",
-        note=None if flow is Flow.TOPUP else draw(st.sampled_from([None, "gift", "refund"])),
+        note=None if action is Action.TOPUP else draw(notes),
         metadata=(
             draw(st.sampled_from([None, {"order": "1"}, {"order": "2"}]))
-            if flow is Flow.TOPUP
+            if action is Action.TOPUP
             else None
         ),
     )
@@ -107,10 +173,28 @@ def with_key(command: Command, key: str) -> Command:
     return dataclasses.replace(command, idempotency_key=key)
 
 
-def as_request(transaction: Transaction) -> Command:
-    """The request that made a stored transaction."""
+def same_request(one: Command, other: Command) -> bool:
+    """Two requests are the same when all but their keys (and the API key) are equal."""
+
+    def bare(command: Command) -> Command:
+        return dataclasses.replace(
+            command,
+            idempotency_key="",
+            created_by=None,
+            operations=tuple(bare(op) for op in command.operations),
+        )
+
+    return bare(one) == bare(other)
+
+
+def operation_keys(command: Command) -> list[str]:
+    return [f"{command.idempotency_key}:{i}" for i in range(len(command.operations))]
+
+
+def seeded_request(transaction: Transaction) -> Command:
+    """The request that made a seed top-up."""
     return Command(
-        flow=transaction.flow,
+        action=Action.TOPUP,
         user_id=transaction.user_id,
         asset_symbol=transaction.asset_symbol,
         amount=transaction.amount,
@@ -120,49 +204,491 @@ def as_request(transaction: Transaction) -> Command:
     )
 
 
+# ---- the model ----------------------------------------------------------------------------
+
+
+def is_system(account: str) -> bool:
+    return account.startswith("system:")
+
+
+def moved_between(action: Action, user_id: str, to_user_id: str | None) -> tuple[str, str]:
+    """The accounts a flow debits and credits (the model's own table, API-ledger.md)."""
+    match action:
+        case Action.TOPUP:
+            return TREASURY, user_id
+        case Action.BONUS:
+            return BONUS_POOL, user_id
+        case Action.SPEND | Action.CAPTURE:
+            return user_id, REVENUE
+        case Action.TRANSFER:
+            assert to_user_id is not None
+            return user_id, to_user_id
+    raise AssertionError(f"{action} moves no money")
+
+
+def refunded_between(original: Transaction) -> tuple[Flow, str, str] | None:
+    """A refund's type and the accounts it debits and credits; None if not refundable."""
+    match original.flow:
+        case Flow.SPEND:
+            return Flow.REFUND, REVENUE, original.user_id
+        case Flow.TOPUP:
+            return Flow.REVERSAL, original.user_id, TREASURY
+        case Flow.BONUS:
+            return Flow.REVERSAL, original.user_id, BONUS_POOL
+    return None
+
+
+@dataclass
+class ModelHold:
+    """A hold as stored: `status` turns expired only when the sweeper marks it."""
+
+    id: str
+    user_id: str
+    asset: str
+    amount: int
+    expires_at: datetime
+    created_at: datetime
+    description: str | None
+    key: str
+    status: HoldStatus = HoldStatus.HELD
+    captured: int = 0
+    ended_at: datetime | None = None
+
+    def is_active(self, now: datetime) -> bool:
+        return self.status is HoldStatus.HELD and now < self.expires_at
+
+    def stored(self) -> Hold:
+        return Hold(
+            id=self.id,
+            user_id=UserId(self.user_id),
+            asset_symbol=self.asset,
+            amount=self.amount,
+            captured_amount=self.captured,
+            status=self.status,
+            expires_at=self.expires_at,
+            created_at=self.created_at,
+            ended_at=self.ended_at,
+            description=self.description,
+            created_by=None,
+            idempotency_key=self.key,
+        )
+
+    def seen(self, now: datetime) -> Hold:
+        """The hold as the reads show it: past its expiry it is expired, marked or not."""
+        if self.status is HoldStatus.HELD and now >= self.expires_at:
+            return dataclasses.replace(
+                self.stored(), status=HoldStatus.EXPIRED, ended_at=self.expires_at
+            )
+        return self.stored()
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a key got, for good: the request, and its success or its refusal."""
+
+    request: Command
+    outcome: Posted | Refusal
+
+
 class Model:
-    """What the wallet should hold: users, every account's balances, and what each key did."""
+    """What the wallet should hold: users, every account's balances, the holds, the transactions
+    and what each has had refunded, and what each key got."""
 
     def __init__(self) -> None:
         self.users: set[str] = set()
         self.balances: Counter[tuple[str, str]] = Counter()
+        self.holds: dict[str, ModelHold] = {}  # in the order they were placed
+        self.transactions: dict[str, Transaction] = {}  # as first made, in order
+        self.accounts_of: dict[str, tuple[str, str]] = {}  # debited, credited
+        self.balance_after: dict[tuple[str, str], int] = {}  # (transaction, account) → after
+        self.refunded: Counter[str] = Counter()
+        self.refunds: dict[str, list[str]] = {}
+        self.history: dict[str, list[str]] = {}  # each user's transaction ids, oldest first
         self.sent: dict[str, Command] = {}  # the last request sent with each key
-        self.applied: dict[str, Transaction] = {}  # the transaction of each key that applied
-        # The request and the refusal of each key the ledger's state refused: stored, as final
-        # as a transaction, so the same request replays it and another is a reuse.
-        self.refused: dict[str, tuple[Command, Refusal]] = {}
-        self.history: dict[str, list[Transaction]] = {}  # each user's, oldest first
+        self.decided: dict[str, Decision] = {}
+        self.batches: list[str] = []  # keys of the atomic batches sent, applied or not
 
-    def record(self, command: Command, transaction: Transaction) -> None:
-        self.balances[(command.debited, command.asset_symbol)] -= command.amount
-        self.balances[(command.credited, command.asset_symbol)] += command.amount
-        self.applied[command.idempotency_key] = transaction
-        self.history[command.user_id].append(transaction)
+    @property
+    def now(self) -> datetime:
+        return CLOCK.moment
+
+    # -- reads of the model
+
+    def held(self, user_id: str, asset: str) -> int:
+        """What the user's holds that count now reserve."""
+        return sum(
+            h.amount
+            for h in self.holds.values()
+            if (h.user_id, h.asset) == (user_id, asset) and h.is_active(self.now)
+        )
+
+    def stored_held(self, user_id: str, asset: str) -> int:
+        """The balance row's `held`: holds in status held, expired or not."""
+        return sum(
+            h.amount
+            for h in self.holds.values()
+            if (h.user_id, h.asset) == (user_id, asset) and h.status is HoldStatus.HELD
+        )
+
+    def available(self, account: str, asset: str) -> int:
+        return self.balances[(account, asset)] - self.held(account, asset)
+
+    def user_balances(self, user_id: str) -> list[tuple[str, int, int]]:
+        return [
+            (asset, self.balances[(user_id, asset)], self.held(user_id, asset)) for asset in ASSETS
+        ]
+
+    def view(self, transaction_id: str, reader: str | None = None) -> Transaction:
+        """A transaction as a read shows it now (to `reader`, with their balance after it)."""
+        made = self.transactions[transaction_id]
+        return dataclasses.replace(
+            made,
+            balance_after=self.balance_after[(transaction_id, reader or made.user_id)],
+            refunded_amount=self.refunded[transaction_id],
+            refunds=tuple(TransactionId(r) for r in self.refunds.get(transaction_id, [])),
+        )
 
     def refusals(self, command: Command) -> set[type[WalletError]]:
-        """The errors any one of which may answer the request before anything is applied. The
-        contract leaves their order open: a request can be both for an unknown user and a reuse."""
+        """The errors any one of which may answer the request before the ledger looks at it.
+        The contract leaves their order open: a request can be both for an unknown user and a
+        reuse."""
         found: set[type[WalletError]] = set()
-        if command.user_id not in self.users:
-            found.add(UnknownUser)
-        if command.asset_symbol not in ASSETS:
-            found.add(UnknownAsset)
-        if not 1 <= command.amount <= MAX_AMOUNT:
-            found.add(InvalidRequest)
-        earlier = self.applied.get(command.idempotency_key)
-        if earlier is not None and as_request(earlier) != command:
+        match command.action:
+            case Action.CAPTURE | Action.RELEASE:
+                if command.reference not in self.holds:
+                    found.add(UnknownHold)
+            case Action.REFUND:
+                if command.reference not in self.transactions:
+                    found.add(UnknownTransaction)
+            case Action.BATCH:
+                unknown = self.first_unknown_name(command.operations)
+                if unknown is not None:
+                    found.add(unknown[1])
+            case _:
+                unknown = self.first_unknown_name([command])
+                if unknown is not None:
+                    found.add(unknown[1])
+                assert command.amount is not None
+                if not 1 <= command.amount <= MAX_AMOUNT:
+                    found.add(InvalidRequest)
+                if command.action is Action.TRANSFER and command.to_user_id == command.user_id:
+                    found.add(InvalidRequest)
+        key = command.idempotency_key
+        decision = self.decided.get(key)
+        if decision is not None and not same_request(decision.request, command):
             found.add(IdempotencyKeyReused)
-        refused = self.refused.get(command.idempotency_key)
-        if refused is not None and refused[0] != command:
-            found.add(IdempotencyKeyReused)
+        taken = [k for k in operation_keys(command) if k in self.decided]
+        if command.action is Action.BATCH and decision is None and taken:
+            found.add(IdempotencyKeyReused)  # an operation's key is another request's
         return found
 
-    def user_balances(self, user_id: str) -> dict[str, int]:
-        return {asset: self.balances[(user_id, asset)] for asset in ASSETS}
+    def first_unknown_name(
+        self, operations: Any
+    ) -> tuple[int, type[UnknownUser] | type[UnknownAsset]] | None:
+        """The first operation naming a user or an asset that does not exist, and the error."""
+        for index, op in enumerate(operations):
+            if any(u is not None and u not in self.users for u in (op.user_id, op.to_user_id)):
+                return index, UnknownUser
+            if op.asset_symbol not in ASSETS:
+                return index, UnknownAsset
+        return None
+
+    def debit_of(self, command: Command) -> tuple[str, str, int]:
+        """The user, asset and amount a request would take from a user's available balance."""
+        if command.action is Action.REFUND:
+            original = self.transactions[command.reference or ""]
+            return original.user_id, original.asset_symbol, original.amount
+        assert command.user_id is not None
+        assert command.asset_symbol is not None
+        assert command.amount is not None
+        return command.user_id, command.asset_symbol, command.amount
+
+    # -- checking an outcome, and applying it
+
+    def check(self, command: Command, outcome: Outcome) -> None:
+        """Check one outcome against the model, and apply it to the model."""
+        self.sent[command.idempotency_key] = command
+        refusals = self.refusals(command)
+        if refusals:
+            assert type(outcome) in refusals, f"{command} gave {outcome!r}, not one of {refusals}"
+            assert isinstance(outcome, WalletError)
+            unknown = (
+                self.first_unknown_name(command.operations)
+                if command.action is Action.BATCH
+                else None
+            )
+            if unknown is not None and type(outcome) is unknown[1]:
+                assert outcome.operation_index == unknown[0], f"{command} gave {outcome!r}"
+            elif command.action is not Action.BATCH:
+                assert outcome.operation_index is None, f"{command} gave {outcome!r}"
+            return
+        decision = self.decided.get(command.idempotency_key)
+        if decision is not None:
+            self.check_replay(command, decision, outcome)
+            return
+        match command.action:
+            case Action.TOPUP | Action.BONUS | Action.SPEND | Action.TRANSFER:
+                self.check_flow(command, outcome)
+            case Action.HOLD:
+                self.check_hold(command, outcome)
+            case Action.CAPTURE | Action.RELEASE:
+                self.check_capture_or_release(command, outcome)
+            case Action.REFUND:
+                self.check_refund(command, outcome)
+            case Action.BATCH:
+                self.check_batch(command, outcome)
+
+    def check_replay(self, command: Command, decision: Decision, outcome: Outcome) -> None:
+        """The key's first answer again, whatever the state is now, flagged as a replay."""
+        first = decision.outcome
+        if isinstance(first, Refusal):
+            assert type(outcome) is type(first), f"a retry of {command} gave {outcome!r}"
+            assert isinstance(outcome, Refusal)
+            assert outcome.is_replay, f"a retry of refused {command} was refused anew"
+            assert outcome.detail == first.detail, "a replay returned another refusal"
+            return
+        assert isinstance(outcome, Posted), f"a retry of {command} gave {outcome!r}"
+        assert outcome.is_replay, f"a retry of {command} was applied anew"
+        assert len(outcome.transactions) == len(first.transactions), outcome
+        # What the first answer said, not what refunds, captures, releases or the clock have
+        # made of its transactions and hold since (API.md: "the stored response is returned").
+        assert outcome.transactions == first.transactions, f"replayed {outcome}, made {first}"
+        assert outcome.hold == first.hold, f"replayed {outcome.hold}, made {first.hold}"
+
+    def refuse(
+        self,
+        command: Command,
+        outcome: Outcome,
+        refusal: type[WalletError],
+        *,
+        is_stored: bool = True,
+        operation_index: int | None = None,
+    ) -> None:
+        assert type(outcome) is refusal, f"{command} gave {outcome!r}, not {refusal.__name__}"
+        assert isinstance(outcome, WalletError)
+        assert outcome.operation_index == operation_index, f"{command} gave {outcome!r}"
+        if isinstance(outcome, Refusal):
+            assert not outcome.is_replay, f"{command} gave {outcome!r}"
+            if is_stored:
+                self.decided[command.idempotency_key] = Decision(command, outcome)
+
+    def applied(self, command: Command, outcome: Outcome, *, made: int) -> Posted:
+        assert isinstance(outcome, Posted), f"{command} gave {outcome!r}"
+        assert not outcome.is_replay, f"{command} was a replay: {outcome!r}"
+        assert len(outcome.transactions) == made, outcome
+        self.decided[command.idempotency_key] = Decision(command, outcome)
+        return outcome
+
+    def record(
+        self,
+        transaction: Transaction,
+        *,
+        flow: Flow,
+        debited: str,
+        credited: str,
+        user_id: str,
+        asset: str,
+        amount: int,
+        key: str,
+        note: str | None,
+        metadata: Any = None,
+        to_user_id: str | None = None,
+        hold_id: str | None = None,
+        refund_of: str | None = None,
+    ) -> None:
+        """Check a transaction the ledger made, and move its amount in the model."""
+        self.balances[(debited, asset)] -= amount
+        self.balances[(credited, asset)] += amount
+        expected = Transaction(
+            id=transaction.id,
+            flow=flow,
+            user_id=UserId(user_id),
+            asset_symbol=asset,
+            amount=amount,
+            balance_after=self.balances[(user_id, asset)],
+            idempotency_key=key,
+            note=note,
+            metadata=metadata,
+            created_at=self.now,
+            to_user_id=None if to_user_id is None else UserId(to_user_id),
+            hold_id=hold_id,
+            refund_of=None if refund_of is None else TransactionId(refund_of),
+        )
+        assert transaction == expected, f"made {transaction}, not {expected}"
+        self.transactions[transaction.id] = transaction
+        self.accounts_of[transaction.id] = (debited, credited)
+        for account in (debited, credited):
+            self.balance_after[(transaction.id, account)] = self.balances[(account, asset)]
+            if not is_system(account):
+                self.history[account].append(transaction.id)
+
+    def check_flow(self, command: Command, outcome: Outcome) -> None:
+        assert command.user_id is not None
+        assert command.asset_symbol is not None
+        assert command.amount is not None
+        debited, credited = moved_between(command.action, command.user_id, command.to_user_id)
+        asset, amount = command.asset_symbol, command.amount
+        if not is_system(debited) and amount > self.available(debited, asset):
+            self.refuse(command, outcome, InsufficientFunds)
+            return
+        posted = self.applied(command, outcome, made=1)
+        assert posted.hold is None
+        self.record(
+            posted.transaction,
+            flow=Flow(command.action.value),
+            debited=debited,
+            credited=credited,
+            user_id=command.user_id,
+            asset=asset,
+            amount=amount,
+            key=command.idempotency_key,
+            note=command.note,
+            metadata=command.metadata,
+            to_user_id=command.to_user_id,
+        )
+
+    def check_hold(self, command: Command, outcome: Outcome) -> None:
+        assert command.user_id is not None
+        assert command.asset_symbol is not None
+        assert command.amount is not None
+        if command.amount > self.available(command.user_id, command.asset_symbol):
+            self.refuse(command, outcome, InsufficientFunds)
+            return
+        posted = self.applied(command, outcome, made=0)
+        assert posted.hold is not None
+        placed = ModelHold(
+            id=posted.hold.id,
+            user_id=command.user_id,
+            asset=command.asset_symbol,
+            amount=command.amount,
+            expires_at=self.now + timedelta(seconds=command.expires_in_s or DEFAULT_HOLD_S),
+            created_at=self.now,
+            description=command.note,
+            key=command.idempotency_key,
+        )
+        assert placed.id not in self.holds
+        assert posted.hold == placed.stored(), f"placed {posted.hold}, not {placed.stored()}"
+        self.holds[placed.id] = placed
+
+    def check_capture_or_release(self, command: Command, outcome: Outcome) -> None:
+        hold = self.holds[command.reference or ""]
+        if not hold.is_active(self.now):
+            self.refuse(command, outcome, HoldNotActive)
+            return
+        if command.action is Action.RELEASE:
+            posted = self.applied(command, outcome, made=0)
+            hold.status, hold.ended_at = HoldStatus.RELEASED, self.now
+            assert posted.hold == hold.stored(), f"released {posted.hold}, not {hold.stored()}"
+            return
+        amount = hold.amount if command.amount is None else command.amount
+        if amount > hold.amount:
+            self.refuse(command, outcome, CaptureExceedsHold)
+            return
+        posted = self.applied(command, outcome, made=1)
+        hold.status, hold.captured, hold.ended_at = HoldStatus.CAPTURED, amount, self.now
+        assert posted.hold == hold.stored(), f"captured {posted.hold}, not {hold.stored()}"
+        self.record(
+            posted.transaction,
+            flow=Flow.SPEND,
+            debited=hold.user_id,
+            credited=REVENUE,
+            user_id=hold.user_id,
+            asset=hold.asset,
+            amount=amount,
+            key=command.idempotency_key,
+            note=command.note,
+            hold_id=hold.id,
+        )
+
+    def check_refund(self, command: Command, outcome: Outcome) -> None:
+        original = self.transactions[command.reference or ""]
+        kind = refunded_between(original)
+        if kind is None:
+            self.refuse(command, outcome, NotRefundable)
+            return
+        flow, debited, credited = kind
+        left = original.amount - self.refunded[original.id]
+        amount = left if command.amount is None else command.amount
+        if left == 0 or amount > left:
+            self.refuse(command, outcome, RefundExceedsOriginal)
+            return
+        asset = original.asset_symbol
+        if not is_system(debited) and amount > self.available(debited, asset):
+            self.refuse(command, outcome, InsufficientFunds)
+            return
+        posted = self.applied(command, outcome, made=1)
+        assert posted.hold is None
+        self.record(
+            posted.transaction,
+            flow=flow,
+            debited=debited,
+            credited=credited,
+            user_id=original.user_id,
+            asset=asset,
+            amount=amount,
+            key=command.idempotency_key,
+            note=command.note,
+            metadata=command.metadata,
+            refund_of=original.id,
+        )
+        self.refunded[original.id] += amount
+        self.refunds.setdefault(original.id, []).append(posted.transaction.id)
+
+    def check_batch(self, command: Command, outcome: Outcome) -> None:
+        """All operations apply, in order, each seeing what the earlier left, or none does and
+        nothing is recorded (not even a refusal): the key stays free."""
+        trial = Counter(self.balances)
+        for index, op in enumerate(command.operations):
+            assert op.user_id is not None
+            assert op.asset_symbol is not None
+            assert op.amount is not None
+            failure: type[WalletError] | None = None
+            is_to_self = op.action is Action.TRANSFER and op.to_user_id == op.user_id
+            if is_to_self or not 1 <= op.amount <= MAX_AMOUNT:
+                failure = InvalidRequest
+            else:
+                debited, credited = moved_between(op.action, op.user_id, op.to_user_id)
+                available = trial[(debited, op.asset_symbol)] - self.held(debited, op.asset_symbol)
+                if not is_system(debited) and op.amount > available:
+                    failure = InsufficientFunds
+                trial[(debited, op.asset_symbol)] -= op.amount
+                trial[(credited, op.asset_symbol)] += op.amount
+            if failure is not None:
+                self.refuse(command, outcome, failure, is_stored=False, operation_index=index)
+                return
+        posted = self.applied(command, outcome, made=len(command.operations))
+        assert posted.hold is None
+        for index, (op, transaction) in enumerate(
+            zip(command.operations, posted.transactions, strict=True)
+        ):
+            assert op.user_id is not None
+            assert op.asset_symbol is not None
+            assert op.amount is not None
+            debited, credited = moved_between(op.action, op.user_id, op.to_user_id)
+            key = f"{command.idempotency_key}:{index}"
+            self.record(
+                transaction,
+                flow=Flow(op.action.value),
+                debited=debited,
+                credited=credited,
+                user_id=op.user_id,
+                asset=op.asset_symbol,
+                amount=op.amount,
+                key=key,
+                note=op.note,
+                metadata=op.metadata,
+                to_user_id=op.to_user_id,
+            )
+            # An operation's key is taken by the batch: only the batch replays it.
+            self.decided[key] = Decision(command, Posted((transaction,), is_replay=False))
+
+
+# ---- the machine --------------------------------------------------------------------------
 
 
 class WalletMachine(RuleBasedStateMachine):
-    """Drives one seeded database; each hypothesis example starts from a freshly emptied one."""
+    """Drives one seeded database; each hypothesis example starts from a freshly emptied one,
+    with the clock at the real time of its start."""
 
     keys = Bundle("keys")
 
@@ -175,6 +701,7 @@ class WalletMachine(RuleBasedStateMachine):
         self.fresh_keys = 0
         self.steps = 0
         self.steps_checked = -1  # reaches `steps` only when every check of the last step passed
+        CLOCK.moment = datetime.now(UTC)
         self.run(_reset(database))
 
     def run(self, work: Coroutine[Any, Any, T]) -> T:
@@ -191,40 +718,10 @@ class WalletMachine(RuleBasedStateMachine):
             return error
 
     def check(self, command: Command, outcome: Outcome) -> None:
-        """Check one outcome against the model, and apply it to the model."""
-        model = self.model
-        model.sent[command.idempotency_key] = command
-        refusals = model.refusals(command)
-        if refusals:
-            assert type(outcome) in refusals, f"{command} gave {outcome!r}, not one of {refusals}"
-            return
-        earlier = model.applied.get(command.idempotency_key)
-        if earlier is not None:
-            assert isinstance(outcome, Posted), f"a retry of {command} gave {outcome!r}"
-            assert outcome.is_replay
-            assert outcome.transaction == earlier, "a replay returned another transaction"
-            return
-        refused = model.refused.get(command.idempotency_key)
-        if refused is not None:
-            # The refusal again, whatever the balance is now: same error, same detail.
-            _, refusal = refused
-            assert type(outcome) is type(refusal), f"a retry of {command} gave {outcome!r}"
-            assert isinstance(outcome, Refusal)
-            assert outcome.is_replay, f"a retry of refused {command} was refused anew"
-            assert outcome.detail == refusal.detail, "a replay returned another refusal"
-            return
-        user_balance = model.balances[(command.user_id, command.asset_symbol)]
-        if command.flow is Flow.SPEND and command.amount > user_balance:
-            assert isinstance(outcome, InsufficientFunds), f"{command} gave {outcome!r}"
-            assert not outcome.is_replay
-            model.refused[command.idempotency_key] = (command, outcome)
-            return
-        assert isinstance(outcome, Posted), f"{command} gave {outcome!r}"
-        assert not outcome.is_replay
-        transaction = outcome.transaction
-        assert as_request(transaction) == command
-        model.record(command, transaction)
-        assert transaction.balance_after == model.balances[(command.user_id, command.asset_symbol)]
+        self.model.check(command, outcome)
+
+    def send(self, command: Command) -> None:
+        self.check(command, self.execute(command))
 
     def keyed(self, command: Command, key: str | None) -> tuple[Command, bool]:
         """The command with the given key, or a fresh one; and whether the key is new."""
@@ -235,23 +732,207 @@ class WalletMachine(RuleBasedStateMachine):
     def step(self) -> None:
         self.steps += 1
 
+    def some_key(self) -> st.SearchStrategy[str | None]:
+        """Mostly none (a fresh key), now and then one already used for whatever request."""
+        return st.one_of(st.none(), st.none(), st.none(), self.keys)
+
+    # -- drawing requests that name what the model holds
+
+    def draw_user(self, data: st.DataObject) -> str:
+        """Mostly a user that exists; now and then one that may, or never will."""
+        users = sorted(self.model.users)
+        return data.draw(st.sampled_from([*users, *users, *users, *USER_POOL, NOT_A_USER]))
+
+    def draw_hold(self, data: st.DataObject) -> Command:
+        """A hold of a little, of about all that is available, or of any amount."""
+        user_id = self.draw_user(data)
+        asset = data.draw(asset_symbols, label="asset")
+        available = self.model.available(user_id, asset)
+        amount = data.draw(
+            st.one_of(
+                st.integers(1, 50),
+                st.sampled_from([max(1, available - 1), max(1, available), available + 1]),
+                amounts,
+            ),
+            label="amount",
+        )
+        return Command(
+            action=Action.HOLD,
+            user_id=UserId(user_id),
+            asset_symbol=asset,
+            amount=amount,
+            expires_in_s=data.draw(expiries, label="expires in"),
+            note=data.draw(notes, label="description"),
+            idempotency_key="",
+        )
+
+    def draw_hold_id(self, data: st.DataObject) -> str:
+        """Mostly a hold that counts now; or any, ended or expired; or none that exists."""
+        active = [i for i, h in self.model.holds.items() if h.is_active(CLOCK.moment)]
+        choices = [*active, *active, *active, *self.model.holds, UNKNOWN_HOLD]
+        return data.draw(st.sampled_from(choices), label="hold")
+
+    def draw_capture(self, data: st.DataObject, hold_id: str | None = None) -> Command:
+        hold_id = hold_id or self.draw_hold_id(data)
+        hold = self.model.holds.get(hold_id)
+        size = hold.amount if hold is not None else 10
+        how = data.draw(st.sampled_from(["all", "part", "exact", "over", "max"]), label="capture")
+        amount = {
+            "all": None,
+            "part": data.draw(st.integers(1, max(1, size - 1)), label="part"),
+            "exact": size,
+            "over": size + 1,
+            "max": MAX_AMOUNT,
+        }[how]
+        return Command(
+            action=Action.CAPTURE,
+            reference=hold_id,
+            amount=amount,
+            note=data.draw(notes, label="description"),
+            idempotency_key="",
+        )
+
+    def draw_release(self, data: st.DataObject) -> Command:
+        return Command(action=Action.RELEASE, reference=self.draw_hold_id(data), idempotency_key="")
+
+    def draw_refund(self, data: st.DataObject) -> Command:
+        model = self.model
+        refundable = [
+            i
+            for i, t in model.transactions.items()
+            if t.flow in (Flow.SPEND, Flow.TOPUP, Flow.BONUS) and model.refunded[i] < t.amount
+        ]
+        choices = [*refundable, *refundable, *refundable, *model.transactions, UNKNOWN_TRANSACTION]
+        original_id = data.draw(st.sampled_from(choices), label="original")
+        original = self.model.transactions.get(original_id)
+        size = original.amount if original is not None else 10
+        left = size - self.model.refunded[original_id]
+        how = data.draw(
+            st.sampled_from(["rest", "part", "exact-rest", "over", "whole"]), label="refund"
+        )
+        amount = {
+            "rest": None,
+            "part": data.draw(st.integers(1, max(1, left - 1)), label="part"),
+            "exact-rest": max(1, left),
+            "over": left + 1,
+            "whole": size,
+        }[how]
+        return Command(
+            action=Action.REFUND,
+            reference=original_id,
+            amount=amount,
+            note=data.draw(notes, label="reason"),
+            idempotency_key="",
+        )
+
+    def draw_batch(self, data: st.DataObject) -> Command:
+        """An atomic batch: random operations, or ones that move everything available and then
+        one more unit (so the last fails), or top-ups with a spend of what they brought."""
+        shape = data.draw(st.sampled_from(["random", "overdraw-last", "fund-then-spend"]))
+        if shape == "random":
+            operations = data.draw(st.lists(flow_requests(), min_size=1, max_size=4), label="ops")
+        else:
+            user = data.draw(st.sampled_from(sorted(self.model.users)), label="user")
+            asset = data.draw(st.sampled_from(ASSETS), label="asset")
+            others = sorted(self.model.users - {user})
+            if shape == "overdraw-last":
+                available = self.model.available(user, asset)
+                move = (
+                    Command(
+                        action=Action.TRANSFER,
+                        user_id=UserId(user),
+                        to_user_id=UserId(data.draw(st.sampled_from(others), label="to")),
+                        asset_symbol=asset,
+                        amount=available,
+                        idempotency_key="",
+                    )
+                    if others and available > 0
+                    else Command(
+                        action=Action.TOPUP,
+                        user_id=UserId(user),
+                        asset_symbol=asset,
+                        amount=1,
+                        idempotency_key="",
+                    )
+                )
+                last = Command(
+                    action=Action.SPEND,
+                    user_id=UserId(user),
+                    asset_symbol=asset,
+                    amount=1 if move.action is Action.TRANSFER else available + 2,
+                    idempotency_key="",
+                )
+                operations = [move, last]
+            else:
+                topup = Command(
+                    action=Action.TOPUP,
+                    user_id=UserId(user),
+                    asset_symbol=asset,
+                    amount=data.draw(st.integers(1, 100), label="amount"),
+                    idempotency_key="",
+                )
+                spend = dataclasses.replace(
+                    topup,
+                    action=Action.SPEND,
+                    amount=self.model.available(user, asset) + topup.amount,  # type: ignore[operator]
+                    note="all of it",
+                )
+                operations = [topup, spend]
+        return Command(action=Action.BATCH, idempotency_key="", operations=tuple(operations))
+
+    def draw_request(self, data: st.DataObject) -> Command:
+        kind = data.draw(
+            st.sampled_from(
+                ["flow", "flow", "flow", "hold", "capture", "release", "refund", "batch"]
+            ),
+            label="kind",
+        )
+        match kind:
+            case "flow":
+                return data.draw(flow_requests(), label="flow")
+            case "hold":
+                return self.draw_hold(data)
+            case "capture":
+                return self.draw_capture(data)
+            case "release":
+                return self.draw_release(data)
+            case "refund":
+                return self.draw_refund(data)
+        return self.draw_batch(data)
+
+    # -- rules
+
     @initialize(target=keys)
     def seed_is_known(self) -> Any:
         """The seed's users and opening top-ups, read back; their keys may be replayed."""
         self.step()
         for user_id in (ALICE, BOB):
             self.model.users.add(user_id)
+            self.model.history[user_id] = []
+        for user_id in (ALICE, BOB):
             seeded, _ = self.run(
                 self.wallet.history(
                     user_id=user_id, flow=None, asset_symbol=None, page=PageRequest(limit=500)
                 )
             )
-            self.model.history[user_id] = []
             for transaction in reversed(seeded):
-                command = as_request(transaction)
+                command = seeded_request(transaction)
                 self.model.sent[command.idempotency_key] = command
-                self.model.record(command, transaction)
-        return multiple(*self.model.applied)
+                self.model.decided[command.idempotency_key] = Decision(
+                    command, Posted((transaction,), is_replay=False)
+                )
+                self.model.record(
+                    transaction,
+                    flow=Flow.TOPUP,
+                    debited=TREASURY,
+                    credited=user_id,
+                    user_id=user_id,
+                    asset=transaction.asset_symbol,
+                    amount=transaction.amount,
+                    key=transaction.idempotency_key,
+                    note=None,
+                )
+        return multiple(*self.model.decided)
 
     @rule(user_id=st.sampled_from(USER_POOL))
     def create_user(self, user_id: str) -> None:
@@ -268,148 +949,311 @@ class WalletMachine(RuleBasedStateMachine):
             return
         assert user_id not in self.model.users, f"user {user_id} was created twice"
         assert user.id == user_id
+        assert user.created_at == CLOCK.moment
         self.model.users.add(user_id)
         self.model.history[user_id] = []
 
     @rule(target=keys, request=flow_requests(), key=st.none() | keys)
     def execute_flow(self, request: Command, key: str | None) -> Any:
-        """One flow with a fresh key, or with a key already used for whatever request."""
+        """A top-up, bonus, spend or transfer with a fresh key, or with a key already used for
+        whatever request."""
         self.step()
         command, is_new = self.keyed(request, key)
-        self.check(command, self.execute(command))
+        self.send(command)
         return command.idempotency_key if is_new else multiple()
+
+    @rule(target=keys, data=st.data())
+    def place_a_hold(self, data: st.DataObject) -> Any:
+        """A hold; if placed, then perhaps its end at once: captured (whole, in part or more
+        than held), released, or both one after the other (the second finds it ended)."""
+        self.step()
+        command, is_new = self.keyed(self.draw_hold(data), data.draw(self.some_key()))
+        self.send(command)
+        decision = self.model.decided.get(command.idempotency_key)
+        if decision is not None and isinstance(decision.outcome, Posted) and is_new:
+            assert decision.outcome.hold is not None
+            hold_id = decision.outcome.hold.id
+            then = data.draw(
+                st.sampled_from(["", "capture", "release", "capture-release", "release-capture"])
+            )
+            for action in filter(None, then.split("-")):
+                request = (
+                    self.draw_capture(data, hold_id)
+                    if action == "capture"
+                    else Command(action=Action.RELEASE, reference=hold_id, idempotency_key="")
+                )
+                self.send(with_key(request, self.fresh_key()))
+        return command.idempotency_key if is_new else multiple()
+
+    @precondition(lambda self: bool(self.model.holds))
+    @rule(target=keys, data=st.data())
+    def capture_a_hold(self, data: st.DataObject) -> Any:
+        """A capture of all of a hold (the default, or its amount), of part of it, or of more:
+        of any hold, held, ended or past its expiry, or of none."""
+        self.step()
+        command, is_new = self.keyed(self.draw_capture(data), data.draw(self.some_key()))
+        self.send(command)
+        return command.idempotency_key if is_new else multiple()
+
+    @precondition(lambda self: bool(self.model.holds))
+    @rule(target=keys, data=st.data())
+    def release_a_hold(self, data: st.DataObject) -> Any:
+        self.step()
+        command, is_new = self.keyed(self.draw_release(data), data.draw(self.some_key()))
+        self.send(command)
+        return command.idempotency_key if is_new else multiple()
+
+    @rule(target=keys, data=st.data())
+    def refund_a_transaction(self, data: st.DataObject) -> Any:
+        """A refund of a spend, or a reversal of a top-up or bonus, of what is left (the
+        default), of part, of exactly the rest or of more; or of a transfer, refund or reversal;
+        or of a transaction that does not exist."""
+        self.step()
+        command, is_new = self.keyed(self.draw_refund(data), data.draw(self.some_key()))
+        self.send(command)
+        return command.idempotency_key if is_new else multiple()
+
+    @rule(target=keys, data=st.data())
+    def post_an_atomic_batch(self, data: st.DataObject) -> Any:
+        self.step()
+        command, is_new = self.keyed(self.draw_batch(data), data.draw(self.some_key()))
+        self.model.batches.append(command.idempotency_key)
+        self.send(command)
+        return command.idempotency_key if is_new else multiple()
+
+    @precondition(lambda self: bool(self.model.batches))
+    @rule(data=st.data(), request=flow_requests())
+    def use_the_key_of_a_batch_operation(self, data: st.DataObject, request: Command) -> None:
+        """A flow sent with `<key>:<i>` of a batch: taken if the batch applied, else free (and
+        then the batch can no longer apply under its key)."""
+        self.step()
+        batch_key = data.draw(st.sampled_from(self.model.batches), label="batch")
+        index = data.draw(st.integers(0, len(self.model.sent[batch_key].operations)))
+        self.send(with_key(request, f"{batch_key}:{index}"))
 
     @rule(key=keys)
     def retry(self, key: str) -> None:
         """The last request sent with a key, again: a replay if it applied or the ledger's state
         refused it, else a new try."""
         self.step()
-        command = self.model.sent[key]
-        self.check(command, self.execute(command))
+        self.send(self.model.sent[key])
 
-    @rule(
-        key=keys,
-        change=st.sampled_from(["flow", "user", "asset", "amount", "note", "metadata"]),
-    )
-    def reuse_key_for_a_nearly_same_request(self, key: str, change: str) -> None:
+    @rule(key=keys, data=st.data())
+    def reuse_key_for_a_nearly_same_request(self, key: str, data: st.DataObject) -> None:
         """The last request of a key with one field changed: a reuse if the key applied or was
         refused by the ledger's state."""
         self.step()
         sent = self.model.sent[key]
-        changed: dict[str, Any] = {
-            "flow": {"flow": Flow.BONUS if sent.flow is Flow.TOPUP else Flow.TOPUP},
-            "user": {"user_id": BOB if sent.user_id == ALICE else ALICE},
-            "asset": {
-                "asset_symbol": "DIAMONDS" if sent.asset_symbol != "DIAMONDS" else "GOLD_COINS"
-            },
-            "amount": {"amount": sent.amount + 1 if sent.amount < MAX_AMOUNT else 1},
-            "note": {"note": "changed" if sent.note is None else None},
-            "metadata": {"metadata": {"order": "changed"} if sent.metadata is None else None},
-        }[change]
-        command = dataclasses.replace(sent, **changed)
-        self.check(command, self.execute(command))
+        changes = nearly_same(sent)
+        change = data.draw(st.sampled_from(sorted(changes)), label="change")
+        self.send(dataclasses.replace(sent, **changes[change]))
 
     @rule(target=keys, data=st.data())
-    def spend_about_the_whole_balance(self, data: st.DataObject) -> Any:
-        """A spend of a balance minus one, exactly, or plus one: the edge of overdrawing."""
+    def take_about_everything_available(self, data: st.DataObject) -> Any:
+        """A spend, transfer or hold (alone, or as an atomic batch's one operation) of what is
+        available minus one, exactly, or plus one: the edge of overdrawing, where holds count
+        and expired ones no longer do."""
         self.step()
-        user_id = data.draw(st.sampled_from(sorted(self.model.users)), label="user_id")
-        asset = data.draw(st.sampled_from(ASSETS), label="asset")
-        margin = data.draw(st.sampled_from([-1, 0, 1]), label="margin")
-        amount = max(1, min(MAX_AMOUNT, self.model.balances[(user_id, asset)] + margin))
-        command = Command(
-            flow=Flow.SPEND,
-            user_id=UserId(user_id),
-            asset_symbol=asset,
-            amount=amount,
-            idempotency_key=self.fresh_key(),
-        )
-        self.check(command, self.execute(command))
-        return command.idempotency_key
-
-    @precondition(lambda self: bool(self.model.refused))
-    @rule(data=st.data())
-    def retry_a_refusal_once_the_funds_are_there(self, data: st.DataObject) -> None:
-        """A request the ledger refused, sent again after a top-up that covers it: the refusal
-        is final (API-operations.md), so this is it replayed, not a new try."""
-        self.step()
-        key = data.draw(st.sampled_from(sorted(self.model.refused)), label="refused key")
-        command, _ = self.model.refused[key]
-        shortfall = command.amount - self.model.balances[(command.user_id, command.asset_symbol)]
-        if shortfall > 0:
-            topup = Command(
-                flow=Flow.TOPUP,
-                user_id=command.user_id,
-                asset_symbol=command.asset_symbol,
-                amount=shortfall,
+        held = [
+            (h.user_id, h.asset) for h in self.model.holds.values() if h.is_active(CLOCK.moment)
+        ]
+        pairs = [(u, a) for u in sorted(self.model.users) for a in ASSETS]
+        user_id, asset = data.draw(st.sampled_from([*held, *held, *pairs]), label="whose")
+        available = self.model.available(user_id, asset)
+        if available > 1 and data.draw(st.booleans(), label="hold some first"):
+            hold = Command(
+                action=Action.HOLD,
+                user_id=UserId(user_id),
+                asset_symbol=asset,
+                amount=data.draw(st.integers(1, available - 1), label="held"),
+                expires_in_s=data.draw(expiries, label="expires in"),
                 idempotency_key=self.fresh_key(),
             )
-            self.check(topup, self.execute(topup))
-        assert command.amount <= self.model.balances[(command.user_id, command.asset_symbol)]
-        self.check(command, self.execute(command))
+            self.send(hold)
+        margin = data.draw(st.sampled_from([-1, 0, 1]), label="margin")
+        action = data.draw(st.sampled_from([Action.SPEND, Action.TRANSFER, Action.HOLD]))
+        others = sorted(self.model.users - {user_id})
+        if action is Action.TRANSFER and not others:
+            action = Action.SPEND
+        command = Command(
+            action=action,
+            user_id=UserId(user_id),
+            to_user_id=(
+                UserId(data.draw(st.sampled_from(others), label="to"))
+                if action is Action.TRANSFER
+                else None
+            ),
+            asset_symbol=asset,
+            amount=max(1, min(MAX_AMOUNT, self.model.available(user_id, asset) + margin)),
+            expires_in_s=data.draw(expiries) if action is Action.HOLD else None,
+            idempotency_key="",
+        )
+        if action is not Action.HOLD and data.draw(st.booleans(), label="in a batch"):
+            command = Command(action=Action.BATCH, idempotency_key="", operations=(command,))
+        command = with_key(command, self.fresh_key())
+        if command.action is Action.BATCH:
+            self.model.batches.append(command.idempotency_key)
+        self.send(command)
+        return command.idempotency_key
 
-    @rule(target=keys, data=st.data(), size=st.integers(1, 6))
-    def post_a_batch(self, data: st.DataObject, size: int) -> Any:
-        """Several commands in one transaction: fresh and used keys, and keys repeated within the
-        batch, as the same request or another; outcomes follow the model in arrival order."""
+    @precondition(
+        lambda self: any(isinstance(d.outcome, Refusal) for d in self.model.decided.values())
+    )
+    @rule(data=st.data())
+    def retry_a_refusal_once_the_funds_are_there(self, data: st.DataObject) -> None:
+        """A request the ledger refused, sent again, after a top-up that covers it if funds were
+        short: the refusal is final (API-operations.md), so this is it replayed, not a new try."""
         self.step()
-        commands: list[Command] = []
-        new_keys: list[str] = []
-        for _ in range(size):
-            shape = data.draw(
-                st.sampled_from(["new", "repeat", "rekey"] if commands else ["new"]), label="shape"
-            )
-            if shape == "repeat":
-                commands.append(data.draw(st.sampled_from(commands), label="repeat"))
-                continue
-            request = data.draw(flow_requests(), label="request")
-            if shape == "rekey":
-                earlier = data.draw(st.sampled_from(commands), label="rekey")
-                commands.append(with_key(request, earlier.idempotency_key))
-                continue
-            command, is_new = self.keyed(request, data.draw(st.none() | self.keys, label="key"))
-            commands.append(command)
-            if is_new:
-                new_keys.append(command.idempotency_key)
+        refused = [k for k, d in self.model.decided.items() if isinstance(d.outcome, Refusal)]
+        key = data.draw(st.sampled_from(refused), label="refused key")
+        decision = self.model.decided[key]
+        command = decision.request
+        if isinstance(decision.outcome, InsufficientFunds):
+            user_id, asset, amount = self.model.debit_of(command)
+            shortfall = amount - self.model.available(user_id, asset)
+            if shortfall > 0:
+                topup = Command(
+                    action=Action.TOPUP,
+                    user_id=UserId(user_id),
+                    asset_symbol=asset,
+                    amount=shortfall,
+                    idempotency_key=self.fresh_key(),
+                )
+                self.send(topup)
+                assert amount <= self.model.available(user_id, asset)
+        self.send(command)
 
-        outcomes = self.run(post(self.database, commands))
+    @precondition(lambda self: bool(self.model.holds))
+    @rule(data=st.data())
+    def advance_the_clock(self, data: st.DataObject) -> None:
+        """Time passes: a microsecond, some seconds, or to exactly a hold's expiry or just
+        before it (a hold counts until `now >= expiresAt`)."""
+        self.step()
+        now = CLOCK.moment
+        pending = sorted({h.expires_at for h in self.model.holds.values() if h.is_active(now)})
+        how = data.draw(
+            st.sampled_from(
+                ["tick", "seconds", *(["to-expiry", "before-expiry"] if pending else [])]
+            ),
+            label="how",
+        )
+        if how == "tick":
+            CLOCK.moment = now + timedelta(microseconds=1)
+        elif how == "seconds":
+            CLOCK.moment = now + timedelta(seconds=data.draw(st.integers(1, 120)))
+        else:
+            expiry = data.draw(st.sampled_from(pending), label="expiry")
+            if how == "before-expiry":
+                expiry -= timedelta(microseconds=1)
+            CLOCK.moment = max(now, expiry)
 
-        assert len(outcomes) == len(commands)
-        for command, outcome in zip(commands, outcomes, strict=True):
-            self.check(command, outcome)
-        return multiple(*new_keys)
+    @precondition(lambda self: any(h.status is HoldStatus.HELD for h in self.model.holds.values()))
+    @rule(limit=st.sampled_from([1, 2, 100]))
+    def sweep_expired_holds(self, limit: int) -> None:
+        """One step of the sweeper: marks the `limit` soonest expired holds still held (any of
+        those expiring at one moment, at the cut), at their expiry; nothing else changes."""
+        self.step()
+        marked = self.run(expire_holds(self.database, limit=limit))
+        now = CLOCK.moment
+        due = sorted(
+            (
+                h
+                for h in self.model.holds.values()
+                if h.status is HoldStatus.HELD and h.expires_at <= now
+            ),
+            key=lambda h: h.expires_at,
+        )
+        assert marked == min(limit, len(due)), f"marked {marked} of {len(due)} due"
+        stored = self.run(_stored_holds(self.database))
+        cut = due[marked - 1].expires_at if marked else None
+        newly = 0
+        for hold in due:
+            status = stored[hold.id].status
+            if cut is None or hold.expires_at > cut:
+                assert status is HoldStatus.HELD, f"{hold.id} marked past the limit"
+            elif hold.expires_at < cut:
+                assert status is HoldStatus.EXPIRED, f"{hold.id} not marked, a later one was"
+            if status is HoldStatus.EXPIRED:
+                hold.status, hold.ended_at = HoldStatus.EXPIRED, hold.expires_at
+                newly += 1
+        assert newly == marked
+
+    @precondition(lambda self: any(h.is_active(CLOCK.moment) for h in self.model.holds.values()))
+    @rule(data=st.data(), is_reached=st.booleans(), limit=st.sampled_from([1, 100]))
+    def let_a_hold_run_to_its_expiry_and_sweep(
+        self, data: st.DataObject, is_reached: bool, limit: int
+    ) -> None:
+        """The clock to exactly a hold's expiry (it no longer counts, and is due) or a
+        microsecond before (it still counts, and is not due), then the sweeper."""
+        self.step()
+        active = [h for h in self.model.holds.values() if h.is_active(CLOCK.moment)]
+        hold = data.draw(st.sampled_from(active), label="hold")
+        CLOCK.moment = hold.expires_at - (timedelta(0) if is_reached else timedelta(microseconds=1))
+        assert hold.is_active(CLOCK.moment) is not is_reached
+        self.balances_match_the_model()
+        self.sweep_expired_holds(limit)
+        if not is_reached:
+            assert hold.status is HoldStatus.HELD
+        elif limit == 100:
+            assert hold.status is HoldStatus.EXPIRED
+
+    @rule(data=st.data())
+    def refund_all_that_is_left_then_once_more(self, data: st.DataObject) -> None:
+        """A refund of what is left (the default), and then another: nothing is left."""
+        self.step()
+        command = self.draw_refund(data)
+        for _ in range(2):
+            self.send(with_key(dataclasses.replace(command, amount=None), self.fresh_key()))
 
     @rule(key=keys)
     def read_transaction(self, key: str) -> None:
-        """A key's transaction reads back whole, with one debit and one credit entry."""
+        """A key's transactions read back whole, to each user they name, with one debit and
+        one credit entry; no other user can read them."""
         self.step()
-        sent = self.model.sent[key]
-        applied = self.model.applied.get(key)
-        if applied is None:
+        decision = self.model.decided.get(key)
+        if decision is None or not isinstance(decision.outcome, Posted):
+            sent = self.model.sent[key]
             if sent.user_id in self.model.users:  # a failed request left no transaction
-                history = self.model.history[sent.user_id]
+                history, _ = self.run(
+                    self.wallet.history(
+                        user_id=sent.user_id,
+                        flow=None,
+                        asset_symbol=None,
+                        page=PageRequest(limit=500),
+                    )
+                )
                 assert all(t.idempotency_key != key for t in history)
             return
-        transaction, entries = self.run(
-            self.wallet.transaction(user_id=applied.user_id, transaction_id=applied.id)
-        )
-        assert transaction == applied
-        command = as_request(applied)
-        assert {(e.account_id, e.direction, e.amount) for e in entries} == {
-            (command.debited, Direction.DEBIT, command.amount),
-            (command.credited, Direction.CREDIT, command.amount),
-        }
-        assert all(e.transaction_id == applied.id for e in entries)
-        for user_id in self.model.users - {applied.user_id}:  # others cannot read it
-            try:
-                self.run(self.wallet.transaction(user_id=user_id, transaction_id=applied.id))
-            except UnknownTransaction:
-                continue
-            raise AssertionError(f"user {user_id} read another user's transaction")
+        for made in decision.outcome.transactions:
+            debited, credited = self.model.accounts_of[made.id]
+            readers = {a for a in (debited, credited) if not is_system(a)}
+            for reader in sorted(readers):
+                transaction, entries = self.run(
+                    self.wallet.transaction(user_id=reader, transaction_id=made.id)
+                )
+                assert transaction == self.model.view(made.id, reader)
+                assert sorted((e.account_id, e.direction, e.amount) for e in entries) == sorted(
+                    [
+                        (debited, Direction.DEBIT, made.amount),
+                        (credited, Direction.CREDIT, made.amount),
+                    ]
+                )
+                for entry in entries:
+                    assert entry.transaction_id == made.id
+                    assert (
+                        entry.balance_after == self.model.balance_after[(made.id, entry.account_id)]
+                    )
+            for user_id in sorted(self.model.users - readers):  # others cannot read it
+                try:
+                    self.run(self.wallet.transaction(user_id=user_id, transaction_id=made.id))
+                except UnknownTransaction:
+                    continue
+                raise AssertionError(f"user {user_id} read another user's transaction")
 
     @rule(user_id=st.sampled_from(USER_POOL))
     def read_history_and_ledger(self, user_id: str) -> None:
-        """A user's transactions and ledger entries list exactly what applied, newest first."""
+        """A user's transactions (a transfer in both users' lists) and ledger entries list
+        exactly what applied, newest first, each with that user's balance after it."""
         self.step()
         page = PageRequest(limit=500)
         if user_id not in self.model.users:
@@ -423,7 +1267,7 @@ class WalletMachine(RuleBasedStateMachine):
                     continue
                 raise AssertionError(f"read of a user {user_id} who does not exist")
             return
-        expected = list(reversed(self.model.history[user_id]))
+        expected = [self.model.view(t, user_id) for t in reversed(self.model.history[user_id])]
         history, cursor = self.run(
             self.wallet.history(user_id=user_id, flow=None, asset_symbol=None, page=page)
         )
@@ -433,36 +1277,196 @@ class WalletMachine(RuleBasedStateMachine):
             self.wallet.ledger(user_id=user_id, asset_symbol=None, page=page)
         )
         assert cursor is None
-        assert [(e.transaction_id, e.amount, e.balance_after) for e in entries] == [
-            (t.id, t.amount, t.balance_after) for t in expected
+        assert [(e.transaction_id, e.amount, e.balance_after, e.direction) for e in entries] == [
+            (
+                t.id,
+                t.amount,
+                t.balance_after,
+                Direction.DEBIT if self.model.accounts_of[t.id][0] == user_id else Direction.CREDIT,
+            )
+            for t in expected
         ]
-        assert [e.direction for e in entries] == [
-            Direction.DEBIT if t.flow is Flow.SPEND else Direction.CREDIT for t in expected
+
+    @rule(
+        user_id=st.none() | st.sampled_from(USER_POOL),
+        status=st.none() | st.sampled_from(HoldStatus),
+        data=st.data(),
+    )
+    def read_holds(
+        self, user_id: str | None, status: HoldStatus | None, data: st.DataObject
+    ) -> None:
+        """The holds, newest first, as they stand now (past its expiry a hold is expired,
+        marked or not), by user and status; and one hold by its id."""
+        self.step()
+        now = CLOCK.moment
+        try:
+            found, cursor = self.run(
+                self.wallet.holds(user_id=user_id, status=status, page=PageRequest(limit=500))
+            )
+        except UnknownUser:
+            assert user_id not in self.model.users
+            return
+        assert user_id is None or user_id in self.model.users
+        assert cursor is None
+        expected = [
+            h.seen(now)
+            for h in reversed(self.model.holds.values())
+            if user_id in (None, h.user_id) and status in (None, h.seen(now).status)
         ]
+        assert found == expected
+        hold_id = self.draw_hold_id(data)
+        try:
+            one = self.run(self.wallet.hold(hold_id=hold_id))
+        except UnknownHold:
+            assert hold_id not in self.model.holds
+            return
+        assert one == self.model.holds[hold_id].seen(now)
+
+    @rule(target=keys, data=st.data(), size=st.integers(1, 6))
+    def post_several_commands_at_once(self, data: st.DataObject, size: int) -> Any:
+        """Several commands in one transaction (as the batcher groups requests): fresh and used
+        keys, keys repeated within the call, as the same request or another, and an atomic
+        batch beside a request with one of its operations' keys; outcomes follow the model in
+        arrival order."""
+        self.step()
+        commands: list[Command] = []
+        new_keys: list[str] = []
+        while len(commands) < size:
+            shape = data.draw(
+                st.sampled_from(
+                    ["new", "repeat", "rekey", "batch-and-its-key"] if commands else ["new"]
+                ),
+                label="shape",
+            )
+            if shape == "repeat":
+                commands.append(data.draw(st.sampled_from(commands), label="repeat"))
+                continue
+            request = self.draw_request(data)
+            if shape == "rekey":
+                earlier = data.draw(st.sampled_from(commands), label="rekey")
+                commands.append(with_key(request, earlier.idempotency_key))
+                continue
+            if shape == "batch-and-its-key":
+                batch = with_key(self.draw_batch(data), self.fresh_key())
+                flow = with_key(
+                    data.draw(flow_requests(), label="flow"), f"{batch.idempotency_key}:0"
+                )
+                pair = (
+                    [batch, flow]
+                    if data.draw(st.booleans(), label="batch first")
+                    else [flow, batch]
+                )
+                commands += pair
+                self.model.batches.append(batch.idempotency_key)
+                new_keys.append(batch.idempotency_key)
+                continue
+            command, is_new = self.keyed(request, data.draw(st.none() | self.keys, label="key"))
+            commands.append(command)
+            if command.action is Action.BATCH:
+                self.model.batches.append(command.idempotency_key)
+            if is_new:
+                new_keys.append(command.idempotency_key)
+
+        outcomes = self.run(post(self.database, commands))
+
+        assert len(outcomes) == len(commands)
+        for command, outcome in zip(commands, outcomes, strict=True):
+            self.check(command, outcome)
+        return multiple(*new_keys)
 
     @invariant()
     def balances_match_the_model(self) -> None:
+        """Each user's balance, held and available amount of every asset, as of now."""
         for user_id in sorted(self.model.users):
-            held = dict(self.run(self.wallet.balances(user_id=user_id)))
-            assert held == self.model.user_balances(user_id), f"balances of {user_id}"
+            found = self.run(self.wallet.standings(user_id=user_id))
+            assert [(s.asset_symbol, s.balance, s.held, s.available) for s in found] == [
+                (asset, balance, held, balance - held)
+                for asset, balance, held in self.model.user_balances(user_id)
+            ], f"standings of {user_id}"
+            for standing in found:
+                assert 0 <= standing.held <= standing.balance, f"{user_id}: {standing}"
         if self.steps % VERIFY_EVERY == 0:
             self.assert_ledger_is_sound()
         self.steps_checked = self.steps
 
     def assert_ledger_is_sound(self) -> None:
-        """`verify` finds nothing, and every stored balance, system accounts included, is the
-        model's (so per asset they sum to zero)."""
+        """`verify` finds nothing, and every stored balance and held sum, system accounts
+        included, and every stored hold is the model's (so per asset balances sum to zero)."""
         failures = [f"{c.name}: {f}" for c in self.run(verify(self.database)) for f in c.failures]
         assert not failures, failures
         stored = self.run(_stored_balances(self.database))
-        assert stored == {k: v for k, v in self.model.balances.items() if v}
+        expected = {
+            (account, asset): (balance, self.model.stored_held(account, asset))
+            for (account, asset), balance in self.model.balances.items()
+        }
+        for hold in self.model.holds.values():
+            key = (hold.user_id, hold.asset)
+            expected[key] = (self.model.balances[key], self.model.stored_held(*key))
+        assert stored == {k: v for k, v in expected.items() if v != (0, 0)}
         for asset in ASSETS:
-            assert sum(v for (_, a), v in stored.items() if a == asset) == 0
+            assert sum(b for (_, a), (b, _) in stored.items() if a == asset) == 0
+        stored_holds = self.run(_stored_holds(self.database))
+        assert stored_holds == {h.id: h.stored() for h in self.model.holds.values()}
 
     def teardown(self) -> None:
         # After a failed step the model is behind the database; the failure is already reported.
         if self.steps_checked == self.steps:
             self.assert_ledger_is_sound()
+
+
+def nearly_same(sent: Command) -> dict[str, dict[str, Any]]:
+    """One-field changes of a request, by name: each makes another request."""
+    changes: dict[str, dict[str, Any]] = {}
+    user = {"user_id": BOB if sent.user_id == ALICE else ALICE}
+    asset = {"asset_symbol": "DIAMONDS" if sent.asset_symbol != "DIAMONDS" else "GOLD_COINS"}
+    if sent.amount is None:
+        amount: dict[str, Any] = {"amount": 1}
+    else:
+        amount = {"amount": sent.amount + 1 if sent.amount < MAX_AMOUNT else 1}
+    note = {"note": "changed" if sent.note is None else None}
+    match sent.action:
+        case Action.TOPUP:
+            changes = {"flow": {"action": Action.BONUS, "metadata": None}, "user": user}
+            changes |= {"asset": asset, "amount": amount}
+            changes["metadata"] = {
+                "metadata": {"order": "changed"} if sent.metadata is None else None
+            }
+        case Action.BONUS | Action.SPEND:
+            changes = {"flow": {"action": Action.TOPUP, "note": None}, "user": user}
+            changes |= {"asset": asset, "amount": amount, "note": note}
+        case Action.TRANSFER:
+            changes = {"flow": {"action": Action.SPEND, "to_user_id": None}, "user": user}
+            changes |= {"asset": asset, "amount": amount, "note": note}
+            changes["receiver"] = {"to_user_id": "carol" if sent.to_user_id != "carol" else BOB}
+        case Action.HOLD:
+            changes = {"flow": {"action": Action.SPEND, "expires_in_s": None}, "user": user}
+            changes |= {"asset": asset, "amount": amount, "note": note}
+            changes["expiry"] = {"expires_in_s": 60 if sent.expires_in_s is None else None}
+        case Action.CAPTURE:
+            changes = {"flow": {"action": Action.RELEASE, "amount": None, "note": None}}
+            changes |= {"amount": amount, "note": note}
+            changes["amount-default"] = {"amount": None if sent.amount is not None else 1}
+            changes["hold"] = {"reference": UNKNOWN_HOLD}
+        case Action.RELEASE:
+            changes = {"flow": {"action": Action.CAPTURE}, "hold": {"reference": UNKNOWN_HOLD}}
+        case Action.REFUND:
+            changes = {"amount": amount, "note": note}
+            changes["amount-default"] = {"amount": None if sent.amount is not None else 1}
+            changes["original"] = {"reference": UNKNOWN_TRANSACTION}
+        case Action.BATCH:
+            first, *rest = sent.operations
+            changes = {"more": {"operations": (*sent.operations, first)}}
+            if rest:
+                changes["fewer"] = {"operations": tuple(rest)}
+            changes |= {
+                "first-amount": {
+                    "operations": (
+                        dataclasses.replace(first, amount=(first.amount or 0) + 1),
+                        *rest,
+                    )
+                },
+            }
+    return changes
 
 
 async def _reset(database: Database) -> None:
@@ -477,11 +1481,42 @@ async def _reset(database: Database) -> None:
     await seed(database)
 
 
-async def _stored_balances(database: Database) -> dict[tuple[str, str], int]:
-    """Every nonzero balance row, read past the service."""
+async def _stored_balances(database: Database) -> dict[tuple[str, str], tuple[int, int]]:
+    """Every balance row's balance and held sum that is not all zero, read past the service."""
     async with database.transaction(is_write=False) as connection:
         rows = await connection.execute(sa.select(balances))
-        return {(r.account_id, r.asset_symbol): r.balance for r in rows if r.balance}
+        return {
+            (r.account_id, r.asset_symbol): (r.balance, r.held)
+            for r in rows
+            if (r.balance, r.held) != (0, 0)
+        }
+
+
+async def _stored_holds(database: Database) -> dict[str, Hold]:
+    """Every hold as stored (an expired one is `held` until marked), read past the service."""
+    async with database.transaction(is_write=False) as connection:
+        rows = await connection.execute(sa.select(holds))
+        return {
+            r.id: Hold(
+                id=r.id,
+                user_id=UserId(r.user_id),
+                asset_symbol=r.asset_symbol,
+                amount=r.amount,
+                captured_amount=r.captured_amount,
+                status=HoldStatus(r.status),
+                expires_at=_utc(r.expires_at),
+                created_at=_utc(r.created_at),
+                ended_at=None if r.ended_at is None else _utc(r.ended_at),
+                description=r.description,
+                created_by=r.created_by,
+                idempotency_key=r.idempotency_key,
+            )
+            for r in rows
+        }
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _run_machine(url: str, *, is_new: bool) -> None:
@@ -504,8 +1539,9 @@ def _run_machine(url: str, *, is_new: bool) -> None:
 # Passing takes seconds; a failure is worth its minimal example, and hypothesis may shrink for up
 # to five minutes before printing it.
 @pytest.mark.timeout(600)
+@pytest.mark.usefixtures("machine_clock")
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_random_flows_batches_and_retries_agree_with_a_model(
+def test_random_flows_holds_refunds_batches_and_retries_agree_with_a_model(
     backend: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     # A plain (sync) test: pytest-asyncio leaves it alone, so the machine owns its loop.
@@ -513,3 +1549,97 @@ def test_random_flows_batches_and_retries_agree_with_a_model(
         _run_machine(f"sqlite+aiosqlite:///{tmp_path / 'wallet.db'}", is_new=True)
     else:
         _run_machine(request.getfixturevalue("postgres_url"), is_new=False)
+
+
+# ---- what the machine found, each alone (API.md, API-operations.md, API-ledger.md) ----------
+
+
+def _gold(action: Action, key: str, amount: int = 5) -> Command:
+    return Command(
+        action=action,
+        user_id=ALICE,
+        asset_symbol="GOLD_COINS",
+        amount=amount,
+        idempotency_key=key,
+    )
+
+
+def _batch(key: str) -> Command:
+    return Command(
+        action=Action.BATCH, idempotency_key=key, operations=(_gold(Action.TOPUP, "", 3),)
+    )
+
+
+async def test_a_request_under_the_key_of_an_applied_atomic_batch_is_a_reuse(
+    database: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """409 idempotency_key_reused, at once: a batch's own key is taken, like any other. (The
+    engine found the key taken but nothing stored under it, so it reran the transaction until
+    RETRY_FOR_S ran out and answered 503 database_unavailable, 20 s later in production.)"""
+    monkeypatch.setattr(wallet.service.posting, "RETRY_FOR_S", RETRY_FOR_S)
+    (applied,) = await post(database, [_batch("order-7")])
+    assert isinstance(applied, Posted)
+    for request in (
+        _gold(Action.TOPUP, "order-7"),
+        _gold(Action.SPEND, "order-7"),
+        _gold(Action.HOLD, "order-7"),
+        Command(action=Action.REFUND, reference=applied.transaction.id, idempotency_key="order-7"),
+    ):
+        (outcome,) = await post(database, [request])
+        assert isinstance(outcome, IdempotencyKeyReused), f"{request.action}: {outcome!r}"
+
+
+@pytest.mark.parametrize("is_batch_first", [True, False])
+async def test_a_batch_beside_a_request_under_one_of_its_operation_keys_each_get_their_answer(
+    database: Database, is_batch_first: bool
+) -> None:
+    """Two requests in one call (as the batcher groups them) that both want the key
+    `<key>:0`: the first takes it, the other is a reuse, and the rest of the call applies.
+    (The engine checked a batch's operation keys against the keys the call had claimed, not
+    against those an earlier command of the call had used, so both wrote a transaction under
+    `<key>:0` and the whole call failed with 409 conflict.)"""
+    batch, request = _batch("order-8"), _gold(Action.TOPUP, "order-8:0", amount=7)
+    pair = [batch, request] if is_batch_first else [request, batch]
+    outcomes = await post(database, [*pair, _gold(Action.TOPUP, "order-9")])
+    assert isinstance(outcomes[0], Posted), outcomes
+    assert isinstance(outcomes[1], IdempotencyKeyReused), outcomes
+    assert isinstance(outcomes[2], Posted), outcomes
+
+
+async def test_a_refusal_under_an_operation_key_keeps_that_key_from_a_batch_in_the_same_call(
+    database: Database,
+) -> None:
+    """A spend refused for good under `order-10:0`, then in the same call the batch `order-10`:
+    the key holds the refusal, so the batch is a reuse and the spend's retry replays its
+    refusal. (The batch applied under `order-10:0` too, and the spend's retry answered 409.)"""
+    spend = _gold(Action.SPEND, "order-10:0", amount=10**6)
+    refused, batch_outcome = await post(database, [spend, _batch("order-10")])
+    assert isinstance(refused, InsufficientFunds), refused
+    assert isinstance(batch_outcome, IdempotencyKeyReused), batch_outcome
+    (again,) = await post(database, [spend])
+    assert isinstance(again, InsufficientFunds), again
+    assert again.is_replay
+
+
+async def test_a_replay_is_the_first_answer_even_after_a_refund_or_the_end_of_its_hold(
+    database: Database,
+) -> None:
+    """API.md: "the stored response is returned"; API-operations.md: "the same status and body
+    again". A retry of a spend that has since been refunded, or of a hold since captured, gets
+    the answer the first request got. (The engine answers with the state of now: the spend with
+    its refundedAmount and refunds, the hold captured.)"""
+    spend = _gold(Action.SPEND, "order-11")
+    (spent,) = await post(database, [spend])
+    assert isinstance(spent, Posted)
+    refund = Command(
+        action=Action.REFUND, reference=spent.transaction.id, amount=2, idempotency_key="r-11"
+    )
+    hold = _gold(Action.HOLD, "order-12")
+    (placed,) = await post(database, [hold])
+    assert isinstance(placed, Posted)
+    assert placed.hold is not None
+    capture = Command(action=Action.CAPTURE, reference=placed.hold.id, idempotency_key="c-12")
+    assert all(isinstance(o, Posted) for o in await post(database, [refund, capture]))
+    spent_again, placed_again = await post(database, [spend, hold])
+    assert spent_again == dataclasses.replace(spent, is_replay=True)
+    assert placed_again == dataclasses.replace(placed, is_replay=True)

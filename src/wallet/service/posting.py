@@ -224,7 +224,10 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         if earlier is not None:
             outcomes[index] = _replay(command, fingerprint, *earlier)
             continue
-        if not lookup.claimed.issuperset(_keys(command)):
+        operation_keys = _keys(command)[1:]
+        if not lookup.claimed.issuperset(operation_keys) or any(
+            k in applied or k in refused for k in operation_keys
+        ):
             outcomes[index] = IdempotencyKeyReused(
                 f"a key of batch {key}'s transactions was used for another request"
             )
@@ -244,6 +247,9 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
             continue
         draft = trial
         applied[key] = (fingerprint, posted)
+        if command.action is Action.BATCH:  # its transactions' keys are taken too
+            for operation_key, transaction in zip(operation_keys, posted.transactions, strict=True):
+                applied[operation_key] = (fingerprint, Posted((transaction,), is_replay=False))
         kept.update(_keys(command))
         outcomes[index] = posted
 
