@@ -38,6 +38,10 @@ SIGN = {"topup": 1, "bonus": 1, "spend": -1}
 WALLET_COMMAND = Path(sys.executable).parent / "wallet"
 MAX_PAGES = 100
 
+# The two modes of the app the concurrency tests run in.
+OWN_TRANSACTIONS = "own-transactions"
+GROUP_COMMIT = "group-commit"
+
 
 # ---- clients -------------------------------------------------------------------------------
 

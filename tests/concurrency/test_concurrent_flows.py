@@ -30,30 +30,10 @@ from concurrent_load import (
     without_request_id,
 )
 
-from app_clients import create_key
 from wallet.service.seed import ALICE
 from wallet.settings import Settings
 
 pytestmark = [pytest.mark.postgres_only, pytest.mark.timeout(120)]
-
-
-OWN_TRANSACTIONS = "own-transactions"
-GROUP_COMMIT = "group-commit"
-
-
-@pytest.fixture(params=[OWN_TRANSACTIONS, GROUP_COMMIT])
-def app_settings(request: pytest.FixtureRequest, postgres_database_url: str) -> Settings:
-    if request.param == OWN_TRANSACTIONS:
-        return Settings(database_url=postgres_database_url, database_pool_size=30, batch_max_size=1)
-    settings = Settings(database_url=postgres_database_url, database_pool_size=30)
-    assert settings.batch_max_size > 1, "group commit is the default"
-    return settings
-
-
-@pytest.fixture
-async def api_key(app_settings: Settings) -> str:
-    """An admin key of the database, unlimited: these tests are about concurrency."""
-    return await create_key(app_settings.database_url.get_secret_value())
 
 
 def _runs_side_by_side(settings: Settings) -> bool:

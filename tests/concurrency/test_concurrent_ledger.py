@@ -22,6 +22,8 @@ import sqlalchemy as sa
 from concurrent_load import (
     API,
     GOLD,
+    GROUP_COMMIT,
+    OWN_TRANSACTIONS,
     ConnectionPeak,
     FlowRequest,
     assert_ledger_verifies,
@@ -38,14 +40,11 @@ from concurrent_load import (
 )
 from sqlalchemy import event
 
-from app_clients import create_key
 from wallet.settings import Settings
 from wallet.store.database import Database, create_engine
 
 pytestmark = [pytest.mark.postgres_only, pytest.mark.timeout(240)]
 
-OWN_TRANSACTIONS = "own-transactions"
-GROUP_COMMIT = "group-commit"
 DIAMONDS = "DIAMONDS"
 SPEND = f"{API}/wallet/spend"
 TRANSFER = f"{API}/wallet/transfer"
@@ -56,21 +55,6 @@ SIGN = {"topup": 1, "bonus": 1, "refund": 1, "spend": -1, "reversal": -1}
 # Bounds a whole concurrent load; far above what it takes on a loaded 2-core machine, so only a
 # deadlock or a starved request reaches it.
 LOAD_DEADLINE_S = 120
-
-
-@pytest.fixture(params=[OWN_TRANSACTIONS, GROUP_COMMIT])
-def app_settings(request: pytest.FixtureRequest, postgres_database_url: str) -> Settings:
-    if request.param == OWN_TRANSACTIONS:
-        return Settings(database_url=postgres_database_url, database_pool_size=30, batch_max_size=1)
-    settings = Settings(database_url=postgres_database_url, database_pool_size=30)
-    assert settings.batch_max_size > 1, "group commit is the default"
-    return settings
-
-
-@pytest.fixture
-async def api_key(app_settings: Settings) -> str:
-    """An admin key of the database, unlimited: these tests are about concurrency."""
-    return await create_key(app_settings.database_url.get_secret_value())
 
 
 def _url(settings: Settings) -> str:

@@ -68,6 +68,7 @@ from wallet.service.seed import ALICE, BOB, seed
 from wallet.service.wallet import PageRequest, Wallet
 from wallet.settings import Settings
 from wallet.store.database import Database, create_engine
+from wallet.store.ledger import to_hold
 from wallet.store.migrate import migrate
 from wallet.store.tables import balances, holds, metadata
 
@@ -1496,27 +1497,7 @@ async def _stored_holds(database: Database) -> dict[str, Hold]:
     """Every hold as stored (an expired one is `held` until marked), read past the service."""
     async with database.transaction(is_write=False) as connection:
         rows = await connection.execute(sa.select(holds))
-        return {
-            r.id: Hold(
-                id=r.id,
-                user_id=UserId(r.user_id),
-                asset_symbol=r.asset_symbol,
-                amount=r.amount,
-                captured_amount=r.captured_amount,
-                status=HoldStatus(r.status),
-                expires_at=_utc(r.expires_at),
-                created_at=_utc(r.created_at),
-                ended_at=None if r.ended_at is None else _utc(r.ended_at),
-                description=r.description,
-                created_by=r.created_by,
-                idempotency_key=r.idempotency_key,
-            )
-            for r in rows
-        }
-
-
-def _utc(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return {r.id: to_hold(r) for r in rows}
 
 
 def _run_machine(url: str, *, is_new: bool) -> None:
