@@ -47,6 +47,9 @@ from wallet.service.access import Access
 from wallet.service.audit import Check, verify
 from wallet.service.populate import (
     ASSET,
+    EXPIRES_IN_DAYS,
+    EXPIRING_ASSET,
+    EXPIRING_LOTS,
     FUNDING,
     OnProgress,
     PopulateRefused,
@@ -68,7 +71,7 @@ STARTUP_TIMEOUT_S = 30.0
 STOP_GRACE_S = 15.0
 PAUSE_BETWEEN_CELLS_S = 0.5  # lets the batches of the last cell's unanswered requests drain
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-MACHINE_WIDTH = 160  # a table for docs is not wrapped to an 80-column pipe
+MACHINE_WIDTH = 200  # a table for docs is not wrapped to an 80-column pipe
 TIMED_READS = 50
 # The load's API key: rate limiting stays on, as in production (each request pays for its
 # check), with a budget so large it never refuses one; 0 would mean unlimited and skip the check.
@@ -93,9 +96,22 @@ class Mix(StrEnum):
     MIXED = "mixed"  # spend, transfer, hold, and capture of a hold the same wrk thread made
 
 
-# What --flows accepts: a single flow (every request posts it) or a mix.
-LOADS: dict[str, Flow | Mix] = {
-    load.value: load for load in (Flow.SPEND, Flow.TOPUP, Flow.BONUS, Mix.MIXED)
+class Variant(StrEnum):
+    """A single flow on other credits than its plain flow's, measured beside it: the table shows
+    its rate over the plain flow's."""
+
+    SPEND_EXPIRING = "spend-expiring"  # spends of free credits in lots: each takes from a lot
+
+    @property
+    def plain(self) -> Flow:
+        return Flow.SPEND
+
+
+Load = Flow | Mix | Variant
+# What --flows accepts: a single flow (every request posts it), a variant of one, or a mix.
+LOADS: dict[str, Load] = {
+    load.value: load
+    for load in (Flow.SPEND, Flow.TOPUP, Flow.BONUS, Mix.MIXED, Variant.SPEND_EXPIRING)
 }
 MIX_KINDS = ("spend", "transfer", "hold", "capture")  # what a mixed cell counts, per kind
 
@@ -125,7 +141,7 @@ class LoadPlan:
     warmup_s: int
     concurrencies: tuple[int, ...]
     scenarios: tuple[Scenario, ...]
-    flows: tuple[Flow | Mix, ...]
+    flows: tuple[Load, ...]
     configurations: tuple[Configuration, ...]
     max_requests: int
     is_markdown: bool  # print the table as Markdown, to paste into docs
@@ -176,7 +192,7 @@ def parse_list(text: str, *, what: str) -> tuple[str, ...]:
     return items
 
 
-def _load(name: str) -> Flow | Mix:
+def _load(name: str) -> Load:
     if name not in LOADS:
         raise ValueError(f"{name!r} is not a flow the bench drives")
     return LOADS[name]
@@ -576,7 +592,7 @@ MIXED_LUA = Template(LUA_HEAD + LUA_MIXED + LUA_DONE)
 @dataclass(frozen=True, slots=True)
 class Cell:
     scenario: Scenario
-    flow: Flow | Mix
+    flow: Load
     concurrency: int
 
 
@@ -642,17 +658,20 @@ def run_wrk(
     threads = min(cell.concurrency, os.cpu_count() or 1)
     script = workdir / f"{prefix}.lua"
     is_mixed = cell.flow is Mix.MIXED
+    flow, asset = (
+        (cell.flow.plain, EXPIRING_ASSET) if isinstance(cell.flow, Variant) else (cell.flow, ASSET)
+    )
     script.write_text(
         (MIXED_LUA if is_mixed else FLOW_LUA).substitute(
             what=f"a mix of {', '.join(MIX_KINDS)}" if is_mixed else f"one {cell.flow} per request",
             api_key=api_key,
-            flow=cell.flow.value,
+            flow=flow.value,
             prefix=prefix,
             users=users,
             is_hot="true" if cell.scenario is Scenario.HOT else "false",
             threads=threads,
             max_per_thread=math.ceil(max_requests / threads),
-            asset=ASSET,
+            asset=asset,
             counted=", ".join(f'"{kind}"' for kind in MIX_KINDS) if is_mixed else "",
         )
     )
@@ -738,11 +757,13 @@ def run_configuration(
 ) -> ConfigurationResult:
     """Start the server for `configuration`, warm it up, measure every cell, stop it."""
     result = ConfigurationResult(configuration)
+    # The flows of one concurrency run one after the other (and sit together in the table), so
+    # a variant and its plain flow meet the machine in the same state.
     cells = [
         Cell(scenario, flow, concurrency)
         for scenario in plan.scenarios
-        for flow in plan.flows
         for concurrency in plan.concurrencies
+        for flow in plan.flows
     ]
     with running_server(configuration, database_url=database_url, workdir=workdir) as server:
         console.print(f"[dim]{configuration.name}: serving on {server.url}[/]")
@@ -789,8 +810,11 @@ def run_configuration(
 
 
 def results_table(plan: LoadPlan, results: Sequence[ConfigurationResult]) -> Table:
-    """One row per configuration and cell, cells grouped so configurations sit side by side."""
+    """One row per configuration and cell, cells grouped so configurations sit side by side; a
+    variant's rows also show its rate over its plain flow's, when the plan has both."""
     first = results[0]
+    variants = [f for f in plan.flows if isinstance(f, Variant) and f.plain in plan.flows]
+    plains = sorted({variant.plain for variant in variants})
     table = Table(
         title=None if plan.is_markdown else "wallet bench: requests/s and latency per cell",
         title_justify="left",
@@ -802,6 +826,8 @@ def results_table(plan: LoadPlan, results: Sequence[ConfigurationResult]) -> Tab
         table.add_column(heading, justify="right")
     if len(results) > 1:
         table.add_column(f"vs {first.configuration.name}", justify="right")
+    if plains:
+        table.add_column(f"vs {'/'.join(plains)}", justify="right")
     for heading in ("p50 ms", "p95 ms", "p99 ms", "errors", "wrk CPU%", "server CPU%", "db CPU%"):
         table.add_column(heading, justify="right")
     for cell in first.cells:
@@ -813,6 +839,16 @@ def results_table(plan: LoadPlan, results: Sequence[ConfigurationResult]) -> Tab
                 baseline = first.cells[cell].rate
                 is_first = result is first
                 ratio = ["" if is_first or not baseline else f"{measured.rate / baseline:.2f}×"]
+            if plains:
+                # the same configuration, scenario and clients on the plain flow
+                plain = (
+                    result.cells.get(replace(cell, flow=cell.flow.plain))
+                    if isinstance(cell.flow, Variant)
+                    else None
+                )
+                ratio.append(
+                    "" if plain is None or not plain.rate else f"{measured.rate / plain.rate:.2f}×"
+                )
             errors = str(measured.errors) if not measured.errors else f"[red]{measured.errors}[/]"
             database_cpu = "–" if measured.database_cpu is None else f"{measured.database_cpu:.0f}"
             table.add_row(
@@ -902,7 +938,13 @@ def benchmark(settings: Settings, plan: LoadPlan, *, argv: Sequence[str], consol
     # One engine throughout (each asyncio.run closes its pool): the provenance names the server
     # version the first connection learnt.
     database = Database(create_engine(_with_long_timeout(settings)))
-    asyncio.run(_run_on(database, prepare_users(database, count=plan.users)))
+    funds_expiring = Variant.SPEND_EXPIRING in plan.flows
+    asyncio.run(
+        _run_on(
+            database,
+            prepare_users(database, count=plan.users, funds_expiring=funds_expiring),
+        )
+    )
     key_id, api_key = asyncio.run(_run_on(database, _create_load_key(database, run_id=run_id)))
     try:
         results = _measure(
@@ -945,8 +987,18 @@ def _measure(
             f"client: {_wrk_version(wrk)}, on this machine, over loopback; "
             f"{plan.duration_s} s per cell after a {plan.warmup_s} s warm-up, "
             f"at most {plan.max_requests:,} requests per cell",
-            f"data: {plan.users:,} bench users funded with {FUNDING:,} {ASSET}; "
-            "spread = round-robin over them, hot = all on one user; amount 1 per request",
+            f"data: {plan.users:,} bench users funded with {FUNDING:,} {ASSET} (paid credits, "
+            "no lots); spread = round-robin over them, hot = all on one user; amount 1 per request",
+            *(
+                [
+                    f"spend-expiring: spends of {EXPIRING_ASSET}, which each bench user holds as "
+                    f"free credits only: {EXPIRING_LOTS} bonuses of {FUNDING:,} expiring in "
+                    f"{EXPIRES_IN_DAYS - EXPIRING_LOTS + 1}-{EXPIRES_IN_DAYS} days, one lot each, "
+                    "so each spend takes from a lot; spend takes paid credits, from no lot"
+                ]
+                if Variant.SPEND_EXPIRING in plan.flows
+                else []
+            ),
             *(
                 [
                     "mixed: each wrk thread captures each hold it made as soon as the hold's "
@@ -1033,6 +1085,11 @@ READS = (
         # The newest entry at or before `at` is one index descent, wherever `at` falls.
         "every balance at a time (GET /wallet/balances/{user}?at=)",
         lambda wallet, user: wallet.balances_at(user_id=user, at=datetime.now(UTC)),
+    ),
+    Read(
+        # Outstanding: three index descents; the period: every transaction of the asset so far.
+        "liabilities of GOLD_COINS, whole history (GET /reports/liabilities)",
+        lambda wallet, _: wallet.liabilities(asset_symbol=ASSET, at=None, since=None, until=None),
     ),
 )
 

@@ -34,6 +34,8 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="API keys: create, list, revoke.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+report_app = typer.Typer(help="Reports computed from the ledger.", no_args_is_help=True)
+app.add_typer(report_app, name="report")
 console = Console()
 R = TypeVar("R")
 
@@ -216,6 +218,54 @@ def checkpoint(
     console.print(f"wrote a checkpoint of {len(taken.chains)} chains to {output}", highlight=False)
 
 
+MomentOption = Annotated[
+    str | None,
+    typer.Option(help="RFC 3339, such as 2027-03-31T23:59:59+09:00.", show_default=False),
+]
+
+
+@report_app.command()
+def liabilities(
+    asset: Annotated[str, typer.Option(help="The asset symbol.", show_default=False)],
+    at: MomentOption = None,
+    since: Annotated[
+        str | None,
+        typer.Option("--from", help="RFC 3339: the period starts after it.", show_default=False),
+    ] = None,
+    until: Annotated[
+        str | None,
+        typer.Option("--to", help="RFC 3339: the period ends at it.", show_default=False),
+    ] = None,
+) -> None:
+    """Print what the platform owes its users of an asset at a moment (paid and free), and what
+    moved in a period, as the JSON of GET /api/v1/reports/liabilities."""
+    from pydantic import TypeAdapter
+
+    from wallet.http import schemas
+    from wallet.service.wallet import Wallet, liabilities_body
+
+    moment = TypeAdapter(schemas.Moment | None)
+    moments = []
+    for option, value in (("--at", at), ("--from", since), ("--to", until)):
+        try:
+            moments.append(moment.validate_python(value))
+        except ValidationError as error:
+            message = error.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+            console.print(f"[red]{option} {escape(message)}[/]", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    at_, since_, until_ = moments
+
+    async def report(database: "Database") -> str:
+        found = await Wallet(database).liabilities(
+            asset_symbol=asset, at=at_, since=since_, until=until_
+        )
+        return schemas.Liabilities.model_validate(liabilities_body(found)).model_dump_json(
+            by_alias=True
+        )
+
+    print(_run(report))  # plain, for scripts to take
+
+
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
@@ -391,7 +441,8 @@ def bench(
     flows: Annotated[
         str,
         typer.Option(
-            help="Flows to drive: spend, topup, bonus, mixed (spends, transfers, holds, captures)."
+            help="Flows to drive: spend, spend-expiring (spends of expiring free credits), topup, "
+            "bonus, mixed (spends, transfers, holds, captures)."
         ),
     ] = "spend,topup",
     configuration: Annotated[

@@ -36,7 +36,21 @@ ASSET_NAMES = {
     "GOLD_COINS": "Gold Coins",
     "LOYALTY_POINTS": "Loyalty Points",
 }
+# The seed's opening balances are top-ups: paid credits, none of them expiring.
 OPENING_BALANCES = {"DIAMONDS": 10, "GOLD_COINS": 1000, "LOYALTY_POINTS": 500}
+ASSET_FIELDS = frozenset(
+    {"symbol", "name", "description", "spendOrder", "freeLifetimeDays", "paidLifetimeDays"}
+)
+# API-credits.md: every seeded asset spends free credits first; only LOYALTY_POINTS gives its
+# free credits a lifetime (365 days), and no asset's paid credits expire.
+SEED_ASSET_POLICIES = {
+    symbol: {
+        "spendOrder": "free_first",
+        "freeLifetimeDays": 365 if symbol == "LOYALTY_POINTS" else None,
+        "paidLifetimeDays": None,
+    }
+    for symbol in ASSET_NAMES
+}
 SEED_USERS = {ALICE: ("alice@example.com", "Alice"), BOB: ("bob@example.com", "Bob")}
 MAX_AMOUNT = 10**15
 MAX_BODY_BYTES = 64 * 1024
@@ -49,6 +63,8 @@ TRANSACTION_FIELDS = frozenset(
         "userId",
         "assetSymbol",
         "amount",
+        "paidAmount",
+        "freeAmount",
         "balanceAfter",
         "idempotencyKey",
         "createdBy",
@@ -62,8 +78,10 @@ ENTRY_FIELDS = frozenset(
         "account",
         "assetSymbol",
         "direction",
+        "kind",
         "amount",
         "balanceAfter",
+        "paidAfter",
         "createdAt",
         "chainHash",
     }
@@ -82,6 +100,9 @@ HOLD_FIELDS = frozenset(
         "description",
         "createdBy",
     }
+)
+BALANCE_FIELDS = frozenset(
+    {"userId", "assetSymbol", "balance", "paid", "free", "held", "available", "nextExpiry"}
 )
 USER_FIELDS = frozenset({"id", "email", "name", "createdAt"})
 PROBLEM_FIELDS = frozenset({"type", "title", "status", "detail", "code", "requestId"})
@@ -106,13 +127,14 @@ def new_key() -> str:
 
 def flow_body(
     *,
-    user_id: str = ALICE,
-    asset: str = "GOLD_COINS",
+    user_id: Any = ALICE,
+    asset: Any = "GOLD_COINS",
     amount: Any = 10,
-    key: str | None = None,
+    key: Any = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A flow request body: Alice's GOLD_COINS unless told, with a fresh key unless given one."""
+    """A flow request body: Alice's GOLD_COINS unless told, with a fresh key unless given one
+    (any of them may be a value of the wrong type, for a test of bad input)."""
     return {
         "userId": user_id,
         "assetSymbol": asset,
@@ -258,12 +280,25 @@ async def balance_of(client: httpx.AsyncClient, user_id: str, asset: str) -> int
     return balance
 
 
+async def balance_body(client: httpx.AsyncClient, user_id: str, asset: str) -> dict[str, Any]:
+    """The balance of API-credits.md, its shape checked: balance = paid + free."""
+    body: dict[str, Any] = await get_ok(client, f"{API}/wallet/balance/{user_id}/{asset}")
+    assert set(body) == BALANCE_FIELDS, body
+    assert (body["userId"], body["assetSymbol"]) == (user_id, asset)
+    assert body["balance"] == body["paid"] + body["free"], body
+    return body
+
+
 async def standing_of(client: httpx.AsyncClient, user_id: str, asset: str) -> dict[str, int]:
     """What API-ledger.md's balance shows: balance, held and available."""
-    body = await get_ok(client, f"{API}/wallet/balance/{user_id}/{asset}")
-    assert set(body) == {"userId", "assetSymbol", "balance", "held", "available"}, body
-    assert (body["userId"], body["assetSymbol"]) == (user_id, asset)
+    body = await balance_body(client, user_id, asset)
     return {name: body[name] for name in ("balance", "held", "available")}
+
+
+async def kinds_of(client: httpx.AsyncClient, user_id: str, asset: str) -> dict[str, int]:
+    """The paid and free parts of a balance (API-credits.md)."""
+    body = await balance_body(client, user_id, asset)
+    return {name: body[name] for name in ("paid", "free")}
 
 
 async def transactions_of(
@@ -290,9 +325,15 @@ async def balances_of(client: httpx.AsyncClient, user_id: str) -> dict[str, int]
 
 
 async def account_state(client: httpx.AsyncClient, user_id: str) -> dict[str, Any]:
-    """Everything the API shows of a user's money: balances, transactions and ledger entries."""
+    """Everything the API shows of a user's money: balances (and their paid and free parts, and
+    what expires next), transactions and ledger entries."""
+    rows = (await get_ok(client, f"{API}/wallet/balances/{user_id}"))["balances"]
     return {
         "balances": await balances_of(client, user_id),
+        "kinds": {
+            row["assetSymbol"]: {name: row[name] for name in ("paid", "free", "nextExpiry")}
+            for row in rows
+        },
         "transactions": await get_ok(client, f"{API}/wallet/transactions/{user_id}", limit=500),
         "ledger": await get_ok(client, f"{API}/wallet/ledger/{user_id}", limit=500),
     }
@@ -400,9 +441,13 @@ def assert_transaction(
     refunded_amount: int = 0,
     refunds: tuple[str, ...] = (),
     hold_id: str | None = None,
+    paid_amount: int | None = None,
 ) -> None:
     """A transaction of a flow exactly as API.md and API-ledger.md describe it, made by the API
-    key `created_by`."""
+    key `created_by`; `paid_amount` is by default all of it, but none of a bonus (API-credits.md:
+    the seeded balances are top-ups, so paid)."""
+    if paid_amount is None:
+        paid_amount = 0 if flow == "bonus" else amount
     assert set(body) == TRANSACTION_FIELDS | FLOW_FIELDS[flow], body
     assert isinstance(body["transactionId"], str)
     assert body["transactionId"]
@@ -414,6 +459,8 @@ def assert_transaction(
         "userId": user_id,
         "assetSymbol": asset,
         "amount": amount,
+        "paidAmount": paid_amount,
+        "freeAmount": amount - paid_amount,
         "balanceAfter": balance_after,
         "idempotencyKey": key,
         "createdBy": created_by,
@@ -435,6 +482,15 @@ def assert_entry(entry: Mapping[str, Any]) -> None:
     assert type(entry["amount"]) is int
     assert 1 <= entry["amount"] <= MAX_AMOUNT
     assert type(entry["balanceAfter"]) is int
+    assert entry["kind"] in ("paid", "free")
+    assert type(entry["paidAfter"]) is int
+    if not entry["account"].startswith("system:"):  # a user's free part is never negative
+        assert 0 <= entry["paidAfter"] <= entry["balanceAfter"], entry
     assert entry["assetSymbol"] in ASSET_NAMES
     assert_rfc3339_utc(entry["createdAt"])
     assert re.fullmatch("[0-9a-f]{64}", entry["chainHash"]), entry
+
+
+def moves(entries: list[dict[str, Any]]) -> list[tuple[str, str, str, int]]:
+    """A transaction's entries in order, as (account, direction, kind, amount)."""
+    return [(e["account"], e["direction"], e["kind"], e["amount"]) for e in entries]

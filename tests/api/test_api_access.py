@@ -28,6 +28,7 @@ PATH_VALUES = {
     "keyId": "01a213cc-0000-7000-8000-000000000000",
     "holdId": "01a213cc-1111-7000-8000-000000000000",
     "path": "swagger-ui.css",
+    "symbol": "GOLD_COINS",
 }
 
 
@@ -69,9 +70,14 @@ def test_the_routing_table_covers_the_contract() -> None:
         ("POST", f"{API}/users"): {Scope.USERS_WRITE},
         ("DELETE", f"{API}/keys/{PATH_VALUES['keyId']}"): {Scope.ADMIN},
         ("GET", f"{API}/ledger/checkpoint"): {Scope.ADMIN},
+        # API-credits.md: assets are made and changed by admins; the report is a read.
+        ("POST", f"{API}/assets"): {Scope.ADMIN},
+        ("PATCH", f"{API}/assets/{PATH_VALUES['symbol']}"): {Scope.ADMIN},
+        ("GET", f"{API}/assets"): {Scope.WALLET_READ},
+        ("GET", f"{API}/reports/liabilities"): {Scope.WALLET_READ},
     }
     table = {(m, p): s for m, p, s in SCOPED}
-    assert {route: table.get(route) for route in expected} == expected
+    assert {route: set(table.get(route) or ()) for route in expected} == expected
     assert all(
         s == {Scope.WALLET_READ}
         for m, p, s in SCOPED
@@ -99,7 +105,8 @@ def test_a_route_that_declares_no_scope_fails_the_build() -> None:
 
 
 async def _send(http: httpx.AsyncClient, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    return await http.request(method, path, json={} if method == "POST" else None, **kwargs)
+    body: dict[str, Any] | None = {} if method in ("POST", "PATCH") else None
+    return await http.request(method, path, json=body, **kwargs)
 
 
 @pytest.fixture

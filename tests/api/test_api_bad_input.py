@@ -480,7 +480,12 @@ async def test_new_user_body_over_64_kib_is_payload_too_large(client: httpx.Asyn
     assert_problem(await post_raw(client, f"{API}/users", chunked(data)), 413, "payload_too_large")
 
 
-POST_PATHS = [*(f"{API}/wallet/{flow}" for flow in FLOWS), f"{API}/users"]
+POST_PATHS = [*(f"{API}/wallet/{flow}" for flow in FLOWS), f"{API}/users", f"{API}/assets"]
+# A good body for each path that is not a flow: only the media type it is sent as is wrong.
+GOOD_BODIES = {
+    f"{API}/users": {"email": "m@example.com", "name": "M"},
+    f"{API}/assets": {"symbol": "MEDIA", "name": "M"},
+}
 
 
 @pytest.mark.usefixtures("untouched")
@@ -488,7 +493,7 @@ async def test_body_that_is_not_application_json_is_unsupported_media_type(
     client: httpx.AsyncClient,
 ) -> None:
     for path in POST_PATHS:
-        body = flow_body() if "wallet" in path else {"email": "m@example.com", "name": "M"}
+        body = GOOD_BODIES.get(path) or flow_body()
         for media_type in OTHER_MEDIA_TYPES:
             response = await post_raw(client, path, json.dumps(body), content_type=media_type)
             assert_problem(response, 415, "unsupported_media_type")
@@ -497,6 +502,7 @@ async def test_body_that_is_not_application_json_is_unsupported_media_type(
         files = await client.post(path, files={"file": ("body.json", b"{}", "application/json")})
         assert_problem(files, 415, "unsupported_media_type")
     assert len((await client.get(f"{API}/users")).json()["items"]) == 2
+    assert "MEDIA" not in {asset["symbol"] for asset in await get_ok(client, f"{API}/assets")}
 
 
 USER_PATHS = [
@@ -528,10 +534,17 @@ async def test_overlong_symbols_and_transaction_ids_in_reads_are_unknown_or_inva
         f"{API}/wallet/ledger/{ALICE}?assetSymbol={'A' * 10_000}": "asset_not_found",
         f"{API}/wallet/transactions/{ALICE}/{'t' * 10_000}": "transaction_not_found",
         f"{API}/wallet/transactions/{ALICE}/{'t' * 65}": "transaction_not_found",
+        f"{API}/reports/liabilities?assetSymbol={'A' * 10_000}": "asset_not_found",
+        f"{API}/reports/liabilities?assetSymbol={'A' * 33}": "asset_not_found",
     }
     for path, not_found in answers.items():
         response = await client.get(path)
         assert outcome(response) in {(404, not_found), (422, "validation_error")}, describe(
+            response
+        )
+    for symbol in ("A" * 10_000, "A" * 33):
+        response = await client.patch(f"{API}/assets/{symbol}", json={"name": "N"})
+        assert outcome(response) in {(404, "asset_not_found"), (422, "validation_error")}, describe(
             response
         )
 

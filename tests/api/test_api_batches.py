@@ -21,6 +21,7 @@ from api_checks import (
     created,
     flow_body,
     key_id_of,
+    kinds_of,
     new_key,
     post_flow,
     transaction_detail,
@@ -93,6 +94,7 @@ async def test_batch_applies_every_operation_in_order_each_seeing_the_earlier(
         "amount": 100,
     }
     assert (transfer["balanceAfter"], transfer["idempotencyKey"]) == (0, f"{key}:2")
+    assert (transfer["paidAmount"], transfer["freeAmount"]) == (100, 0)
     assert (transfer["description"], transfer["createdBy"]) == ("rent", key_id)
     assert_transaction(
         bonus,
@@ -108,6 +110,7 @@ async def test_batch_applies_every_operation_in_order_each_seeing_the_earlier(
     assert ids == sorted(ids)
     assert await balances_of(client, ALICE) == {**OPENING_BALANCES, "GOLD_COINS": 0}
     assert await balances_of(client, BOB) == {**OPENING_BALANCES, "GOLD_COINS": 1107}
+    assert await kinds_of(client, BOB, "GOLD_COINS") == {"paid": 1100, "free": 7}
     assert (await transactions_of(client, ALICE))[:3] == [transfer, spend, topup]
     for transaction in (topup, spend):
         detail = await transaction_detail(client, transaction["transactionId"])

@@ -26,6 +26,7 @@ from api_checks import (
     create_user,
     flow_body,
     key_id_of,
+    kinds_of,
     post_flow,
     post_raw,
     transaction_detail,
@@ -36,6 +37,9 @@ from wallet.store.tables import balances
 
 MAX_BALANCE = 2**63 - 1
 MIN_BALANCE = -(2**63)
+# API-credits.md: a top-up gives paid credits, a bonus free ones; a spend of the seed's balance,
+# which has no free credits, takes paid ones.
+KIND_MOVED = {"topup": "paid", "bonus": "free", "spend": "paid"}
 
 
 @pytest.mark.parametrize("flow", FLOWS)
@@ -61,6 +65,9 @@ async def test_flow_answers_201_with_the_transaction_and_moves_the_balance(
         free_text=free_text,
     )
     assert await balances_of(client, ALICE) == {**OPENING_BALANCES, "GOLD_COINS": expected}
+    assert await kinds_of(client, ALICE, "GOLD_COINS") == (
+        {"paid": 1000, "free": 250} if flow == "bonus" else {"paid": expected, "free": 0}
+    )
     assert await balances_of(client, BOB) == OPENING_BALANCES
 
 
@@ -102,20 +109,31 @@ async def test_flow_posts_one_debit_and_one_credit_between_the_documented_accoun
         assert entry["transactionId"] == created["transactionId"]
         assert entry["assetSymbol"] == "GOLD_COINS"
         assert entry["amount"] == 40
+        assert entry["kind"] == KIND_MOVED[flow]
     assert entries["debit"]["account"] == (DEBITED[flow] or BOB)
     assert entries["credit"]["account"] == (CREDITED[flow] or BOB)
     user_entry = entries["debit"] if flow == "spend" else entries["credit"]
     assert user_entry["balanceAfter"] == created["balanceAfter"]
+    assert user_entry["paidAfter"] == (1000 if flow == "bonus" else created["balanceAfter"])
 
 
 async def test_balance_after_follows_successive_flows(client: httpx.AsyncClient) -> None:
-    steps = [("topup", 100, 1100), ("bonus", 50, 1150), ("spend", 1150, 0), ("topup", 1, 1)]
+    steps = [
+        ("topup", 100, 1100, 1100),
+        ("bonus", 50, 1150, 1100),
+        ("spend", 1150, 0, 0),
+        ("topup", 1, 1, 1),
+    ]
 
-    for flow, amount, expected in steps:
+    for flow, amount, expected, paid in steps:
         response = await post_flow(client, flow, flow_body(amount=amount))
         assert response.status_code == 201, response.text
         assert response.json()["balanceAfter"] == expected
         assert await balance_of(client, ALICE, "GOLD_COINS") == expected
+        assert await kinds_of(client, ALICE, "GOLD_COINS") == {
+            "paid": paid,
+            "free": expected - paid,
+        }
 
 
 async def test_spend_over_balance_is_refused_and_changes_nothing(
@@ -217,17 +235,21 @@ async def test_transaction_ids_are_distinct_and_sort_in_the_order_of_creation(
     assert times == sorted(times)
 
 
-async def _sum_of_balances_per_asset(database: Database) -> dict[str, int]:
+async def _sums_of_balances_per_asset(database: Database) -> dict[str, tuple[int, int]]:
+    """Per asset, the sums of every account's balance and of its paid part (in Python ints: SQL's
+    SUM of 64-bit numbers overflows or turns numeric)."""
     async with database.transaction(is_write=False) as connection:
         rows = await connection.execute(
-            sa.select(balances.c.asset_symbol, sa.func.sum(balances.c.balance)).group_by(
-                balances.c.asset_symbol
-            )
+            sa.select(balances.c.asset_symbol, balances.c.balance, balances.c.paid)
         )
-        return {symbol: int(total) for symbol, total in rows}
+        sums: dict[str, tuple[int, int]] = {}
+        for symbol, balance, paid in rows:
+            total, paid_total = sums.get(symbol, (0, 0))
+            sums[symbol] = (total + balance, paid_total + paid)
+        return sums
 
 
-async def test_balances_of_all_accounts_sum_to_zero_per_asset(
+async def test_balances_of_all_accounts_sum_to_zero_per_asset_and_kind(
     client: httpx.AsyncClient, database: Database
 ) -> None:
     carol = await create_user(client)
@@ -237,12 +259,14 @@ async def test_balances_of_all_accounts_sum_to_zero_per_asset(
         ("spend", flow_body(user_id=BOB, asset="LOYALTY_POINTS", amount=499)),
         ("topup", flow_body(user_id=carol["id"], asset="DIAMONDS", amount=2)),
         ("spend", flow_body(user_id=carol["id"], asset="DIAMONDS", amount=2)),
+        ("spend", flow_body(user_id=BOB, asset="DIAMONDS", amount=12)),  # 7 free and 5 paid
         ("spend", flow_body(amount=5000)),  # refused: insufficient funds
     ]
     for flow, body in requests:
         await post_flow(client, flow, body)
 
-    assert await _sum_of_balances_per_asset(database) == dict.fromkeys(OPENING_BALANCES, 0)
+    assert await _sums_of_balances_per_asset(database) == dict.fromkeys(OPENING_BALANCES, (0, 0))
+    assert await kinds_of(client, BOB, "DIAMONDS") == {"paid": 5, "free": 0}
 
 
 async def _set_balance(database: Database, account: str, asset: str, value: int) -> None:

@@ -44,6 +44,10 @@ async def framework_client(settings: Settings, admin_key: str) -> AsyncIterator[
         yield http
 
 
+# The flows run in order: the spend takes the bonus's free credits first (API-credits.md).
+PAID_OF_EACH_FLOW = {"topup": 20, "bonus": 0, "spend": 0}
+
+
 async def test_flows_answer_201_then_replay_200_then_409_on_another_request(
     framework_client: httpx.AsyncClient,
 ) -> None:
@@ -68,6 +72,7 @@ async def test_flows_answer_201_then_replay_200_then_409_on_another_request(
             key=body["idempotencyKey"],
             created_by=key_id,
             free_text=SAMPLE_FREE_TEXT[flow],
+            paid_amount=PAID_OF_EACH_FLOW[flow],
         )
         assert replay.status_code == 200, describe(replay)
         assert replay.headers["idempotent-replayed"] == "true"

@@ -45,12 +45,20 @@ def created_at(transaction: dict[str, Any]) -> datetime:
 async def balance_at(
     client: httpx.AsyncClient, at: str, user_id: str = ALICE, asset: str = "GOLD_COINS"
 ) -> int:
+    body = await parts_at(client, at, user_id, asset)
+    return body["balance"]
+
+
+async def parts_at(
+    client: httpx.AsyncClient, at: str, user_id: str = ALICE, asset: str = "GOLD_COINS"
+) -> dict[str, int]:
+    """A balance at `at`, and its paid and free parts then (API-credits.md)."""
     body = await get_ok(client, f"{API}/wallet/balance/{user_id}/{asset}", at=at)
-    assert set(body) == {"userId", "assetSymbol", "balance", "at"}, body
+    assert set(body) == {"userId", "assetSymbol", "balance", "paid", "free", "at"}, body
     assert (body["userId"], body["assetSymbol"]) == (user_id, asset)
     assert datetime.fromisoformat(body["at"]) == datetime.fromisoformat(at)  # the same instant
-    balance: int = body["balance"]
-    return balance
+    assert body["balance"] == body["paid"] + body["free"], body
+    return {name: body[name] for name in ("balance", "paid", "free")}
 
 
 async def some_history(client: httpx.AsyncClient) -> list[dict[str, Any]]:
@@ -71,7 +79,14 @@ async def test_a_balance_before_any_entry_is_zero(client: httpx.AsyncClient) -> 
 
     body = await get_ok(client, f"{API}/wallet/balance/{ALICE}/GOLD_COINS", at=LONG_AGO)
 
-    assert body == {"userId": ALICE, "assetSymbol": "GOLD_COINS", "balance": 0, "at": LONG_AGO}
+    assert body == {
+        "userId": ALICE,
+        "assetSymbol": "GOLD_COINS",
+        "balance": 0,
+        "paid": 0,
+        "free": 0,
+        "at": LONG_AGO,
+    }
     for symbol in ASSET_NAMES:
         assert await balance_at(client, now, carol["id"], symbol) == 0
 
@@ -95,9 +110,37 @@ async def test_a_balance_at_a_moment_is_the_balance_right_after_the_last_entry_u
     ]
     for moment, balance in expected:
         assert await balance_at(client, rfc3339(moment)) == balance, moment
-    assert await balance_at(client, rfc3339(created_at(bonus)), asset="DIAMONDS") == 14
+    assert await parts_at(client, rfc3339(created_at(bonus)), asset="DIAMONDS") == {
+        "balance": 14,
+        "paid": 10,
+        "free": 4,
+    }
     assert await balance_at(client, rfc3339(created_at(transfer) - MICROSECOND), BOB) == 1000
     assert await balance_at(client, rfc3339(created_at(transfer)), BOB) == 1050
+
+
+async def test_a_balance_at_a_moment_has_the_paid_and_free_parts_it_had_then(
+    client: httpx.AsyncClient,
+) -> None:
+    bonus = created(await post_flow(client, "bonus", flow_body(amount=40)))
+    spend = created(await post_flow(client, "spend", flow_body(amount=300)))
+    topup = created(await post_flow(client, "topup", flow_body(amount=100)))
+
+    for moment, parts in (
+        (created_at(bonus) - MICROSECOND, {"balance": 1000, "paid": 1000, "free": 0}),
+        (created_at(bonus), {"balance": 1040, "paid": 1000, "free": 40}),
+        # free credits first: 40 free and 260 paid
+        (created_at(spend), {"balance": 740, "paid": 740, "free": 0}),
+        (created_at(topup), {"balance": 840, "paid": 840, "free": 0}),
+    ):
+        assert await parts_at(client, rfc3339(moment)) == parts, moment
+    rows = await get_ok(client, f"{API}/wallet/balances/{ALICE}", at=rfc3339(created_at(bonus)))
+    assert rows["balances"][1] == {
+        "assetSymbol": "GOLD_COINS",
+        "balance": 1040,
+        "paid": 1000,
+        "free": 40,
+    }
 
 
 async def test_a_moment_given_with_an_offset_is_that_instant(client: httpx.AsyncClient) -> None:
@@ -130,15 +173,24 @@ async def test_every_balance_at_a_moment(client: httpx.AsyncClient) -> None:
         assert await get_ok(client, path, at=at) == {
             "userId": ALICE,
             "balances": [
-                {"assetSymbol": "DIAMONDS", "balance": diamonds},
-                {"assetSymbol": "GOLD_COINS", "balance": gold},
-                {"assetSymbol": "LOYALTY_POINTS", "balance": 500},
+                # The bonus's 4 DIAMONDS are free credits; everything else the seed's paid ones.
+                {
+                    "assetSymbol": "DIAMONDS",
+                    "balance": diamonds,
+                    "paid": 10,
+                    "free": diamonds - 10,
+                },
+                {"assetSymbol": "GOLD_COINS", "balance": gold, "paid": gold, "free": 0},
+                {"assetSymbol": "LOYALTY_POINTS", "balance": 500, "paid": 500, "free": 0},
             ],
             "at": at,
         }
     assert await get_ok(client, path, at=LONG_AGO) == {
         "userId": ALICE,
-        "balances": [{"assetSymbol": symbol, "balance": 0} for symbol in sorted(ASSET_NAMES)],
+        "balances": [
+            {"assetSymbol": symbol, "balance": 0, "paid": 0, "free": 0}
+            for symbol in sorted(ASSET_NAMES)
+        ],
         "at": LONG_AGO,
     }
 

@@ -30,6 +30,7 @@ from api_checks import (
     flow_body,
     get_ok,
     key_id_of,
+    moves,
     new_key,
     post_flow,
     post_hold_action,
@@ -268,9 +269,9 @@ async def test_capture_by_default_spends_the_whole_hold_to_revenue(
     assert {name: detail[name] for name in spend} == spend
     for entry in detail["entries"]:
         assert_entry(entry)
-    assert [(e["account"], e["direction"], e["amount"]) for e in detail["entries"]] == [
-        (BOB, "debit", 300),
-        ("system:revenue", "credit", 300),
+    assert moves(detail["entries"]) == [  # Bob's seeded GOLD_COINS are all paid
+        (BOB, "debit", "paid", 300),
+        ("system:revenue", "credit", "paid", 300),
     ]
     assert (await transactions_of(client, BOB))[0] == spend
 
@@ -551,7 +552,7 @@ async def test_an_expired_hold_stops_counting_at_once_before_anything_marks_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The app's sweeper runs once at start, then not for an hour: nothing marks the hold.
-    monkeypatch.setattr("wallet.http.app.HOLD_SWEEP_EVERY_S", 3600)
+    monkeypatch.setattr("wallet.http.app.SWEEP_EVERY_S", 3600)
     async with app_client(settings, key=admin_key) as client:
         hold = await create_hold(client, amount=600, expiresInSeconds=1)
         assert (await standing_of(client, ALICE, "GOLD_COINS"))["held"] == 600
@@ -611,8 +612,11 @@ async def test_the_service_marks_expired_holds_by_itself(
             {
                 "assetSymbol": symbol,
                 "balance": amount,
+                "paid": amount,
+                "free": 0,
                 "held": 100 if symbol == "GOLD_COINS" else 0,
                 "available": amount - (100 if symbol == "GOLD_COINS" else 0),
+                "nextExpiry": None,
             }
             for symbol, amount in sorted(OPENING_BALANCES.items())
         ],

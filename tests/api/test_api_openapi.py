@@ -1,6 +1,7 @@
 """The OpenAPI document the service serves agrees with docs/API.md: the same endpoints, every
 documented answer, the scope each needs, and docs/API.md carries the shared contract files
-(API.md, then API-operations.md, version 1.1, then API-ledger.md, version 1.2) verbatim."""
+(API.md, then API-operations.md, version 1.1, then API-ledger.md, version 1.2, then
+API-credits.md, version 1.3) verbatim."""
 
 import re
 from collections.abc import AsyncIterator, Callable
@@ -10,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 from api_checks import (
+    ASSET_FIELDS,
+    BALANCE_FIELDS,
     ENTRY_FIELDS,
     FLOW_FIELDS,
     HOLD_FIELDS,
@@ -19,13 +22,15 @@ from api_checks import (
 )
 
 from wallet.http.app import create_app
+from wallet.http.errors import STATUS_OF
 from wallet.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 API_MD = REPO / "docs" / "API.md"
 # The shared contract files, in the order docs/API.md carries them, each verbatim.
 SHARED_CONTRACT = [
-    REPO.parent / "shared" / name for name in ("API.md", "API-operations.md", "API-ledger.md")
+    REPO.parent / "shared" / name
+    for name in ("API.md", "API-operations.md", "API-ledger.md", "API-credits.md")
 ]
 METHOD = "GET|POST|PUT|PATCH|DELETE"
 # An endpoint's method and path, less any query it shows ("?userId=&status=", "?at=<RFC 3339>")...
@@ -39,6 +44,15 @@ ENDPOINT_IN_PROSE = re.compile(rf"{ENDPOINT}(?: answers | `\{{| →| \(scope )")
 # API-operations.md: every endpoint needs an API key but these.
 PUBLIC_ENDPOINTS = {("GET", "/api/v1/health"), ("GET", "/api/v1/health/ready")}
 LIST_PARAMETERS = {"limit", "cursor", "offset"}
+# A status and the error code the contract gives with it: "`409 asset_exists`".
+STATUS_AND_CODE = re.compile(r"`(\d{3}) ([a-z]+(?:_[a-z]+)*)`")
+# API-credits.md: what a period of the liability report counts, paid and free.
+LIABILITY_PERIOD_FIELDS = {"from", "to"} | {
+    f"{moved}{kind}"
+    for moved in ("issued", "spent", "refunded", "reversed", "expired")
+    for kind in ("Paid", "Free")
+}
+ASSET_POLICY_FIELDS = {"spendOrder", "freeLifetimeDays", "paidLifetimeDays"}
 
 
 def documented_endpoints() -> set[tuple[str, str]]:
@@ -54,6 +68,8 @@ def documented_scope(method: str, path: str) -> str | list[str] | None:
     if (method, path) in PUBLIC_ENDPOINTS:
         return None
     if path.startswith("/api/v1/keys") or path == "/api/v1/ledger/checkpoint":
+        return "admin"
+    if path.startswith("/api/v1/assets") and method != "GET":  # API-credits.md
         return "admin"
     if method == "GET":
         return "wallet:read"
@@ -90,7 +106,7 @@ def documented_errors(method: str, path: str) -> set[int]:
     statuses = {503}  # every request needs the database; health says so in plain JSON
     if documented_scope(method, path) is not None:  # API-operations.md: the key and its budget
         statuses |= {401, 403, 429}
-    if method == "POST":  # a body: malformed, too large, not JSON, or breaking the rules
+    if method in ("POST", "PATCH"):  # a body: malformed, too large, not JSON, or breaking the rules
         statuses |= {400, 413, 415, 422}
     if "{userId}" in path:  # an unknown user, or an id that breaks the id rules
         statuses |= {404, 422}
@@ -108,6 +124,12 @@ def documented_errors(method: str, path: str) -> set[int]:
         statuses |= {422}  # bad paging parameters
     if path == "/api/v1/keys/{keyId}":
         statuses |= {404}  # key_not_found
+    if path == "/api/v1/assets" and method == "POST":
+        statuses |= {409}  # asset_exists
+    if path == "/api/v1/assets/{symbol}":
+        statuses |= {404}  # asset_not_found
+    if path == "/api/v1/reports/liabilities":
+        statuses |= {404, 422}  # asset_not_found; no asset, a bad moment, or `from` after `to`
     return statuses
 
 
@@ -176,6 +198,12 @@ def test_api_md_endpoints_table_is_read() -> None:
         ("POST", "/api/v1/wallet/transactions/{transactionId}/refund"),
         ("GET", "/api/v1/ledger/checkpoint"),
     } <= endpoints
+    # API-credits.md's assets table (scopes after the endpoint) and its report, query left out.
+    assert {
+        ("POST", "/api/v1/assets"),
+        ("PATCH", "/api/v1/assets/{symbol}"),
+        ("GET", "/api/v1/reports/liabilities"),
+    } <= endpoints
     assert not any("?" in path for _, path in endpoints)
 
 
@@ -243,17 +271,18 @@ async def test_openapi_flows_take_the_documented_body_and_key_header(
     openapi: dict[str, Any],
 ) -> None:
     schemas = openapi["components"]["schemas"]
-    for flow, free_text in (("topup", "metadata"), ("bonus", "reason"), ("spend", "description")):
+    # API-credits.md: a bonus may say when its credits expire.
+    for flow, extra in (
+        ("topup", {"metadata"}),
+        ("bonus", {"reason", "expiresInDays", "expiresAt"}),
+        ("spend", {"description"}),
+    ):
         operation = openapi["paths"][f"/api/v1/wallet/{flow}"]["post"]
         reference = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         body = schemas[reference.rsplit("/", 1)[-1]]
-        assert set(body["properties"]) == {
-            "userId",
-            "assetSymbol",
-            "amount",
-            "idempotencyKey",
-            free_text,
-        }
+        assert set(body["properties"]) == {"userId", "assetSymbol", "amount", "idempotencyKey"} | (
+            extra
+        )
         assert set(body["required"]) == {"userId", "assetSymbol", "amount"}
         headers = {p["name"] for p in operation.get("parameters", []) if p["in"] == "header"}
         assert headers == {"Idempotency-Key"}
@@ -313,6 +342,7 @@ async def test_openapi_lists_take_the_documented_query_parameters(
         "/api/v1/wallet/holds": LIST_PARAMETERS | {"userId", "status"},
         "/api/v1/wallet/balance/{userId}/{assetSymbol}": {"at"},
         "/api/v1/wallet/balances/{userId}": {"at"},
+        "/api/v1/reports/liabilities": {"assetSymbol", "at", "from", "to"},
     }
     for path, names in expected.items():
         parameters = openapi["paths"][path]["get"]["parameters"]
@@ -337,6 +367,9 @@ async def test_openapi_describes_transactions_and_entries_with_their_documented_
     assert set(schema["properties"]) == TRANSACTION_FIELDS | {"toUserId", "description"}
     for name in ("RefundTransaction", "ReversalTransaction"):
         assert set(schemas[name]["properties"]) == TRANSACTION_FIELDS | {"refundOf", "reason"}
+    # API-credits.md: the service's own expiry transactions carry nothing more.
+    assert set(schemas["ExpiryTransaction"]["properties"]) == TRANSACTION_FIELDS
+    assert schemas["ExpiryTransaction"]["properties"]["type"]["const"] == "expiry"
     assert set(schemas["EntryOut"]["properties"]) == ENTRY_FIELDS
 
 
@@ -363,14 +396,67 @@ async def test_openapi_describes_holds_balances_and_checkpoints_with_their_docum
         "chainHash",
         "entries",
     }
-    assert set(schemas["Balance"]["properties"]) == {
-        *("userId", "assetSymbol", "balance", "held", "available")
+    assert set(schemas["Balance"]["properties"]) == BALANCE_FIELDS
+    assert set(schemas["BalanceAt"]["properties"]) == {
+        *("userId", "assetSymbol", "balance", "paid", "free", "at")
     }
-    assert set(schemas["BalanceAt"]["properties"]) == {"userId", "assetSymbol", "balance", "at"}
-    assert set(schemas["AssetBalance"]["properties"]) == {
-        *("assetSymbol", "balance", "held", "available")
+    assert set(schemas["AssetBalance"]["properties"]) == BALANCE_FIELDS - {"userId"}
+    assert set(schemas["AssetBalanceAt"]["properties"]) == {
+        "assetSymbol",
+        "balance",
+        "paid",
+        "free",
     }
+    assert set(schemas["NextExpiry"]["properties"]) == {"amount", "expiresAt"}
     assert {"operationIndex"} <= set(schemas["Problem"]["properties"])
+
+
+async def test_openapi_describes_the_asset_endpoints_and_the_liability_report_as_documented(
+    openapi: dict[str, Any],
+) -> None:
+    schemas = openapi["components"]["schemas"]
+
+    def schema_of(content: dict[str, Any]) -> dict[str, Any]:
+        found: dict[str, Any] = schemas[
+            content["application/json"]["schema"]["$ref"].rsplit("/")[-1]
+        ]
+        return found
+
+    create = openapi["paths"]["/api/v1/assets"]["post"]
+    asked = schema_of(create["requestBody"]["content"])
+    assert set(asked["properties"]) == ASSET_FIELDS
+    assert set(asked["required"]) == {"symbol", "name"}
+    assert set(schema_of(create["responses"]["201"]["content"])["properties"]) == ASSET_FIELDS
+    change = openapi["paths"]["/api/v1/assets/{symbol}"]["patch"]
+    asked = schema_of(change["requestBody"]["content"])
+    assert set(asked["properties"]) == {"name", "description"} | ASSET_POLICY_FIELDS
+    assert "required" not in asked  # only the fields given change
+    assert set(schema_of(change["responses"]["200"]["content"])["properties"]) == ASSET_FIELDS
+    listed = openapi["paths"]["/api/v1/assets"]["get"]["responses"]["200"]["content"]
+    item = listed["application/json"]["schema"]["items"]["$ref"].rsplit("/")[-1]
+    assert set(schemas[item]["properties"]) == ASSET_FIELDS
+    for name in ASSET_POLICY_FIELDS:
+        assert name in schemas[item]["required"]
+
+    report = openapi["paths"]["/api/v1/reports/liabilities"]["get"]
+    required = {p["name"] for p in report["parameters"] if p.get("required")}
+    assert required == {"assetSymbol"}
+    answer = schema_of(report["responses"]["200"]["content"])
+    assert set(answer["properties"]) == {"assetSymbol", "at", "outstanding", "period"}
+    assert set(schemas["Outstanding"]["properties"]) == {"paid", "free"}
+    assert set(schemas["LiabilityPeriod"]["properties"]) == LIABILITY_PERIOD_FIELDS
+
+
+def test_every_status_and_error_code_the_contract_names_is_one_the_service_answers() -> None:
+    answered = {(status, error.code) for error, status in STATUS_OF.items()}
+    named: set[tuple[int, str]] = set()
+    for shared in SHARED_CONTRACT:
+        if not shared.exists():
+            pytest.skip(f"no shared contract at {shared} to read the error codes of")
+        named |= {(int(s), code) for s, code in STATUS_AND_CODE.findall(shared.read_text())}
+
+    assert (409, "asset_exists") in named  # API-credits.md's, read like the others
+    assert named - answered == set()
 
 
 async def test_openapi_describes_the_key_endpoints_bodies_as_documented(

@@ -210,7 +210,11 @@ async def test_engines_hide_bound_values_from_errors(settings: Settings) -> None
 async def test_an_undeclared_method_without_a_body_is_405_naming_the_allowed_ones(
     client: httpx.AsyncClient,
 ) -> None:
-    for path, allowed in ((f"{API}/assets", "GET"), (f"{API}/wallet/topup", "POST")):
+    for path, allowed in (
+        (f"{API}/assets", "GET, POST"),
+        (f"{API}/assets/GOLD_COINS", "PATCH"),
+        (f"{API}/wallet/topup", "POST"),
+    ):
         response = await client.put(path)
         assert_problem(response, 405, "method_not_allowed")
         assert response.headers["allow"] == allowed

@@ -22,6 +22,13 @@ POLICY = re.compile(r'"(reads|writes)";q=(\d+);w=2')
 REMAINING = re.compile(r'"(reads|writes)";r=(\d+);t=(\d+)')
 
 
+def fields_of(pattern: re.Pattern[str], header: str) -> re.Match[str]:
+    """A RateLimit header's fields, after checking the header has the shape `pattern` gives."""
+    match = pattern.fullmatch(header)
+    assert match is not None, header
+    return match
+
+
 async def window_start() -> None:
     """Budgets are counted per window of 2 s aligned to the clock (the sliding window counter
     weighs the previous window in, rounding down): each test sends its counted requests from a
@@ -52,8 +59,8 @@ async def test_writes_past_the_burst_are_429_and_change_nothing(
 
         assert_problem(refused, 429, "rate_limited")
         assert int(refused.headers["retry-after"]) >= 1
-        assert POLICY.fullmatch(refused.headers["ratelimit-policy"]).groups() == ("writes", "4")
-        assert REMAINING.fullmatch(refused.headers["ratelimit"]).group(2) == "0"
+        assert fields_of(POLICY, refused.headers["ratelimit-policy"]).groups() == ("writes", "4")
+        assert fields_of(REMAINING, refused.headers["ratelimit"]).group(2) == "0"
         # Reads have a budget of their own, unlimited for this key: no fields on them.
         read = await http.get(f"{API}/wallet/balance/{ALICE}/GOLD_COINS")
         assert read.status_code == 200
@@ -75,11 +82,11 @@ async def test_allowed_answers_carry_the_policy_and_what_remains(
         for _ in range(3):
             response = await http.get(f"{API}/assets")
             assert response.status_code == 200
-            assert POLICY.fullmatch(response.headers["ratelimit-policy"]).groups() == (
+            assert fields_of(POLICY, response.headers["ratelimit-policy"]).groups() == (
                 "reads",
                 "20",
             )
-            remaining.append(int(REMAINING.fullmatch(response.headers["ratelimit"]).group(2)))
+            remaining.append(int(fields_of(REMAINING, response.headers["ratelimit"]).group(2)))
     assert remaining == [19, 18, 17]
 
 

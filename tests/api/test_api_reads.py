@@ -9,10 +9,13 @@ import httpx
 from api_checks import (
     ALICE,
     API,
+    ASSET_FIELDS,
     ASSET_NAMES,
+    BALANCE_FIELDS,
     BOB,
     FREE_TEXT_FIELD,
     OPENING_BALANCES,
+    SEED_ASSET_POLICIES,
     SEED_USERS,
     USER_FIELDS,
     assert_entry,
@@ -25,6 +28,8 @@ from api_checks import (
     flow_body,
     get_ok,
     ids,
+    kinds_of,
+    moves,
     post_flow,
     walk,
 )
@@ -45,6 +50,11 @@ async def post_ok(client: httpx.AsyncClient, flow: str, **fields: Any) -> dict[s
     assert response.status_code == 201, response.text
     created: dict[str, Any] = response.json()
     return created
+
+
+# What each flow of some_history takes or gives of paid credits (API-credits.md): the spend of 150
+# GOLD_COINS finds no free ones, the spend of 12 DIAMONDS takes the bonus's 5 free ones first.
+PAID_IN_HISTORY = [200, 0, 150, 7, 0]
 
 
 async def some_history(client: httpx.AsyncClient) -> list[dict[str, Any]]:
@@ -71,9 +81,13 @@ async def test_assets_lists_the_seeded_asset_types(client: httpx.AsyncClient) ->
 
     assert isinstance(assets, list)
     for asset in assets:
-        assert set(asset) == {"symbol", "name", "description"}
+        assert set(asset) == ASSET_FIELDS
         assert isinstance(asset["description"], str)
     assert {asset["symbol"]: asset["name"] for asset in assets} == ASSET_NAMES
+    assert {
+        asset["symbol"]: {name: asset[name] for name in SEED_ASSET_POLICIES[asset["symbol"]]}
+        for asset in assets
+    } == SEED_ASSET_POLICIES
     assert len(assets) == len(ASSET_NAMES)
 
 
@@ -97,8 +111,12 @@ async def test_seed_opening_balances_are_posted_through_the_ledger(
             ("topup", symbol, amount) for symbol, amount in OPENING_BALANCES.items()
         }
         assert len(history["items"]) == 3
-        assert {(e["direction"], e["assetSymbol"], e["amount"]) for e in ledger["items"]} == {
-            ("credit", symbol, amount) for symbol, amount in OPENING_BALANCES.items()
+        assert {
+            (e["direction"], e["kind"], e["assetSymbol"], e["amount"], e["paidAfter"])
+            for e in ledger["items"]
+        } == {
+            ("credit", "paid", symbol, amount, amount)
+            for symbol, amount in OPENING_BALANCES.items()
         }
         for transaction in history["items"]:
             detail = await get_ok(
@@ -135,8 +153,11 @@ async def test_balance_answers_user_asset_amount_held_and_available(
         "userId": ALICE,
         "assetSymbol": "DIAMONDS",
         "balance": 10,
+        "paid": 10,  # the seed's top-up
+        "free": 0,
         "held": 0,
         "available": 10,
+        "nextExpiry": None,
     }
 
 
@@ -149,8 +170,11 @@ async def test_balance_of_an_asset_never_held_is_zero(client: httpx.AsyncClient)
             "userId": user["id"],
             "assetSymbol": symbol,
             "balance": 0,
+            "paid": 0,
+            "free": 0,
             "held": 0,
             "available": 0,
+            "nextExpiry": None,
         }
 
 
@@ -163,8 +187,9 @@ async def test_balances_list_every_asset_type_zeros_included(client: httpx.Async
     assert set(body) == {"userId", "balances"}
     assert body["userId"] == user["id"]
     for row in body["balances"]:
-        assert set(row) == {"assetSymbol", "balance", "held", "available"}
-        assert (row["held"], row["available"]) == (0, row["balance"])
+        assert set(row) == BALANCE_FIELDS - {"userId"}
+        assert (row["paid"], row["free"]) == (row["balance"], 0)  # a top-up's credits are paid
+        assert (row["held"], row["available"], row["nextExpiry"]) == (0, row["balance"], None)
     assert len(body["balances"]) == len(ASSET_NAMES)
     assert {row["assetSymbol"]: row["balance"] for row in body["balances"]} == {
         "DIAMONDS": 4,
@@ -228,6 +253,8 @@ async def test_transactions_are_listed_newest_first_as_transactions(
             # The client's key made the history; the seed's top-ups were made by no key.
             created_by=client_key_id if index < len(created) else None,
             free_text=item[FREE_TEXT_FIELD[item["type"]]],
+            # The seed's top-ups are paid credits.
+            paid_amount=PAID_IN_HISTORY[::-1][index] if index < len(created) else item["amount"],
         )
     assert [item["type"] for item in items[len(created) :]] == ["topup"] * 3
 
@@ -261,28 +288,47 @@ async def test_transactions_with_an_unknown_type_are_a_validation_error(
         assert_validation_error(response, "type")
 
 
-async def test_transaction_detail_has_one_debit_and_one_credit_of_its_amount(
+# The entries of each flow of some_history, in order: one debit and one credit of each kind it
+# moves, free before paid (the assets spend free credits first); and Alice's balance and paid part
+# after each of her entries.
+HISTORY_ENTRIES = [
+    ([("system:treasury", "debit", "paid", 200), (ALICE, "credit", "paid", 200)], [(1200, 1200)]),
+    ([("system:bonus_pool", "debit", "free", 5), (ALICE, "credit", "free", 5)], [(15, 10)]),
+    ([(ALICE, "debit", "paid", 150), ("system:revenue", "credit", "paid", 150)], [(1050, 1050)]),
+    (
+        [
+            (ALICE, "debit", "free", 5),
+            ("system:revenue", "credit", "free", 5),
+            (ALICE, "debit", "paid", 7),
+            ("system:revenue", "credit", "paid", 7),
+        ],
+        [(10, 10), (3, 3)],
+    ),
+    ([("system:bonus_pool", "debit", "free", 1), (ALICE, "credit", "free", 1)], [(1051, 1050)]),
+]
+
+
+async def test_transaction_detail_has_a_debit_and_a_credit_of_each_kind_it_moves(
     client: httpx.AsyncClient,
 ) -> None:
     created = await some_history(client)
 
-    for transaction in created:
+    for transaction, (expected, alices) in zip(created, HISTORY_ENTRIES, strict=True):
         detail = await get_ok(
             client, f"{API}/wallet/transactions/{ALICE}/{transaction['transactionId']}"
         )
         assert set(detail) == set(transaction) | {"entries"}
         assert {name: detail[name] for name in transaction} == transaction
-        assert len(detail["entries"]) == 2
-        assert sorted(e["direction"] for e in detail["entries"]) == ["credit", "debit"]
         for entry in detail["entries"]:
             assert_entry(entry)
             assert entry["transactionId"] == transaction["transactionId"]
             assert entry["assetSymbol"] == transaction["assetSymbol"]
-            assert entry["amount"] == transaction["amount"]
-        (own,) = (e for e in detail["entries"] if e["account"] == ALICE)
-        assert own["balanceAfter"] == transaction["balanceAfter"]
-        (other,) = (e for e in detail["entries"] if e["account"] != ALICE)
-        assert other["account"].startswith("system:")
+        assert moves(detail["entries"]) == expected
+        own = [
+            (e["balanceAfter"], e["paidAfter"]) for e in detail["entries"] if e["account"] == ALICE
+        ]
+        assert own == alices
+        assert own[-1][0] == transaction["balanceAfter"]
 
 
 async def test_transaction_of_another_user_is_not_found(client: httpx.AsyncClient) -> None:
@@ -325,15 +371,26 @@ async def test_ledger_is_newest_first_and_replays_each_balance_after_chain(
         assert entry["account"] == ALICE
     entry_ids = [entry["entryId"] for entry in entries]
     assert entry_ids == sorted(set(entry_ids), reverse=True)  # distinct, sortable ids
-    assert [e["transactionId"] for e in entries] == [
+    # One entry per kind a transaction moves: the spend of 12 DIAMONDS has two of Alice's.
+    assert list(dict.fromkeys(e["transactionId"] for e in entries)) == [
         t["transactionId"] for t in transactions["items"]
     ]
+    assert len(entries) == len(transactions["items"]) + 1
     balance: dict[str, int] = defaultdict(int)
+    paid: dict[str, int] = defaultdict(int)
     for entry in reversed(entries):
         sign = 1 if entry["direction"] == "credit" else -1
         balance[entry["assetSymbol"]] += sign * entry["amount"]
-        assert entry["balanceAfter"] == balance[entry["assetSymbol"]], entry
+        if entry["kind"] == "paid":
+            paid[entry["assetSymbol"]] += sign * entry["amount"]
+        assert (entry["balanceAfter"], entry["paidAfter"]) == (
+            balance[entry["assetSymbol"]],
+            paid[entry["assetSymbol"]],
+        ), entry
     assert dict(balance) == await balances_of(client, ALICE)
+    assert dict(paid) == {
+        symbol: (await kinds_of(client, ALICE, symbol))["paid"] for symbol in ASSET_NAMES
+    }
 
 
 async def test_ledger_filters_by_asset(client: httpx.AsyncClient) -> None:

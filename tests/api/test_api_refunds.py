@@ -23,6 +23,8 @@ from api_checks import (
     created,
     flow_body,
     key_id_of,
+    kinds_of,
+    moves,
     new_key,
     post_flow,
     post_refund,
@@ -33,11 +35,12 @@ from api_checks import (
 )
 
 UNKNOWN_TRANSACTION = "01a213cc-6477-716a-bb08-b23f082a45d5"
-# What a refund or reversal gives back, and the account it moves between with the user.
+# What a refund or reversal gives back, the account it moves between with the user, and the kind
+# of credits it moves (API-credits.md: Bob's seeded GOLD_COINS, which his spend takes, are paid).
 GIVEN_BACK = {
-    "spend": ("refund", "system:revenue"),
-    "topup": ("reversal", "system:treasury"),
-    "bonus": ("reversal", "system:bonus_pool"),
+    "spend": ("refund", "system:revenue", "paid"),
+    "topup": ("reversal", "system:treasury", "paid"),
+    "bonus": ("reversal", "system:bonus_pool", "free"),
 }
 
 
@@ -54,9 +57,10 @@ def assert_refund(
     balance_after: int,
     key: str,
     created_by: str,
+    paid_amount: int,
     reason: str | None = None,
 ) -> None:
-    """A refund or reversal exactly as API-ledger.md describes it."""
+    """A refund or reversal exactly as API-ledger.md and API-credits.md describe it."""
     assert set(body) == TRANSACTION_FIELDS | {"refundOf", "reason"}, body
     assert isinstance(body["transactionId"], str)
     assert body["transactionId"] != of["transactionId"]
@@ -66,6 +70,8 @@ def assert_refund(
         "userId": of["userId"],
         "assetSymbol": of["assetSymbol"],
         "amount": amount,
+        "paidAmount": paid_amount,
+        "freeAmount": amount - paid_amount,
         "balanceAfter": balance_after,
         "idempotencyKey": key,
         "createdBy": created_by,
@@ -87,7 +93,7 @@ async def test_refund_gives_the_whole_amount_back_between_the_documented_account
     )
 
     refund = created(response)
-    kind, system = GIVEN_BACK[flow]
+    kind, system, credits = GIVEN_BACK[flow]
     assert_refund(
         refund,
         kind=kind,
@@ -96,6 +102,7 @@ async def test_refund_gives_the_whole_amount_back_between_the_documented_account
         balance_after=1000,
         key=key,
         created_by=await key_id_of(client),
+        paid_amount=300 if credits == "paid" else 0,
         reason="order 17 cancelled",
     )
     assert await standing_of(client, BOB, "GOLD_COINS") == {
@@ -103,14 +110,15 @@ async def test_refund_gives_the_whole_amount_back_between_the_documented_account
         "held": 0,
         "available": 1000,
     }
+    assert await kinds_of(client, BOB, "GOLD_COINS") == {"paid": 1000, "free": 0}
     detail = await transaction_detail(client, refund["transactionId"], BOB)
     assert {name: detail[name] for name in refund} == refund
     for entry in detail["entries"]:
         assert_entry(entry)
     user_gets_back = flow == "spend"
-    assert [(e["account"], e["direction"], e["amount"]) for e in detail["entries"]] == [
-        (system if user_gets_back else BOB, "debit", 300),
-        (BOB if user_gets_back else system, "credit", 300),
+    assert moves(detail["entries"]) == [
+        (system if user_gets_back else BOB, "debit", credits, 300),
+        (BOB if user_gets_back else system, "credit", credits, 300),
     ]
     assert (await transactions_of(client, BOB))[0] == refund
 
@@ -118,14 +126,27 @@ async def test_refund_gives_the_whole_amount_back_between_the_documented_account
 async def test_partial_refunds_add_up_to_the_original_and_the_default_is_what_is_left(
     client: httpx.AsyncClient,
 ) -> None:
-    spend = await post_ok(client, "spend", amount=300)
+    await post_ok(client, "bonus", amount=40)
+    spend = await post_ok(client, "spend", amount=300)  # 40 free, then 260 paid
 
     first = created(await post_refund(client, spend["transactionId"], amount=100))
     second = created(await post_refund(client, spend["transactionId"], amount=50))
     rest = created(await post_refund(client, spend["transactionId"]))
 
     assert [r["amount"] for r in (first, second, rest)] == [100, 50, 150]
-    assert [r["balanceAfter"] for r in (first, second, rest)] == [800, 850, 1000]
+    assert [r["balanceAfter"] for r in (first, second, rest)] == [840, 890, 1040]
+    # Paid credits come back first: the 260 paid, then the 40 free.
+    assert [(r["paidAmount"], r["freeAmount"]) for r in (first, second, rest)] == [
+        (100, 0),
+        (50, 0),
+        (110, 40),
+    ]
+    assert moves((await transaction_detail(client, rest["transactionId"]))["entries"]) == [
+        ("system:revenue", "debit", "paid", 110),
+        (ALICE, "credit", "paid", 110),
+        ("system:revenue", "debit", "free", 40),
+        (ALICE, "credit", "free", 40),
+    ]
     refunds = [r["transactionId"] for r in (first, second, rest)]
     detail = await transaction_detail(client, spend["transactionId"])
     assert (detail["refundedAmount"], detail["refunds"]) == (300, refunds)
@@ -134,10 +155,11 @@ async def test_partial_refunds_add_up_to_the_original_and_the_default_is_what_is
         response = await post_refund(client, spend["transactionId"], **fields)
         assert_problem(response, 409, "refund_exceeds_original")
     assert await standing_of(client, ALICE, "GOLD_COINS") == {
-        "balance": 1000,
+        "balance": 1040,
         "held": 0,
-        "available": 1000,
+        "available": 1040,
     }
+    assert await kinds_of(client, ALICE, "GOLD_COINS") == {"paid": 1000, "free": 40}
 
 
 async def test_a_refund_above_what_is_left_is_refused_finally(client: httpx.AsyncClient) -> None:
@@ -160,12 +182,11 @@ async def test_a_refund_above_what_is_left_is_refused_finally(client: httpx.Asyn
     assert created(await post_refund(client, spend["transactionId"], amount=100))["amount"] == 100
 
 
-@pytest.mark.parametrize("flow", ["topup", "bonus"])
-async def test_a_reversal_of_what_the_user_no_longer_has_is_insufficient_funds(
-    client: httpx.AsyncClient, flow: str
+async def test_a_reversal_of_paid_credits_the_user_no_longer_has_is_insufficient_funds(
+    client: httpx.AsyncClient,
 ) -> None:
-    original = await post_ok(client, flow, amount=200)
-    await post_ok(client, "spend", amount=1101)  # 99 left of 1200
+    original = await post_ok(client, "topup", amount=200)
+    await post_ok(client, "spend", amount=1101)  # 99 paid left of 1200
     before = await account_state(client, ALICE)
     key = new_key()
 
@@ -177,7 +198,34 @@ async def test_a_reversal_of_what_the_user_no_longer_has_is_insufficient_funds(
     replayed = await post_refund(client, original["transactionId"], idempotencyKey=key)
     assert_problem(replayed, 422, "insufficient_funds")
     assert replayed.headers["idempotent-replayed"] == "true"
-    assert created(await post_refund(client, original["transactionId"]))["amount"] == 200
+    reversal = created(await post_refund(client, original["transactionId"]))
+    assert (reversal["amount"], reversal["paidAmount"], reversal["balanceAfter"]) == (200, 200, 399)
+
+
+async def test_a_bonus_reversal_takes_back_free_credits_only(client: httpx.AsyncClient) -> None:
+    original = await post_ok(client, "bonus", amount=200)
+    await post_ok(client, "spend", amount=1101)  # the 200 free first: 99 paid left, no free
+    before = await account_state(client, ALICE)
+    key = new_key()
+
+    response = await post_refund(client, original["transactionId"], idempotencyKey=key)
+
+    assert_problem(response, 422, "insufficient_funds")
+    assert await account_state(client, ALICE) == before
+    await post_ok(client, "topup", amount=500)  # paid credits do not make up for free ones
+    replayed = await post_refund(client, original["transactionId"], idempotencyKey=key)
+    assert_problem(replayed, 422, "insufficient_funds")
+    assert replayed.headers["idempotent-replayed"] == "true"
+    response = await post_refund(client, original["transactionId"])
+    assert_problem(response, 422, "insufficient_funds")
+    assert await kinds_of(client, ALICE, "GOLD_COINS") == {"paid": 599, "free": 0}
+    await post_ok(client, "bonus", amount=150)  # free credits again, but fewer than 200
+    assert_problem(await post_refund(client, original["transactionId"]), 422, "insufficient_funds")
+    await post_ok(client, "bonus", amount=50)
+    reversal = created(await post_refund(client, original["transactionId"]))
+    assert (reversal["amount"], reversal["freeAmount"], reversal["balanceAfter"]) == (200, 200, 599)
+    assert await kinds_of(client, ALICE, "GOLD_COINS") == {"paid": 599, "free": 0}
+    assert await transactions_of(client, ALICE, type="reversal") == [reversal]
 
 
 async def test_a_reversal_of_coins_that_are_held_is_insufficient_funds(

@@ -116,7 +116,9 @@ async def test_a_flow_request_is_a_server_span_with_its_database_spans_beneath(
 
 
 def _has_tracing(app: FastAPI) -> bool:
-    return any(middleware.cls is OpenTelemetryMiddleware for middleware in app.user_middleware)
+    # Starlette types `cls` as a middleware factory, which a class is too.
+    middleware_classes: list[object] = [middleware.cls for middleware in app.user_middleware]
+    return OpenTelemetryMiddleware in middleware_classes
 
 
 async def _health_and_a_read(app: FastAPI, key: str) -> tuple[httpx.Response, httpx.Response]:

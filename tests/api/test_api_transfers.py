@@ -23,6 +23,8 @@ from api_checks import (
     created,
     flow_body,
     key_id_of,
+    kinds_of,
+    moves,
     post_flow,
     transaction_detail,
     transactions_of,
@@ -42,8 +44,10 @@ def assert_transfer(
     to_user: str = BOB,
     asset: str = "GOLD_COINS",
     description: str | None = None,
+    paid_amount: int | None = None,
 ) -> None:
-    """A transfer exactly as API-ledger.md describes it."""
+    """A transfer exactly as API-ledger.md and API-credits.md describe it: by default of paid
+    credits only, as the seed's balances are."""
     assert set(body) == TRANSACTION_FIELDS | {"toUserId", "description"}, body
     assert isinstance(body["transactionId"], str)
     assert body["transactionId"]
@@ -54,6 +58,8 @@ def assert_transfer(
         "toUserId": to_user,
         "assetSymbol": asset,
         "amount": amount,
+        "paidAmount": amount if paid_amount is None else paid_amount,
+        "freeAmount": 0 if paid_amount is None else amount - paid_amount,
         "balanceAfter": balance_after,
         "idempotencyKey": key,
         "createdBy": created_by,
@@ -87,8 +93,42 @@ async def test_transfer_moves_coins_from_the_sender_to_the_receiver(
     for entry in detail["entries"]:
         assert_entry(entry)
     assert [
-        (e["account"], e["direction"], e["amount"], e["balanceAfter"]) for e in detail["entries"]
-    ] == [(ALICE, "debit", 300, 700), (BOB, "credit", 300, 1300)]
+        (*move, e["balanceAfter"], e["paidAfter"])
+        for move, e in zip(moves(detail["entries"]), detail["entries"], strict=True)
+    ] == [(ALICE, "debit", "paid", 300, 700, 700), (BOB, "credit", "paid", 300, 1300, 1300)]
+
+
+async def test_a_transfer_passes_on_the_kinds_the_sender_gave_up(
+    client: httpx.AsyncClient,
+) -> None:
+    created(await post_flow(client, "bonus", flow_body(amount=40)))
+    body = transfer_body(amount=300)
+
+    sent = created(await post_flow(client, "transfer", body))
+
+    assert_transfer(
+        sent,
+        amount=300,
+        balance_after=740,
+        key=body["idempotencyKey"],
+        created_by=await key_id_of(client),
+        paid_amount=260,  # the 40 free credits first
+    )
+    assert await kinds_of(client, ALICE, "GOLD_COINS") == {"paid": 740, "free": 0}
+    assert await kinds_of(client, BOB, "GOLD_COINS") == {"paid": 1260, "free": 40}
+    entries = (await transaction_detail(client, sent["transactionId"], BOB))["entries"]
+    for entry in entries:
+        assert_entry(entry)
+    assert [
+        (*move, e["balanceAfter"], e["paidAfter"])
+        for move, e in zip(moves(entries), entries, strict=True)
+    ] == [
+        (ALICE, "debit", "free", 40, 1000, 1000),
+        (BOB, "credit", "free", 40, 1040, 1000),
+        (ALICE, "debit", "paid", 260, 740, 740),
+        (BOB, "credit", "paid", 260, 1300, 1260),
+    ]
+    assert (await transactions_of(client, BOB))[0] == {**sent, "balanceAfter": 1300}
 
 
 async def test_a_transfer_is_in_both_lists_with_each_users_balance_after_it(

@@ -1,7 +1,8 @@
 """`wallet bench` end to end at a tiny size: the load run prints its provenance and one row per
-cell and configuration with the ratio to the first, single flows and the mixed load (spends,
-transfers, holds and their captures) alike, then verifies the ledger; `--populate` loads a
-ledger that `wallet verify` accepts and shows index scans. Smoke tests, not timing assertions."""
+cell and configuration with the ratio to the first, single flows, spends of expiring credits
+(with their ratio to plain spends) and the mixed load (spends, transfers, holds and their
+captures) alike, then verifies the ledger; `--populate` loads a 1.3 ledger of paid and free
+credits that `wallet verify` accepts and shows index scans. Smoke tests, not timing assertions."""
 
 import asyncio
 import os
@@ -17,7 +18,15 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from wallet.bench import BenchRefused, Configuration, Mix, load_plan, parse_configuration
+from wallet.bench import (
+    BenchRefused,
+    Configuration,
+    Load,
+    Mix,
+    Variant,
+    load_plan,
+    parse_configuration,
+)
 from wallet.domain.ledger import Flow
 
 pytestmark = pytest.mark.timeout(120)
@@ -69,7 +78,7 @@ def test_bench_configurations_parse_with_their_settings_and_workers() -> None:
             parse_configuration(bad, workers=1)
 
 
-def _plan_of(*, flows: str, users: int = 20) -> tuple[Flow | Mix, ...]:
+def _plan_of(*, flows: str, users: int = 20) -> tuple[Load, ...]:
     plan = load_plan(
         users=users, duration_s=1, warmup_s=0, concurrency="1", scenarios="spread", flows=flows,
         configurations=["on"], workers=1, max_requests=10, is_markdown=False,
@@ -77,10 +86,11 @@ def _plan_of(*, flows: str, users: int = 20) -> tuple[Flow | Mix, ...]:
     return plan.flows
 
 
-def test_bench_drives_the_single_flows_and_the_mixed_load_only() -> None:
+def test_bench_drives_the_single_flows_spends_of_expiring_credits_and_the_mixed_load_only() -> None:
     assert _plan_of(flows="spend,mixed,topup") == (Flow.SPEND, Mix.MIXED, Flow.TOPUP)
-    for not_driven in ("transfer", "refund", "hold", "nothing"):
-        with pytest.raises(BenchRefused, match="flows: spend, topup, bonus, mixed"):
+    assert _plan_of(flows="spend-expiring,spend") == (Variant.SPEND_EXPIRING, Flow.SPEND)
+    for not_driven in ("transfer", "refund", "hold", "expiry", "nothing"):
+        with pytest.raises(BenchRefused, match="flows: spend, topup, bonus, mixed, spend-expiring"):
             _plan_of(flows=not_driven)
     with pytest.raises(BenchRefused, match="--users 2 or more"):
         _plan_of(flows="mixed", users=1)
@@ -94,32 +104,30 @@ async def test_bench_prints_a_row_per_cell_and_configuration_then_verifies(
         pytest.skip("wrk is not installed: apt-get install wrk")
     code, output = await wallet_command(
         *("bench", "--users", "20", "--duration", "1", "--warmup", "0"),
-        *("--concurrency", "1,4", "--scenarios", "spread", "--flows", "spend,mixed"),
-        *("--workers", "1"),
+        *("--concurrency", "1,4", "--scenarios", "spread"),
+        *("--flows", "spend,spend-expiring,mixed", "--workers", "1"),
         database_url=postgres_database_url,
     )
 
     assert code == 0, output
     for line in ("date:", "machine:", "database: postgresql", "client: wrk", "command:"):
         assert f"\n{line}" in f"\n{output}", f"no {line!r} line:\n{output}"
-    for heading in ("configuration", "clients", "req/s", "vs batching off", "p50 ms", "p99 ms"):
-        assert heading in output, f"no {heading!r} column:\n{output}"
-    for heading in ("errors", "wrk CPU%"):
-        assert heading in output, f"no {heading!r} column:\n{output}"
-    row = re.compile(
-        r"^│ batching (off|on)\s+│ spread\s+│ (spend|mixed)\s+│\s+(\d+) │(.*)$", re.MULTILINE
-    )
-    rows = row.findall(output)
-    assert sorted((name, flow, clients) for name, flow, clients, _ in rows) == [
-        (name, flow, clients)
+    assert "\nspend-expiring: spends of LOYALTY_POINTS" in output, output
+    rows = _result_rows(output)
+    assert sorted((r["configuration"], r["flow"], r["clients"]) for r in rows) == [
+        (f"batching {name}", flow, clients)
         for name in ("off", "on")
-        for flow in ("mixed", "spend")
+        for flow in ("mixed", "spend", "spend-expiring")
         for clients in ("1", "4")
     ], output
-    assert all("×" in rest for name, _, _, rest in rows if name == "on"), output
-    # after clients: requests, req/s, the ratio (blank for the baseline), p50, p95, p99, errors
-    errors = [rest.split("│")[6].strip() for _, _, _, rest in rows]
-    assert errors == ["0"] * len(rows), output
+    for heading in ("req/s", "p50 ms", "p99 ms", "wrk CPU%"):
+        assert all(r[heading] for r in rows), f"no {heading!r} column:\n{output}"
+    assert all(
+        ("×" in r["vs batching off"]) == (r["configuration"] == "batching on") for r in rows
+    ), output
+    # each spend of expiring credits against the plain spend of its configuration and clients
+    assert all(("×" in r["vs spend"]) == (r["flow"] == "spend-expiring") for r in rows), output
+    assert [r["errors"] for r in rows] == ["0"] * len(rows), output
     made = re.findall(
         r"spread mixed c=\d+: .* 0 errors \(made: spend (\d+), transfer (\d+), "
         r"hold (\d+), capture (\d+)\)",
@@ -131,6 +139,19 @@ async def test_bench_prints_a_row_per_cell_and_configuration_then_verifies(
     assert "ledger verified: every invariant holds" in output
     await _check_the_load_used_its_own_rate_limited_key(postgres_database_url, output)
     await _check_the_mixed_load_transferred_and_captured(postgres_database_url)
+    await _check_only_the_spends_of_expiring_credits_took_from_lots(postgres_database_url)
+
+
+def _result_rows(output: str) -> list[dict[str, str]]:
+    """The rows of the results table, each cell by its column's heading."""
+    lines = output.splitlines()
+    heading = next(line for line in lines if line.startswith("┃ configuration"))
+    names = [name.strip() for name in heading.strip("┃").split("┃")]
+    return [
+        dict(zip(names, (cell.strip() for cell in line.strip("│").split("│")), strict=True))
+        for line in lines
+        if line.startswith("│ batching")
+    ]
 
 
 async def _check_the_load_used_its_own_rate_limited_key(database_url: str, output: str) -> None:
@@ -192,8 +213,39 @@ async def _check_the_mixed_load_transferred_and_captured(database_url: str) -> N
     assert captured, "the mixed load captured no hold"
 
 
+async def _check_only_the_spends_of_expiring_credits_took_from_lots(database_url: str) -> None:
+    """The load's spends of LOYALTY_POINTS took free credits, each from a lot; its spends of
+    GOLD_COINS (spend, mixed) took paid credits from no lot."""
+    engine = create_async_engine(database_url)
+    try:
+        async with engine.connect() as connection:
+            spends = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT t.asset_symbol, count(*),"
+                        " count(*) FILTER (WHERE t.paid_amount = 0),"
+                        " count(*) FILTER (WHERE EXISTS (SELECT 1 FROM lot_moves m"
+                        " WHERE m.transaction_id = t.id AND m.amount < 0))"
+                        " FROM transactions t WHERE t.type = 'spend'"
+                        " AND t.idempotency_key LIKE 'bench-%'"
+                        " AND t.idempotency_key NOT LIKE 'bench-fund-%'"
+                        " GROUP BY t.asset_symbol"
+                    )
+                )
+            ).all()
+    finally:
+        await engine.dispose()
+    by_asset = {asset: (count, free, from_lots) for asset, count, free, from_lots in spends}
+    assert set(by_asset) == {"GOLD_COINS", "LOYALTY_POINTS"}, spends
+    gold, _, _ = by_asset["GOLD_COINS"]
+    loyalty, _, _ = by_asset["LOYALTY_POINTS"]
+    assert by_asset == {"GOLD_COINS": (gold, 0, 0), "LOYALTY_POINTS": (loyalty,) * 3}
+    assert gold > 0
+    assert loyalty > 0
+
+
 @pytest.mark.postgres_only
-async def test_bench_populate_loads_a_ledger_that_verifies_and_reads_by_index(
+async def test_bench_populate_loads_paid_and_free_credits_that_verify_and_read_by_index(
     scratch_url: str,
 ) -> None:
     code, output = await wallet_command(
@@ -219,10 +271,35 @@ async def test_bench_populate_loads_a_ledger_that_verifies_and_reads_by_index(
                     )
                 )
             ).scalar()
+            # per kind of spend: how many, and how many left the user free credits
+            spent = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT e.kind, count(*), count(*) FILTER (WHERE e.balance_after >"
+                        " e.paid_after) FROM entries e JOIN transactions t"
+                        " ON t.id = e.transaction_id WHERE t.type = 'spend'"
+                        " AND e.direction = 'debit' GROUP BY e.kind"
+                    )
+                )
+            ).all()
+            lots, expiring = (
+                await connection.execute(
+                    sa.text(
+                        "SELECT (SELECT count(*) FROM lots),"
+                        " (SELECT coalesce(sum(expiring), 0) FROM balances)"
+                    )
+                )
+            ).one()
     finally:
         await engine.dispose()
     assert entries == 2000 + 12  # and the seed's 6 transactions
     assert backwards == 0
+    by_kind = {kind: (count, leaving_free) for kind, count, leaving_free in spent}
+    assert set(by_kind) == {"free", "paid"}, spent
+    assert by_kind["free"][0] > 0
+    assert by_kind["paid"][0] > 0
+    assert by_kind["paid"][1] == 0, "a spend took paid credits while free ones were left"
+    assert (lots, expiring) == (0, 0)  # history from before any lifetime applied
 
     code, output = await wallet_command(
         "bench", "--populate", "--populate-users", "10", "--populate-entries", "20",

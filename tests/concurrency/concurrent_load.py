@@ -113,10 +113,19 @@ async def new_users(client: httpx.AsyncClient, *, label: str, count: int) -> lis
 
 
 async def balance(client: httpx.AsyncClient, user_id: str, asset: str = GOLD) -> int:
+    return (await balance_parts(client, user_id, asset))[0]
+
+
+async def balance_parts(
+    client: httpx.AsyncClient, user_id: str, asset: str = GOLD
+) -> tuple[int, int]:
+    """The user's balance of the asset and its paid part; neither part is ever negative."""
     response = await client.get(f"{API}/wallet/balance/{user_id}/{asset}")
     assert response.status_code == 200, response.text
-    amount: int = response.json()["balance"]
-    return amount
+    body = response.json()
+    assert body["paid"] + body["free"] == body["balance"], body
+    assert min(body["paid"], body["free"]) >= 0, body
+    return body["balance"], body["paid"]
 
 
 async def _all_pages(
@@ -270,6 +279,15 @@ def without_request_id(body: dict[str, Any]) -> dict[str, Any]:
     return {name: value for name, value in body.items() if name != "requestId"}
 
 
+def _has_its_kinds(body: dict[str, Any]) -> bool:
+    """A transaction's paid and free amounts make its amount; a top-up's are all paid, a
+    bonus's all free."""
+    paid: int = body.get("paidAmount", -1)
+    free: int = body.get("freeAmount", -1)
+    issued = {"topup": free == 0, "bonus": paid == 0}.get(body.get("type", ""), True)
+    return min(paid, free) >= 0 and paid + free == body.get("amount") and issued
+
+
 def check_replies(replies: Sequence[Reply]) -> dict[str, Reply]:
     """Check every key's replies against the idempotency contract; return the applied (201)
     reply of each key that was applied. A refusal by the ledger's state (422
@@ -320,7 +338,12 @@ def check_replies(replies: Sequence[Reply]) -> dict[str, Reply]:
                 body.get("amount"),
                 body.get("idempotencyKey"),
             )
-            if sent != got or reply.is_replayed or body.get("balanceAfter", -1) < 0:
+            if (
+                sent != got
+                or reply.is_replayed
+                or body.get("balanceAfter", -1) < 0
+                or not _has_its_kinds(body)
+            ):
                 problems.append(f"201 does not describe its request: {reply}")
             applied[key] = reply
         for reply in replayed:
@@ -378,22 +401,38 @@ def _out_of_order(listed: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any]
 
 async def check_order_of_application(client: httpx.AsyncClient, user_id: str) -> None:
     """Per asset, for a user who started with nothing: read oldest first, the user's entries and
-    transactions replay the balanceAfter chain from zero, in the same order, and createdAt never
-    goes back. (Two transactions of different assets share no row, so they may apply side by
-    side; their relative order is not checked.)"""
+    transactions replay the balanceAfter chain (and the entries the paidAfter chain, never
+    below zero nor above the balance) from zero, in the same order, each transaction's entries
+    (one per kind) stating its paid and free amounts, and createdAt never goes back. (Two
+    transactions of different assets share no row, so they may apply side by side; their
+    relative order is not checked.)"""
     entries = _by_asset(await entries_of(client, user_id))
     history = _by_asset(await transactions_of(client, user_id))
     assert entries.keys() == history.keys(), f"{user_id}: entries and transactions disagree"
     for asset, listed in entries.items():
         where = f"{user_id} {asset}"
-        running = 0
+        running = running_paid = 0
         for entry in reversed(listed):
-            running += entry["amount"] if entry["direction"] == "credit" else -entry["amount"]
+            signed = entry["amount"] if entry["direction"] == "credit" else -entry["amount"]
+            running += signed
+            running_paid += signed if entry["kind"] == "paid" else 0
             assert entry["balanceAfter"] == running, f"{where}: {entry} breaks the chain"
+            assert entry["paidAfter"] == running_paid, f"{where}: {entry} breaks the paid chain"
+            assert 0 <= running_paid <= running, f"{where}: {entry} leaves a paid part out of range"
         transactions = history[asset]
-        assert [e["transactionId"] for e in listed] == [t["transactionId"] for t in transactions], (
+        listed_ids = list(dict.fromkeys(e["transactionId"] for e in listed))
+        assert listed_ids == [t["transactionId"] for t in transactions], (
             f"{where}: entries and transactions listed in different orders"
         )
+        moved: dict[str, dict[str, int]] = defaultdict(dict)
+        for entry in listed:
+            moved[entry["transactionId"]][entry["kind"]] = entry["amount"]
+        for transaction in transactions:
+            stated = {"paid": transaction["paidAmount"], "free": transaction["freeAmount"]}
+            kinds = moved[transaction["transactionId"]]
+            assert kinds == {kind: amount for kind, amount in stated.items() if amount}, (
+                f"{where}: {transaction} has entries of {kinds}"
+            )
         running = 0
         for transaction in reversed(transactions):
             running += SIGN[transaction["type"]] * transaction["amount"]
@@ -419,9 +458,11 @@ async def check_load(
     refusals_replayed = await check_refusals_are_final(client, replies)
 
     expected: Counter[tuple[str, str]] = Counter()
+    expected_paid: Counter[tuple[str, str]] = Counter()
     for reply in applied.values():
         r = reply.request
         expected[(r.user_id, r.asset)] += SIGN[r.flow] * r.amount
+        expected_paid[(r.user_id, r.asset)] += SIGN[r.flow] * reply.body["paidAmount"]
 
     histories = await asyncio.gather(*(transactions_of(client, user) for user in users))
     in_ledger = [t for history in histories for t in history]
@@ -440,13 +481,13 @@ async def check_load(
     await asyncio.gather(*(check_order_of_application(client, user) for user in users))
 
     pairs = [(user, asset) for user in users for asset in assets]
-    actual = await asyncio.gather(*(balance(client, user, asset) for user, asset in pairs))
+    actual = await asyncio.gather(*(balance_parts(client, user, asset) for user, asset in pairs))
     wrong = {
-        pair: (got, expected[pair])
+        pair: (got, (expected[pair], expected_paid[pair]))
         for pair, got in zip(pairs, actual, strict=True)
-        if got != expected[pair]
+        if got != (expected[pair], expected_paid[pair])
     }
-    assert not wrong, f"(user, asset): (balance, sum of applied flows): {wrong}"
+    assert not wrong, f"(user, asset): ((balance, paid), sum of applied flows): {wrong}"
 
     duplicated = Counter(r.request.key for r in replies)
     return LoadReport(

@@ -236,7 +236,7 @@ async def test_a_restored_dump_verifies_and_holds_every_row_of_the_source(
     source = open_database(postgres_database_url)
     try:
         users = [ALICE, BOB, *await write_a_ledger(source)]
-        source_balances = [await Wallet(source).balances(user_id=user) for user in users]
+        source_balances = [await Wallet(source).standings(user_id=user) for user in users]
     finally:
         await source.close()
     before = await snapshot(postgres_database_url)
@@ -255,7 +255,7 @@ async def test_a_restored_dump_verifies_and_holds_every_row_of_the_source(
     try:
         assert await schema_state(restored) is None, "the copy is at the newest migration"
         wallet = Wallet(restored)
-        assert [await wallet.balances(user_id=user) for user in users] == source_balances
+        assert [await wallet.standings(user_id=user) for user in users] == source_balances
         # The service carries on on the copy: its sequences were restored with the rows.
         await wallet.execute(flow(Flow.TOPUP, ALICE, 7))
         assert all(check.is_clean for check in await verify(restored))

@@ -130,13 +130,18 @@ async def test_concurrent_overlapping_batches_apply_each_key_once(
         stored = {row.idempotency_key: row.n for row in rows}
     assert stored == dict.fromkeys(sent_keys, 1)
 
+    # Per user and asset, the balance and its paid part: the opening top-ups' (all paid), plus
+    # what each applied command moved, of each kind as its transaction says.
     expected = Counter(opening)
+    expected_paid = Counter(opening)
     for command in pool:
         if command.idempotency_key in sent_keys:
-            expected[(command.user_id, command.asset_symbol)] += SIGN[command.action] * (
-                command.amount or 0
-            )
+            made = outcomes[command.idempotency_key][0].transaction
+            account = (made.user_id, made.asset_symbol)
+            expected[account] += SIGN[command.action] * made.amount
+            expected_paid[account] += SIGN[command.action] * made.paid_amount
     for user, asset in opening:
-        assert await wallet.balance(user_id=user, asset_symbol=asset) == expected[(user, asset)]
+        (got,) = await wallet.standings(user_id=user, asset_symbol=asset)
+        assert (got.balance, got.paid) == (expected[(user, asset)], expected_paid[(user, asset)])
 
     await assert_ledger_verifies(postgres_database_url)

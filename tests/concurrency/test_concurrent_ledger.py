@@ -27,6 +27,7 @@ from concurrent_load import (
     ConnectionPeak,
     FlowRequest,
     assert_ledger_verifies,
+    balance_parts,
     create_key_with_cli,
     in_process_client,
     network_client,
@@ -280,12 +281,14 @@ async def assert_ledger_sound(database_url: str) -> None:
     await assert_held_is_sum_of_holds(database_url)
 
 
-async def system_balances(database_url: str) -> dict[tuple[str, str], int]:
+async def system_balances(database_url: str) -> dict[tuple[str, str], tuple[int, int]]:
+    """Each system account's balance of each asset and its paid part."""
     rows = await query(
         database_url,
-        "SELECT account_id, asset_symbol, balance FROM balances WHERE account_id LIKE 'system:%'",
+        "SELECT account_id, asset_symbol, balance, paid FROM balances"
+        " WHERE account_id LIKE 'system:%'",
     )
-    return {(row.account_id, row.asset_symbol): row.balance for row in rows}
+    return {(row.account_id, row.asset_symbol): (row.balance, row.paid) for row in rows}
 
 
 async def swept_statuses(database_url: str, user: str, *, timeout_s: float = 30) -> dict[str, int]:
@@ -310,17 +313,23 @@ async def swept_statuses(database_url: str, user: str, *, timeout_s: float = 30)
 # ---- the wallet ----------------------------------------------------------------------------
 
 
-async def fund(client: httpx.AsyncClient, user: str, amount: int, asset: str = GOLD) -> None:
-    reply = await send(client, FlowRequest("topup", user, asset, amount, _key("fund")))
+async def fund(
+    client: httpx.AsyncClient, user: str, amount: int, asset: str = GOLD, *, flow: str = "topup"
+) -> None:
+    """Give the user paid credits (a top-up) or free ones (`flow="bonus"`)."""
+    reply = await send(client, FlowRequest(flow, user, asset, amount, _key("fund")))
     assert reply.status == 201, reply
 
 
 async def standing(client: httpx.AsyncClient, user: str, asset: str = GOLD) -> dict[str, int]:
-    """The user's balance, held and available of the asset."""
+    """The user's balance, held and available of the asset (of which credits never expire
+    here); its paid and free parts are never negative."""
     response = await client.get(f"{API}/wallet/balance/{user}/{asset}")
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["available"] == body["balance"] - body["held"], body
+    assert body["paid"] + body["free"] == body["balance"], body
+    assert min(body["paid"], body["free"]) >= 0, body
     return {name: body[name] for name in ("balance", "held", "available")}
 
 
@@ -673,17 +682,21 @@ async def check_transfers(
     answers: Sequence[Answer],
     *,
     users: Sequence[str],
-    opening: dict[str, int],
+    opening: dict[str, tuple[int, int]],
 ) -> None:
-    """Every transfer applied (201, describing its request) or found the sender short; each
-    user's balance of each asset is their opening plus what the 201s say they received minus
-    what they sent, so each asset's sum over the users is unchanged; each applied transfer is
-    listed by both its users, each list replaying its user's balanceAfter chain."""
+    """Every transfer applied (201, describing its request and the kinds it moved) or found the
+    sender short; each user's balance of each asset, and its paid part, is their opening plus
+    what the 201s say they received minus what they sent, so each asset's sum over the users is
+    unchanged, per kind too; each applied transfer is listed by both its users, each list
+    replaying its user's balanceAfter chain."""
     assert_outcomes(answers, (201, None), (422, "insufficient_funds"))
     applied = [a for a in answers if a.status == 201]
     assert len(applied) > len(answers) // 2, f"{len(applied)} of {len(answers)} applied"
     expected: Counter[tuple[str, str]] = Counter(
-        {(user, asset): amount for user in users for asset, amount in opening.items()}
+        {(user, asset): paid + free for user in users for asset, (paid, free) in opening.items()}
+    )
+    expected_paid: Counter[tuple[str, str]] = Counter(
+        {(user, asset): paid for user in users for asset, (paid, _) in opening.items()}
     )
     for answer in applied:
         sent, body = answer.sent, answer.body
@@ -703,15 +716,20 @@ async def check_transfers(
             sent["idempotencyKey"],
         ), answer
         assert body["balanceAfter"] >= 0, answer
-        expected[(sent["fromUserId"], sent["assetSymbol"])] -= sent["amount"]
-        expected[(sent["toUserId"], sent["assetSymbol"])] += sent["amount"]
+        assert body["paidAmount"] + body["freeAmount"] == body["amount"], answer
+        for user, sign in ((sent["fromUserId"], -1), (sent["toUserId"], 1)):
+            expected[(user, sent["assetSymbol"])] += sign * sent["amount"]
+            expected_paid[(user, sent["assetSymbol"])] += sign * body["paidAmount"]
     for user in users:
         for asset in opening:
             got = await standing(client, user, asset)
             assert got["balance"] == expected[(user, asset)], (user, asset, got)
             assert got["held"] == 0, (user, asset, got)
-    for asset, amount in opening.items():
-        assert sum(expected[(user, asset)] for user in users) == amount * len(users), asset
+            parts = await balance_parts(client, user, asset)
+            assert parts == (expected[(user, asset)], expected_paid[(user, asset)]), (user, asset)
+    for asset, (paid, free) in opening.items():
+        assert sum(expected[(user, asset)] for user in users) == (paid + free) * len(users), asset
+        assert sum(expected_paid[(user, asset)] for user in users) == paid * len(users), asset
 
     listed: Counter[str] = Counter()
     for user in users:
@@ -725,7 +743,7 @@ async def check_transfers(
 async def test_crossing_transfers_never_deadlock_and_conserve_every_coin(
     app_settings: Settings, api_key: str
 ) -> None:
-    opening = {GOLD: 1000, DIAMONDS: 500}
+    opening = {GOLD: (600, 400), DIAMONDS: (300, 200)}  # paid, free: transfers pass on both
     url = _url(app_settings)
     errors = DatabaseErrors()
     async with in_process_client(app_settings, key=api_key, peak=errors) as client:
@@ -734,9 +752,10 @@ async def test_crossing_transfers_never_deadlock_and_conserve_every_coin(
         users = pair + ring
         await asyncio.gather(
             *(
-                fund(client, user, amount, asset)
+                fund(client, user, amount, asset, flow=flow)
                 for user in users
-                for asset, amount in opening.items()
+                for asset, parts in opening.items()
+                for flow, amount in zip(("topup", "bonus"), parts, strict=True)
             )
         )
         system_before = await system_balances(url)
@@ -1206,7 +1225,7 @@ async def test_two_workers_racing_transfers_captures_and_releases_keep_every_inv
     are separate, so transactions of both cross on the same users and race for the same holds
     in the database itself."""
     rng = random.Random(1203)
-    opening = {GOLD: 1000, DIAMONDS: 500}
+    opening = {GOLD: (600, 400), DIAMONDS: (300, 200)}  # paid, free
     url = postgres_database_url
     key = await create_key_with_cli(url, label="ledger-race")
     async with (
@@ -1223,13 +1242,16 @@ async def test_two_workers_racing_transfers_captures_and_releases_keep_every_inv
         users = pair + ring
         escrow = await new_user(client, label="served-escrow")
         await asyncio.gather(
-            fund(client, escrow, 1000),
             *(
-                fund(client, user, amount, asset)
+                fund(client, user, amount, asset, flow=flow)
                 for user in users
-                for asset, amount in opening.items()
+                for asset, parts in opening.items()
+                for flow, amount in zip(("topup", "bonus"), parts, strict=True)
             ),
         )
+        # Free credits first: the holds reserve the 400 free ones, so the paid ones stay put.
+        await fund(client, escrow, 600)
+        await fund(client, escrow, 400, flow="bonus")
         race = HoldRace.of(await place_holds(client, escrow, count=20, amount=20))
         calls = crossing_transfers(rng, pair, ring, list(opening)) + race.calls()
         rng.shuffle(calls)
@@ -1244,6 +1266,7 @@ async def test_two_workers_racing_transfers_captures_and_releases_keep_every_inv
             "held": 0,
             "available": 1000 - spent,
         }
+        assert await balance_parts(client, escrow) == (1000 - spent, 600)
         transfers = [a for a in answers if a.path == TRANSFER]
         await check_transfers(client, transfers, users=users, opening=opening)
 

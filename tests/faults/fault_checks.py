@@ -46,6 +46,9 @@ MOVES = {
     "refund": (REVENUE, USER),
 }
 REVERSED_TO = {"topup": TREASURY, "bonus": BONUS_POOL}  # a reversal's credited account
+# The one kind of credit a transaction of these types moves: a top-up gives paid credits and
+# a bonus free ones; a reversal takes back what its original gave.
+ISSUED_KIND = {"topup": "paid", "bonus": "free"}
 EXPIRY_MARGIN_S = 1.0  # holds expiring this close to a read of `held` are left out of its check
 
 
@@ -91,8 +94,27 @@ def _refund_type(operation: Operation) -> str:
     return "refund" if operation.reference["type"] == "spend" else "reversal"
 
 
+def _issued_kind(operation: Operation) -> str | None:
+    """The one kind of credit the operation moves, if it moves one kind only."""
+    if operation.flow == "refund":
+        assert operation.reference is not None
+        return ISSUED_KIND.get(operation.reference["type"])
+    return ISSUED_KIND.get(operation.flow)
+
+
+def _has_its_kinds(body: dict[str, Any], operation: Operation) -> bool:
+    """The transaction's paid and free amounts make its amount, all of one kind where the
+    operation moves only one."""
+    paid, free = body.get("paidAmount"), body.get("freeAmount")
+    if not (isinstance(paid, int) and isinstance(free, int) and min(paid, free) >= 0):
+        return False
+    only = _issued_kind(operation)
+    return paid + free == body.get("amount") and only in (None, "paid" if free == 0 else "free")
+
+
 def _is_transaction(body: dict[str, Any], operation: Operation, *, kind: str, user_id: str) -> bool:
-    """A transaction body of this type, user, asset, amount and key, with a balance after it."""
+    """A transaction body of this type, user, asset, amount and key, with a balance after it
+    and the kinds of credit it moved."""
     return (
         isinstance(body.get("transactionId"), str)
         and (
@@ -105,6 +127,7 @@ def _is_transaction(body: dict[str, Any], operation: Operation, *, kind: str, us
         == (kind, user_id, operation.asset, _amount(operation, body), operation.key)
         and isinstance(body.get("balanceAfter"), int)
         and body["balanceAfter"] >= 0
+        and _has_its_kinds(body, operation)
     )
 
 
@@ -336,13 +359,15 @@ def _moves(transaction: dict[str, Any], operation: Operation) -> tuple[str, str]
 
 
 async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violations) -> None:
-    """Every key answered with a transaction is in the ledger once, as announced, with its two
-    entries; every hold and release answered is in the holds once; nothing else of the run is
-    there; every key refused keeps its refusal, and no other key of the run holds one; per
-    asset the balances sum to zero; no user balance is negative; each user's balances are the
-    replay of the transactions announced to them (transfers, captures, refunds and reversals
-    included); refunds never exceed their original; each hold ended as announced, at most
-    once; `held` is the sum of the holds announced and not ended."""
+    """Every key answered with a transaction is in the ledger once, as announced, with a debit
+    and a credit entry of each kind it moved; every hold and release answered is in the holds
+    once; nothing else of the run is there; every key refused keeps its refusal, and no other
+    key of the run holds one; per asset, and per kind, the balances sum to zero; no user
+    balance nor its paid part is negative, nor the paid part above the balance; each user's
+    balances and their paid parts are the replay of the transactions announced to them
+    (transfers, captures, refunds and reversals included); refunds never exceed their
+    original; each hold ended as announced, at most once; `held` is the sum of the holds
+    announced and not ended."""
     operations = recorder.operations
     sent = {op.key: op for op in operations}
     moving = {op.key: op for op in operations if op.transaction is not None}
@@ -353,13 +378,13 @@ async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violati
     connection = await cluster.connect()
     try:
         rows = await connection.fetch(
-            "SELECT id, type, user_id, to_user_id, asset_symbol, amount, note, metadata,"
-            " idempotency_key, hold_id, refund_of, refunded_amount"
+            "SELECT id, type, user_id, to_user_id, asset_symbol, amount, paid_amount, note,"
+            " metadata, idempotency_key, hold_id, refund_of, refunded_amount"
             " FROM transactions WHERE idempotency_key LIKE $1",
             KEY_PREFIX + "%",
         )
         entry_rows = await connection.fetch(
-            "SELECT e.transaction_id, e.account_id, e.asset_symbol, e.direction, e.amount"
+            "SELECT e.transaction_id, e.account_id, e.asset_symbol, e.direction, e.kind, e.amount"
             " FROM entries e JOIN transactions t ON t.id = e.transaction_id"
             " WHERE t.idempotency_key LIKE $1",
             KEY_PREFIX + "%",
@@ -376,14 +401,16 @@ async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violati
             KEY_PREFIX + "%",
         )
         sums = await connection.fetch(
-            "SELECT asset_symbol, sum(balance) AS total FROM balances GROUP BY asset_symbol"
+            "SELECT asset_symbol, sum(balance) AS total, sum(paid) AS paid FROM balances"
+            " GROUP BY asset_symbol"
         )
         negative = await connection.fetch(
-            "SELECT account_id, asset_symbol, balance FROM balances"
-            " WHERE balance < 0 AND account_id NOT LIKE 'system:%'"
+            "SELECT account_id, asset_symbol, balance, paid FROM balances"
+            " WHERE (balance < 0 OR paid < 0 OR paid > balance)"
+            " AND account_id NOT LIKE 'system:%'"
         )
         user_balances = await connection.fetch(
-            "SELECT account_id, asset_symbol, balance, held FROM balances"
+            "SELECT account_id, asset_symbol, balance, paid, held FROM balances"
             " WHERE account_id = ANY($1::text[])",
             sorted(u for u in users if u is not None),
         )
@@ -417,6 +444,7 @@ async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violati
             row["to_user_id"],
             row["asset_symbol"],
             row["amount"],
+            row["paid_amount"],
             row["note"],
             stored_metadata,
             row["hold_id"],
@@ -429,6 +457,7 @@ async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violati
             operation.to_user_id,
             operation.asset,
             _amount(operation, transaction),
+            transaction["paidAmount"],
             note,
             metadata,
             reference if operation.flow == "capture" else None,
@@ -437,16 +466,21 @@ async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violati
         if got != wanted:
             violations.add(LEDGER, f"ledger row {dict(row)} differs: {operation.describe()}")
         debited, credited = _moves(transaction, operation)
-        pair = sorted(
-            (e["direction"], e["account_id"], e["asset_symbol"], e["amount"])
+        found_entries = sorted(
+            (e["kind"], e["direction"], e["account_id"], e["asset_symbol"], e["amount"])
             for e in entries.get(row["id"], [])
         )
-        expected = [
-            ("credit", credited, operation.asset, row["amount"]),
-            ("debit", debited, operation.asset, row["amount"]),
-        ]
-        if pair != expected:
-            violations.add(LEDGER, f"entries {pair} instead of {expected}: {operation.key}")
+        moved = {"paid": row["paid_amount"], "free": row["amount"] - row["paid_amount"]}
+        expected = sorted(
+            (kind, direction, account, operation.asset, amount)
+            for kind, amount in moved.items()
+            if amount
+            for direction, account in (("credit", credited), ("debit", debited))
+        )
+        if found_entries != expected:
+            violations.add(
+                LEDGER, f"entries {found_entries} instead of {expected}: {operation.key}"
+            )
 
     for key in by_key:
         if key not in moving:
@@ -472,24 +506,33 @@ async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violati
         )
 
     for row in sums:
-        if row["total"] != 0:
-            violations.add(BALANCES, f"{row['asset_symbol']} sums to {row['total']}, not 0")
+        if (row["total"], row["paid"]) != (0, 0):
+            violations.add(
+                BALANCES,
+                f"{row['asset_symbol']} sums to {row['total']}, its paid parts to "
+                f"{row['paid']}, not 0",
+            )
     for row in negative:
-        violations.add(BALANCES, f"negative user balance: {dict(row)}")
+        violations.add(BALANCES, f"negative user balance or paid part: {dict(row)}")
+    # Per account: the balance and its paid part.
     expected_balances: Counter[tuple[str, str]] = Counter()
+    expected_paid: Counter[tuple[str, str]] = Counter()
     for operation in moving.values():
         transaction = operation.transaction
         assert transaction is not None
         debited, credited = _moves(transaction, operation)
-        expected_balances[(debited, operation.asset)] -= transaction["amount"]
-        expected_balances[(credited, operation.asset)] += transaction["amount"]
+        for side, sign in ((debited, -1), (credited, 1)):
+            expected_balances[(side, operation.asset)] += sign * transaction["amount"]
+            expected_paid[(side, operation.asset)] += sign * transaction["paidAmount"]
     actual = {(r["account_id"], r["asset_symbol"]): r["balance"] for r in user_balances}
+    actual_paid = {(r["account_id"], r["asset_symbol"]): r["paid"] for r in user_balances}
     for account in sorted(set(actual) | {k for k in expected_balances if k[0] in users}):
-        if actual.get(account, 0) != expected_balances[account]:
+        parts = (actual.get(account, 0), actual_paid.get(account, 0))
+        if parts != (expected_balances[account], expected_paid[account]):
             violations.add(
                 BALANCES,
-                f"{account}: balance {actual.get(account, 0)}, the transactions announced "
-                f"sum to {expected_balances[account]}",
+                f"{account}: balance and paid part {parts}, the transactions announced sum to "
+                f"{(expected_balances[account], expected_paid[account])}",
             )
     held = {(r["account_id"], r["asset_symbol"]): r["held"] for r in user_balances}
     still_held: Counter[tuple[str, str]] = Counter()
@@ -503,7 +546,7 @@ async def check_ledger(cluster: Cluster, recorder: Recorder, violations: Violati
                 f"{account}: held {held.get(account, 0)}, its holds still held sum to "
                 f"{still_held[account]}",
             )
-    _check_standings(recorder, actual, violations)
+    _check_standings(recorder, actual, actual_paid, violations)
 
 
 def _check_holds(
@@ -593,11 +636,15 @@ def _check_refunds(
 
 
 def _check_standings(
-    recorder: Recorder, balances: dict[tuple[str, str], int], violations: Violations
+    recorder: Recorder,
+    balances: dict[tuple[str, str], int],
+    paid: dict[tuple[str, str], int],
+    violations: Violations,
 ) -> None:
-    """The balances read at the end: each balance is the ledger's, `held` the sum of the holds
-    announced, not ended by a capture or release announced, and not expired when read (holds
-    expiring about then are not judged), and available = balance - held."""
+    """The balances read at the end: each balance and its paid part are the ledger's, its
+    free part the rest, `held` the sum of the holds announced, not ended by a capture or
+    release announced, and not expired when read (holds expiring about then are not judged),
+    and available = balance - held (no credit given in the run expires before it ends)."""
     ended = {
         op.reference_id
         for op in recorder.operations
@@ -617,13 +664,14 @@ def _check_standings(
             if any(started - EXPIRY_MARGIN_S <= e <= finished + EXPIRY_MARGIN_S for e in expiries):
                 continue
             held = sum(h["amount"] for h, e in zip(mine, expiries, strict=True) if e > finished)
-            wanted = (balances.get(account, 0), held, balances.get(account, 0) - held)
-            got = (row.get("balance"), row.get("held"), row.get("available"))
+            balance, paid_part = balances.get(account, 0), paid.get(account, 0)
+            wanted = (balance, paid_part, balance - paid_part, held, balance - held)
+            got = tuple(row.get(name) for name in ("balance", "paid", "free", "held", "available"))
             if got != wanted:
                 violations.add(
                     HOLDS,
-                    f"{account}: balance, held, available read {got}, the ledger and the holds "
-                    f"announced say {wanted}",
+                    f"{account}: balance, paid, free, held, available read {got}, the ledger and "
+                    f"the holds announced say {wanted}",
                 )
 
 

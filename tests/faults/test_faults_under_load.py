@@ -423,6 +423,9 @@ def test_every_kind_of_request_met_the_faults(run: Run) -> None:
         )
     for kind in ("capture", "release", "refund"):
         assert any(op.refusals for op in operations if op.flow == kind), f"no {kind} refused"
+    # Bonuses give free credits, top-ups paid ones: some spends and transfers took both.
+    moved = [op.transaction for op in operations if op.flow in ("spend", "transfer")]
+    assert any(t is not None and 0 < t["paidAmount"] < t["amount"] for t in moved)
 
 
 def test_each_hold_ends_once_as_announced_and_held_is_what_the_holds_reserve(run: Run) -> None:
@@ -433,7 +436,9 @@ def test_each_hold_ends_once_as_announced_and_held_is_what_the_holds_reserve(run
     run.assert_clean(HOLDS)
 
 
-def test_assets_sum_to_zero_and_no_user_balance_is_negative(run: Run) -> None:
+def test_assets_sum_to_zero_per_kind_and_no_user_balance_nor_paid_part_is_negative(
+    run: Run,
+) -> None:
     run.assert_clean(BALANCES)
 
 

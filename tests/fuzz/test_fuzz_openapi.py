@@ -13,8 +13,10 @@ rule, per operation and status; schemathesis is told those statuses are expected
 test then holds every such answer to the rule's own `code` (and, for validation errors, its
 fields and messages) and to what the request itself must show for the rule (a float such as 2.0
 where the answer names one, one user as a transfer's sender and receiver, the index of a batch's
-failing operation), so an exemption covers its rule and nothing else. Each rule's `why` says
-why the document cannot state it. Without a key the only such answer is 401.
+failing operation), so an exemption covers its rule and nothing else; a validation error that
+names several fields is held to a rule for each (a bonus with both expiries and an amount of 2.0
+breaks two). Each rule's `why` says why the document cannot state it. Without a key the only such
+answer is 401.
 
 schemathesis' pytest loader (`schemathesis.pytest.from_fixture`) cannot run under pytest 9.2 (it
 reads `Function._nodeid`, which pytest removed), so the test drives schemathesis' own engine, the
@@ -75,7 +77,7 @@ PUBLIC_OPERATIONS = frozenset({f"GET {API}/health", f"GET {API}/health/ready"})
 # What the service answers to data the document refuses. With a key: a 4xx of the request's
 # own making (a path the router cannot place is a 404; a method no route of the path has, 405).
 # Never 401, 403 or 429 (the key is an unlimited admin one), nor a 409 or a 5xx.
-REJECTIONS_WITH_KEY = ("400", "404", "405", "413", "415", "422")
+REJECTIONS_WITH_KEY: tuple[str, ...] = ("400", "404", "405", "413", "415", "422")
 # Without a key, a scoped operation refuses before it reads the request: 401. Only a path the
 # router cannot place at all (404) or a method no route of the path has (405) comes first.
 REJECTIONS_WITHOUT_KEY = ("401", "404", "405")
@@ -152,6 +154,33 @@ def transfer_to_oneself_sent(sent: Any, answer: Any) -> bool:
     )
 
 
+def nulls_sent(sent: Any, answer: Any) -> bool:
+    """Every field the answer names was sent as null."""
+    names = named_fields(answer)
+    return bool(names) and all(value_at(sent, name) is None for name in names)
+
+
+def expiry_sent(sent: Any, answer: Any) -> bool:
+    """The bonus the answer names (the body, or the batch operation at `operationIndex`) asked for
+    an expiry moment."""
+    bonus = sent
+    if isinstance(sent, dict) and "operations" in sent:
+        if not names_an_operation(sent, answer):
+            return False
+        bonus = sent["operations"][answer["operationIndex"]]
+    return isinstance(bonus, dict) and isinstance(bonus.get("expiresAt"), str)
+
+
+def both_expiries_sent(sent: Any, answer: Any) -> bool:
+    """The bonus that holds each field the answer names (the body, or a batch operation) asked
+    for an expiry both in days and as a moment."""
+    bonuses = [value_at(sent, name.rpartition(".")[0]) for name in named_fields(answer)]
+    return bool(bonuses) and all(
+        isinstance(b, dict) and b.get("expiresInDays") is not None and b.get("expiresAt")
+        for b in bonuses
+    )
+
+
 def names_an_operation(sent: Any, answer: Any) -> bool:
     """A batch's failure names the operation that failed: an index of the operations sent."""
     index = answer.get("operationIndex")
@@ -186,13 +215,19 @@ CURSOR_WITH_OFFSET = Refusal(
 OUT_OF_RANGE = (
     "Value error, must be a real moment from 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z"
 )
-MOMENT_OUTSIDE_UTC_YEARS = Refusal(
-    422,
-    "validation_error",
-    "a date-time of year 1 or 9999 whose offset puts it in UTC year 0 or 10000, where no "
-    "timestamp of either database goes (a pattern cannot add an offset to a date)",
-    errors=frozenset((name, OUT_OF_RANGE) for name in ("at", "from", "to")),
-)
+
+
+def moment_outside_utc_years(*fields: str) -> Refusal:
+    return Refusal(
+        422,
+        "validation_error",
+        "a date-time of year 1 or 9999 whose offset puts it in UTC year 0 or 10000, where no "
+        "timestamp of either database goes (a pattern cannot add an offset to a date)",
+        errors=frozenset((name, OUT_OF_RANGE) for name in fields),
+    )
+
+
+MOMENT_OUTSIDE_UTC_YEARS = moment_outside_utc_years("at", "from", "to")
 IDEMPOTENCY_KEY_RULES = Refusal(
     422,
     "validation_error",
@@ -226,12 +261,47 @@ METADATA_OVER_4_KIB = Refusal(
     errors=frozenset({("metadata", METADATA_MESSAGE)}),
     shown=metadata_over_4_kib_sent,
 )
-FLOW_REFUSALS = (
-    USER_NOT_FOUND,
-    ASSET_NOT_FOUND,
-    KEY_REUSED,
-    IDEMPOTENCY_KEY_RULES,
-    integral_float("amount"),
+FLOW_REFUSALS = (USER_NOT_FOUND, ASSET_NOT_FOUND, KEY_REUSED, IDEMPOTENCY_KEY_RULES)
+# API-credits.md: a bonus's expiresAt must be in the future when the bonus is applied, and a bonus
+# gives its expiry in days or as a moment, not both.
+EXPIRY_MESSAGE = "expiresAt must be in the future"
+BOTH_EXPIRIES_MESSAGE = "Value error, give expiresInDays or expiresAt, not both"
+EXPIRY_IN_THE_PAST = Refusal(
+    422,
+    "validation_error",
+    "a bonus's expiresAt not after the moment it is applied (a schema cannot compare with now)",
+    errors=frozenset({("expiresAt", EXPIRY_MESSAGE)}),
+    shown=expiry_sent,
+)
+BOTH_EXPIRIES = Refusal(
+    422,
+    "validation_error",
+    "a bonus with both expiresInDays and expiresAt (no schema compares two fields)",
+    errors=frozenset({("expiresAt", BOTH_EXPIRIES_MESSAGE)}),
+    shown=both_expiries_sent,
+)
+ASSET_EXISTS = Refusal(409, "asset_exists", "an asset symbol that is taken")
+LIFETIMES = ("freeLifetimeDays", "paidLifetimeDays")
+NULL_ASSET_FIELD = Refusal(
+    422,
+    "validation_error",
+    "a name, description or spend order changed to null: the document gives each optional "
+    "field of the change as nullable (a lifetime's null means none), and these three have no none",
+    errors=frozenset(
+        {
+            ("name", "name cannot be null"),
+            ("description", "description cannot be null"),
+            ("spendOrder", "spendOrder cannot be null"),
+        }
+    ),
+    shown=nulls_sent,
+)
+FROM_AFTER_TO = Refusal(
+    422,
+    "validation_error",
+    "a period whose `from` is after its `to` (or, without `to`, after `at`, or now): no "
+    "parameter schema spans two parameters",
+    errors=frozenset({("from", "from must not be after to")}),
 )
 LIST_USER_REFUSALS = (USER_NOT_FOUND, ASSET_NOT_FOUND, CURSOR_WITH_OFFSET)
 TRANSFER_MESSAGE = "a transfer needs two different users"
@@ -267,7 +337,8 @@ HOLD_SHORT_OF_FUNDS = Refusal(
 REVERSAL_SHORT_OF_FUNDS = Refusal(
     422,
     "insufficient_funds",
-    "a reversal of a top-up or bonus larger than what the user has available",
+    "a reversal of a top-up or bonus larger than what the user has available of the kind it "
+    "gave (paid credits for a top-up, free for a bonus)",
 )
 # A batch fails as its first failing operation does, naming it (`operationIndex`); the fields of
 # an operation are named as `operations.<i>.<type>.<name>` (a transfer's check of its two users,
@@ -304,12 +375,28 @@ BATCH_REFUSALS = (
     Refusal(
         422,
         "validation_error",
-        "an integral float such as 2.0 in an operation's amount: API.md refuses floats in "
-        "integer fields, and JSON Schema (2020-12, OpenAPI 3.1) counts 2.0 as the integer 2",
+        "an integral float such as 2.0 in an operation's amount or a bonus's expiresInDays: "
+        "API.md refuses floats in integer fields, and JSON Schema (2020-12, OpenAPI 3.1) counts "
+        "2.0 as the integer 2",
         errors=frozenset(
-            (name, INTEGER_MESSAGE) for name in in_operations("amount", *OPERATION_TYPES)
+            (name, INTEGER_MESSAGE)
+            for name in (
+                *in_operations("amount", *OPERATION_TYPES),
+                *in_operations("expiresInDays", "bonus"),
+            )
         ),
         shown=integral_floats_sent,
+    ),
+    moment_outside_utc_years(*in_operations("expiresAt", "bonus")),
+    EXPIRY_IN_THE_PAST,  # named as `expiresAt`, with the operation's index
+    Refusal(
+        422,
+        "validation_error",
+        "a bonus operation with both expiresInDays and expiresAt (no schema compares two fields)",
+        errors=frozenset(
+            (name, BOTH_EXPIRIES_MESSAGE) for name in in_operations("expiresAt", "bonus")
+        ),
+        shown=both_expiries_sent,
     ),
     Refusal(
         422,
@@ -335,13 +422,30 @@ REFUSALS: dict[str, tuple[Refusal, ...]] = {
     f"GET {API}/health": (),
     f"GET {API}/health/ready": (),
     f"GET {API}/assets": (),
+    f"POST {API}/assets": (ASSET_EXISTS, integral_float(*LIFETIMES)),
+    f"PATCH {API}/assets/{{symbol}}": (
+        ASSET_NOT_FOUND,
+        NULL_ASSET_FIELD,
+        integral_float(*LIFETIMES),
+    ),
     f"GET {API}/users": (CURSOR_WITH_OFFSET,),
     f"POST {API}/users": (USER_EXISTS,),
     f"GET {API}/users/{{userId}}": (USER_NOT_FOUND,),
-    f"POST {API}/wallet/topup": (*FLOW_REFUSALS, METADATA_OVER_4_KIB),
-    f"POST {API}/wallet/bonus": FLOW_REFUSALS,
-    f"POST {API}/wallet/spend": (*FLOW_REFUSALS, INSUFFICIENT_FUNDS),
-    f"POST {API}/wallet/transfer": (*FLOW_REFUSALS, TRANSFER_SHORT_OF_FUNDS, TRANSFER_TO_ONESELF),
+    f"POST {API}/wallet/topup": (*FLOW_REFUSALS, integral_float("amount"), METADATA_OVER_4_KIB),
+    f"POST {API}/wallet/bonus": (
+        *FLOW_REFUSALS,
+        integral_float("amount", "expiresInDays"),
+        moment_outside_utc_years("expiresAt"),
+        EXPIRY_IN_THE_PAST,
+        BOTH_EXPIRIES,
+    ),
+    f"POST {API}/wallet/spend": (*FLOW_REFUSALS, integral_float("amount"), INSUFFICIENT_FUNDS),
+    f"POST {API}/wallet/transfer": (
+        *FLOW_REFUSALS,
+        integral_float("amount"),
+        TRANSFER_SHORT_OF_FUNDS,
+        TRANSFER_TO_ONESELF,
+    ),
     f"POST {API}/wallet/batch": BATCH_REFUSALS,
     f"POST {API}/wallet/holds": (
         USER_NOT_FOUND,
@@ -392,6 +496,7 @@ REFUSALS: dict[str, tuple[Refusal, ...]] = {
     ),
     f"GET {API}/wallet/ledger/{{userId}}": LIST_USER_REFUSALS,
     f"GET {API}/ledger/checkpoint": (),
+    f"GET {API}/reports/liabilities": (ASSET_NOT_FOUND, MOMENT_OUTSIDE_UTC_YEARS, FROM_AFTER_TO),
     f"POST {API}/keys": (integral_float("readsPerSecond", "writesPerSecond"),),
     f"GET {API}/keys": (CURSOR_WITH_OFFSET,),
     f"DELETE {API}/keys/{{keyId}}": (KEY_NOT_FOUND,),
@@ -432,6 +537,20 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
     ("GET", f"{API}/keys"): {"query": {"limit": 1}},
     ("DELETE", f"{API}/keys/{{keyId}}"): {"path": {"keyId": REVOCABLE_KEY}},
     ("GET", f"{API}/assets"): {},
+    ("POST", f"{API}/assets"): {
+        "body": {
+            "symbol": "FUZZ_GEMS",
+            "name": "Gems",
+            "description": "made by the fuzz run",
+            "spendOrder": "paid_first",
+            "freeLifetimeDays": 30,
+            "paidLifetimeDays": None,
+        }
+    },
+    ("PATCH", f"{API}/assets/{{symbol}}"): {
+        "path": {"symbol": "DIAMONDS"},
+        "body": {"spendOrder": "paid_first", "paidLifetimeDays": 3650, "freeLifetimeDays": None},
+    },
     ("GET", f"{API}/users"): {"query": {"limit": 1, "cursor": cursor(99)}},
     ("POST", f"{API}/users"): {"body": {"email": "o'brien@example.com", "name": "O'Brien"}},
     ("GET", f"{API}/users/{{userId}}"): {"path": {"userId": ALICE}},
@@ -439,7 +558,12 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
         "body": {**FLOW_EXAMPLE, "idempotencyKey": "example-topup", "metadata": {"order": "A-1"}}
     },
     ("POST", f"{API}/wallet/bonus"): {
-        "body": {**FLOW_EXAMPLE, "idempotencyKey": "example-bonus", "reason": "streak"}
+        "body": {
+            **FLOW_EXAMPLE,
+            "idempotencyKey": "example-bonus",
+            "reason": "streak",
+            "expiresInDays": 30,
+        }
     },
     ("POST", f"{API}/wallet/spend"): {
         "body": {**FLOW_EXAMPLE, "idempotencyKey": "example-spend", "description": "sword"}
@@ -520,6 +644,14 @@ EXAMPLES: dict[tuple[str, str], dict[str, Any]] = {
         "body": {"idempotencyKey": "example-refund", "amount": 4, "reason": "returned"},
     },
     ("GET", f"{API}/ledger/checkpoint"): {},
+    ("GET", f"{API}/reports/liabilities"): {
+        "query": {
+            "assetSymbol": "GOLD_COINS",
+            "at": "2100-01-01T00:00:00+02:00",
+            "from": "2000-01-01T00:00:00Z",
+            "to": "2100-01-01T00:00:00-05:00",
+        }
+    },
 }
 
 
@@ -563,7 +695,7 @@ class FuzzRun:
         self,
         phase: str,
         recorder: ScenarioRecorder,
-        judge: Callable[[Case, Interaction], Refusal | str | None],
+        judge: Callable[[Case[Any], Interaction], Refusal | str | None],
     ) -> None:
         for case_id, node in recorder.cases.items():
             label = node.value.operation.label
@@ -616,11 +748,11 @@ def describe_interaction(interaction: Interaction) -> str:
     return f"  request: {request.method} {request.uri} {headers} {sent!r}\n  response: {answer}"
 
 
-def refusal_judge(is_keyed: bool) -> Callable[[Case, Interaction], Refusal | str | None]:
+def refusal_judge(is_keyed: bool) -> Callable[[Case[Any], Interaction], Refusal | str | None]:
     """Holds each non-2xx answer to schema-valid data to the rule that allows it: the rule, or
     the failure's description when there is none (None: not such an answer)."""
 
-    def judge(case: Case, interaction: Interaction) -> Refusal | str | None:
+    def judge(case: Case[Any], interaction: Interaction) -> Refusal | str | None:
         response = interaction.response
         meta = case.meta
         if (
@@ -645,6 +777,24 @@ def refusal_judge(is_keyed: bool) -> Callable[[Case, Interaction], Refusal | str
         for refusal in allowed:
             if refusal.status == response.status_code and refusal.matches(sent, answer):
                 return refusal
+        # pydantic reports every field's error at once: each must be one a rule explains.
+        errors = answer.get("errors") if isinstance(answer, dict) else None
+        if isinstance(errors, list) and len(errors) > 1:
+            explained = [
+                next(
+                    (
+                        refusal
+                        for refusal in allowed
+                        if refusal.status == response.status_code
+                        and refusal.matches(sent, {**answer, "errors": [error]})
+                    ),
+                    None,
+                )
+                for error in errors
+            ]
+            if all(explained):
+                why = " | ".join(sorted({refusal.why for refusal in explained if refusal}))
+                return Refusal(response.status_code, "validation_error", why)
         return (
             f"{label}: schema-valid request refused, and by no rule of REFUSALS "
             f"(a {response.status_code} there is let through only for: "
@@ -731,6 +881,7 @@ def real_data(schema: Any, *, seed: SeedData) -> None:
     path_values = {
         "userId": users,
         "assetSymbol": st.sampled_from(ASSETS),
+        "symbol": st.sampled_from(ASSETS),
         "holdId": st.sampled_from(sorted(seed.holds.values())),
     }
     # Moments before the seed, around it and after it: balances at them and pages between them;
@@ -758,16 +909,21 @@ def real_data(schema: Any, *, seed: SeedData) -> None:
     }
     # A flow body that names real users and an asset, with an amount a seed balance covers and
     # a key, mostly fresh and sometimes one used before, so that flows apply (201), replay (200)
-    # or conflict (409); its free text stays as generated. A batch's operations likewise.
+    # or conflict (409); its free text stays as generated. A batch's operations likewise. A
+    # bonus's expiry is mostly one of the two ways or none, in the future. A new asset's symbol is
+    # sometimes a seeded one (409 asset_exists).
     operation_values = {
         "userId": users,
         "fromUserId": users,
         "toUserId": users,
         "assetSymbol": path_values["assetSymbol"],
         "amount": st.integers(1, 5),
+        "expiresInDays": st.one_of(st.none(), st.integers(1, 3650)),
+        "expiresAt": st.sampled_from([None, None, "2100-01-01T00:00:00+02:00"]),
     }
     flow_values = {
         **operation_values,
+        "symbol": path_values["symbol"],
         "idempotencyKey": st.one_of(
             st.uuids().map(lambda u: f"fuzz-{u}"), st.sampled_from(["fuzz-a", "fuzz-b"])
         ),
@@ -799,7 +955,6 @@ def real_data(schema: Any, *, seed: SeedData) -> None:
             return st.none()
         return st.one_of(st.none(), st.fixed_dictionaries(known))
 
-    @schema.hook
     def before_add_examples(context: Any, examples: list[Any]) -> None:
         operation = context.operation
         example = EXAMPLES[operation.method.upper(), operation.path]
@@ -815,8 +970,7 @@ def real_data(schema: Any, *, seed: SeedData) -> None:
             )
         )
 
-    @schema.hook
-    def flatmap_case(_context: Any, case: Case) -> st.SearchStrategy[Case]:
+    def flatmap_case(_context: Any, case: Case[Any]) -> st.SearchStrategy[Case[Any]]:
         meta = case.meta
         if meta is None:
             return st.just(case)
@@ -844,22 +998,26 @@ def real_data(schema: Any, *, seed: SeedData) -> None:
         if isinstance(case.body, dict) and not meta.is_negative_at(ParameterLocation.BODY):
             edits["body"] = real_body(case.body)
 
-        def edited(chosen: dict[str, Any]) -> Case:
+        def edited(chosen: dict[str, Any]) -> Case[Any]:
             # New containers, never changed in place: schemathesis sees the edit and judges the
             # case again, and the same case edited twice comes out the same.
             if chosen.get("path"):
                 case.path_parameters = {**path, **chosen["path"]}
             if chosen.get("query"):
                 case.query = {**case.query, **chosen["query"]}
-            if chosen.get("drop_header"):
+            if chosen.get("drop_header") and header is not None:
                 headers = case.headers.copy()
                 del headers[header]
                 case.headers = headers
-            if chosen.get("body"):
+            if chosen.get("body") and isinstance(case.body, dict):
                 case.body = {**case.body, **chosen["body"]}
             return case
 
         return st.fixed_dictionaries(edits).map(edited)
+
+    # The schema's hooks, each named as the phase it serves.
+    schema.hook(before_add_examples)
+    schema.hook(flatmap_case)
 
 
 def sparing_the_run_key(seed: SeedData) -> Callable[..., None]:
@@ -867,7 +1025,7 @@ def sparing_the_run_key(seed: SeedData) -> Callable[..., None]:
     ids from the list, the run's own key among them; that one DELETE is sent for the revocable
     key instead, so that the run keeps its credentials."""
 
-    def before_call(_context: Any, case: Case, _kwargs: dict[str, Any]) -> None:
+    def before_call(_context: Any, case: Case[Any], _kwargs: dict[str, Any]) -> None:
         parameters = case.path_parameters or {}
         if case.operation.label == f"DELETE {API}/keys/{{keyId}}" and (
             parameters.get("keyId") == seed.run_key_id
@@ -987,7 +1145,7 @@ async def test_schemathesis_finds_no_failure_of_any_check(
     assert run.stop_reason == StopReason.COMPLETED, (run.stop_reason, replay)
     operations = frozenset(label for _, label in run.cases)
     assert operations == set(REFUSALS), sorted(operations)
-    assert len(operations) == len(EXAMPLES) == 26, sorted(operations)
+    assert len(operations) == len(EXAMPLES) == 29, sorted(operations)
     for phase in ("examples", "coverage", "fuzzing"):
         assert {label for p, label in run.cases if p == phase} == operations, phase
     assert set(run.checks) == {*ALL_CHECKS, "max_response_time"}, run.checks

@@ -48,6 +48,10 @@ def post_json(path: str, body: Any, **headers: str) -> Request:
     return lambda client: client.post(path, json=body, headers=headers)
 
 
+def patch_json(path: str, body: Any) -> Request:
+    return lambda client: client.patch(path, json=body)
+
+
 def get(path: str, **params: Any) -> Request:
     return lambda client: client.get(path, params=params)
 
@@ -80,6 +84,11 @@ WRITES_1_2 = (
     (f"{API}/wallet/holds/some-hold/capture", {"idempotencyKey": "internals-capture"}),
     (f"{API}/wallet/holds/some-hold/release", {"idempotencyKey": "internals-release"}),
     (f"{API}/wallet/transactions/some-id/refund", {"idempotencyKey": "internals-refund"}),
+)
+# The writes of API 1.3: assets made and changed (method, path, body).
+WRITES_1_3 = (
+    ("POST", f"{API}/assets", {"symbol": "INTERNALS", "name": "Internals"}),
+    ("PATCH", f"{API}/assets/GOLD_COINS", {"description": "changed"}),
 )
 
 
@@ -208,6 +217,50 @@ BAD_REQUESTS: list[tuple[str, Request, int]] = [
         422,
     ),
     ("not a time", get(f"{API}/wallet/transactions/{ALICE}", **{"from": "yesterday"}), 422),
+    # API 1.3: expiring bonuses, assets, the liability report.
+    (
+        "bonus expired already",
+        post_json(f"{API}/wallet/bonus", flow("expired", expiresAt="2000-01-01T00:00:00Z")),
+        422,
+    ),
+    (
+        "bonus with two expiries",
+        post_json(
+            f"{API}/wallet/bonus",
+            flow("expiries", expiresAt="2100-01-01T00:00:00Z", expiresInDays=3),
+        ),
+        422,
+    ),
+    (
+        "bonus expiry too far",
+        post_json(f"{API}/wallet/bonus", flow("far", expiresInDays=3651)),
+        422,
+    ),
+    ("asset exists", post_json(f"{API}/assets", {"symbol": "GOLD_COINS", "name": "G"}), 409),
+    ("asset symbol malformed", post_json(f"{API}/assets", {"symbol": "a b", "name": "N"}), 422),
+    (
+        "asset spend order unknown",
+        post_json(f"{API}/assets", {"symbol": "X1", "name": "N", "spendOrder": "newest"}),
+        422,
+    ),
+    ("asset name to null", patch_json(f"{API}/assets/GOLD_COINS", {"name": None}), 422),
+    (
+        "asset lifetime float",
+        patch_json(f"{API}/assets/GOLD_COINS", {"freeLifetimeDays": 1.5}),
+        422,
+    ),
+    ("change of no asset", patch_json(f"{API}/assets/NOPE", {"name": "N"}), 404),
+    ("report of no asset", get(f"{API}/reports/liabilities", assetSymbol="NOPE"), 404),
+    ("report without an asset", get(f"{API}/reports/liabilities"), 422),
+    (
+        "report from after to",
+        get(
+            f"{API}/reports/liabilities",
+            assetSymbol="GOLD_COINS",
+            **{"from": "2030-01-01T00:00:00Z", "to": "2020-01-01T00:00:00Z"},
+        ),
+        422,
+    ),
 ]
 READS = (
     f"{API}/assets",
@@ -223,6 +276,7 @@ READS = (
     f"{API}/wallet/holds",
     f"{API}/wallet/holds/some-hold",
     f"{API}/ledger/checkpoint",
+    f"{API}/reports/liabilities?assetSymbol=GOLD_COINS",
 )
 
 
@@ -292,6 +346,9 @@ async def test_an_unreachable_database_is_503_without_internals() -> None:
             for path, body in WRITES_1_2:
                 response = await client.post(path, json=body)
                 assert_problem_without_internals(response, 503, "database_unavailable")
+            for method, path, body in WRITES_1_3:
+                response = await client.request(method, path, json=body)
+                assert_problem_without_internals(response, 503, "database_unavailable")
             response = await client.post(f"{API}/users", json={"email": "a@b.io", "name": "A"})
             assert_problem_without_internals(response, 503, "database_unavailable")
 
@@ -311,6 +368,9 @@ async def test_a_broken_sqlite_database_is_503_without_internals(
         for path, body in WRITES_1_2:
             response = await client.post(path, json=body)
             assert_problem_without_internals(response, 503, "database_unavailable")
+        for method, path, body in WRITES_1_3:
+            response = await client.request(method, path, json=body)
+            assert_problem_without_internals(response, 503, "database_unavailable")
 
 
 @pytest.mark.parametrize(
@@ -329,7 +389,10 @@ async def test_a_defect_is_a_bare_500_whose_cause_is_not_sent(
 
     # What the routes below call: a balance is read through `standings` (balance and held),
     # a balance at a time through `balances_at`.
-    for method in ("execute", "standings", "balances_at", "history", "holds", "create_user"):
+    for method in (
+        *("execute", "standings", "balances_at", "history", "holds", "create_user"),
+        *("create_asset", "change_asset", "liabilities"),
+    ):
         monkeypatch.setattr(Wallet, method, fail)
     for lean_flows in (True, False):
         settings = Settings(database_url=database_url, lean_flows=lean_flows)
@@ -344,6 +407,8 @@ async def test_a_defect_is_a_bare_500_whose_cause_is_not_sent(
                     client.post(f"{API}/users", json={"email": "d@example.com", "name": "D"}),
                     *(client.post(f"{API}/wallet/{name}", json=flow(name)) for name in FLOWS),
                     *(client.post(path, json=body) for path, body in WRITES_1_2),
+                    *(client.request(m, path, json=body) for m, path, body in WRITES_1_3),
+                    client.get(f"{API}/reports/liabilities?assetSymbol=GOLD_COINS"),
                 ]
                 for sending in requests:
                     assert_problem_without_internals(await sending, 500, "internal_error")

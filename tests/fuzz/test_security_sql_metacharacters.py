@@ -64,6 +64,8 @@ SQL_METACHARACTERS = (
 ID_RULE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 KEY_RULE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 MAX_SYMBOL = 32  # the service's bound on asset symbols; a longer one is a validation_error
+# API-credits.md: a new asset's symbol is 1-32 characters of [A-Za-z0-9_.:-].
+SYMBOL_RULE = re.compile(r"[A-Za-z0-9_.:-]{1,32}")
 # A slash in a path segment is a path separator once the server decodes it (routing answers, not
 # the wallet), so path segments get every string but those.
 PATH_SAFE = tuple(value for value in SQL_METACHARACTERS if "/" not in value)
@@ -234,7 +236,7 @@ async def test_sql_metacharacters_in_flow_ids_symbols_and_keys_get_the_documente
             replay = await flow_client.post(
                 f"{API}/wallet/{flow}",
                 json={name: value for name, value in body.items() if name != "idempotencyKey"},
-                headers={"Idempotency-Key": key.encode()},  # the key's UTF-8 bytes, as given
+                headers=[(b"Idempotency-Key", key.encode())],  # the key's UTF-8 bytes, as given
             )
             if KEY_RULE.fullmatch(key):  # the same key and request again, in the header
                 assert assert_answer(replay, (200, None))["idempotencyKey"] == key
@@ -308,7 +310,11 @@ async def test_sql_metacharacters_in_query_parameters_match_nothing(
 ) -> None:
     before = await ledger_state(database_url)
     for text in SQL_METACHARACTERS + WILDCARD_ASSETS:
-        for path in (f"{API}/wallet/transactions/{ALICE}", f"{API}/wallet/ledger/{ALICE}"):
+        for path in (
+            f"{API}/wallet/transactions/{ALICE}",
+            f"{API}/wallet/ledger/{ALICE}",
+            f"{API}/reports/liabilities",
+        ):
             response = await client.get(path, params={"assetSymbol": text})
             assert_answer(response, expected_for_asset(text))
     for text in (*SQL_METACHARACTERS, "topup%", "%", "_", "TOPUP"):
@@ -324,14 +330,16 @@ async def test_sql_metacharacters_in_query_parameters_match_nothing(
             response = await client.get(path, params={"cursor": text})
             assert_answer(response, (422, "validation_error"))
         # Moments are RFC 3339 or refused; hold states are a closed set.
-        for path, name in (
-            (f"{API}/wallet/balance/{ALICE}/GOLD_COINS", "at"),
-            (f"{API}/wallet/balances/{ALICE}", "at"),
-            (f"{API}/wallet/transactions/{ALICE}", "from"),
-            (f"{API}/wallet/transactions/{ALICE}", "to"),
-            (f"{API}/wallet/holds", "status"),
+        report = f"{API}/reports/liabilities"
+        for path, name, others in (
+            (f"{API}/wallet/balance/{ALICE}/GOLD_COINS", "at", {}),
+            (f"{API}/wallet/balances/{ALICE}", "at", {}),
+            (f"{API}/wallet/transactions/{ALICE}", "from", {}),
+            (f"{API}/wallet/transactions/{ALICE}", "to", {}),
+            (f"{API}/wallet/holds", "status", {}),
+            *((report, name, {"assetSymbol": "GOLD_COINS"}) for name in ("at", "from", "to")),
         ):
-            response = await client.get(path, params={name: text})
+            response = await client.get(path, params={**others, name: text})
             assert_answer(response, (422, "validation_error"))
     for text in SQL_METACHARACTERS + WILDCARD_USERS + SYSTEM_ACCOUNTS:
         response = await client.get(f"{API}/wallet/holds", params={"userId": text})
@@ -378,8 +386,55 @@ async def test_forged_cursors_are_refused_or_read_as_positions(
     assert_ledger_intact(before, await ledger_state(database_url), Accepted())
 
 
+async def test_sql_metacharacters_in_new_and_changed_assets_are_stored_exactly_or_refused(
+    client: httpx.AsyncClient, database_url: str
+) -> None:
+    """A new asset's name and description are stored and listed as sent; its symbol is one of the
+    id rules' shape or refused, and a symbol in a change's path or the report's query names only
+    the asset that has it."""
+    before = await ledger_state(database_url)
+    made: set[str] = set()
+    for number, text in enumerate(SQL_METACHARACTERS):
+        body = {"symbol": f"META_{number}", "name": text, "description": text}
+        asset = assert_answer(await client.post(f"{API}/assets", json=body), (201, None))
+        assert (asset["name"], asset["description"]) == (text, text)
+        changed = {"name": f"{text}.", "description": f"{text}!"}
+        response = await client.patch(f"{API}/assets/META_{number}", json=changed)
+        assert assert_answer(response, (200, None)) == {**asset, **changed}
+    for text in dict.fromkeys(SQL_METACHARACTERS + WILDCARD_ASSETS):  # "_" is in both
+        response = await client.post(f"{API}/assets", json={"symbol": text, "name": "Decoy"})
+        if SYMBOL_RULE.fullmatch(text):  # "_" or "GOLD_COIN_": a new symbol, not a pattern
+            assert assert_answer(response, (201, None))["symbol"] == text
+            made.add(text)
+        else:
+            assert_answer(response, (422, "validation_error"))
+    listed = await client.get(f"{API}/assets")
+    assert_answer(listed, (200, None))
+    by_symbol = {asset["symbol"]: asset for asset in listed.json()}
+    assert by_symbol["GOLD_COINS"]["name"] == "Gold Coins"  # no decoy's change reached it
+    assert made <= set(by_symbol)
+    for number, text in enumerate(SQL_METACHARACTERS):
+        assert by_symbol[f"META_{number}"]["name"] == f"{text}."
+    for text in PATH_SAFE + WILDCARD_ASSETS:
+        response = await client.patch(f"{API}/assets/{segment(text)}", json={"name": "Changed"})
+        if text in made:
+            assert assert_answer(response, (200, None))["symbol"] == text
+        else:
+            assert_answer(response, expected_for_asset(text))
+        report = await client.get(f"{API}/reports/liabilities", params={"assetSymbol": text})
+        if text in made:  # nothing issued of a new asset, whatever its symbol matches
+            owed = assert_answer(report, (200, None))["outstanding"]
+            assert owed == {"paid": 0, "free": 0}
+        else:
+            assert_answer(report, expected_for_asset(text))
+    gold = await client.get(f"{API}/reports/liabilities", params={"assetSymbol": "GOLD_COINS"})
+    assert assert_answer(gold, (200, None))["outstanding"] == {"paid": 2000, "free": 0}
+    assert_ledger_intact(before, await ledger_state(database_url), Accepted())
+
+
 async def add_assets(database_url: str, symbols: tuple[str, ...]) -> None:
-    """Asset types whose symbols are LIKE patterns of the seed's (no endpoint creates assets)."""
+    """Asset types whose symbols are LIKE patterns of the seed's, "%" among them, which
+    POST /api/v1/assets refuses: written to the store directly."""
     database = Database(create_engine(Settings(database_url=database_url)))
     try:
         async with database.transaction(is_write=True) as connection:

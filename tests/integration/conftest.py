@@ -4,6 +4,7 @@ empty database on each backend (for the migrations)."""
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +12,20 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
+import wallet.service.audit
+import wallet.service.posting
 from wallet.domain.ledger import Action, Command, Flow, UserId
 from wallet.service.seed import ALICE
 from wallet.store.database import Database
-from wallet.store.tables import balances, entries, idempotency_keys, transactions
+from wallet.store.tables import balances, entries, idempotency_keys, lot_moves, lots, transactions
 
 MakeCommand = Callable[..., Command]
 
 
 @pytest.fixture
 def make_command() -> MakeCommand:
-    """A Command builder: Alice's GOLD_COINS unless told, with a fresh key unless given one."""
+    """A Command builder: Alice's GOLD_COINS unless told, with a fresh key unless given one; a
+    bonus's credits expire after `expires_in_days` if given."""
 
     def build(
         flow: Flow,
@@ -32,6 +36,7 @@ def make_command() -> MakeCommand:
         key: str | None = None,
         note: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        expires_in_days: int | None = None,
     ) -> Command:
         return Command(
             action=Action(flow),
@@ -41,6 +46,7 @@ def make_command() -> MakeCommand:
             idempotency_key=key or f"test-{uuid.uuid4().hex}",
             note=note,
             metadata=metadata,
+            credit_expires_in_days=expires_in_days,
         )
 
     return build
@@ -69,8 +75,9 @@ LedgerState = dict[str, Any]
 
 @pytest.fixture
 def ledger_state(database: Database) -> Callable[[], Awaitable[LedgerState]]:
-    """Reads everything the posting engine writes: balances, transaction and entry ids, keys.
-    A zero balance counts as no balance: the engine may create a row at zero when it locks."""
+    """Reads everything the posting engine writes: balances (with their paid parts and what their
+    lots hold), lots, transaction, entry and lot move ids, keys. A zero balance counts as no
+    balance: the engine may create a row at zero when it locks."""
 
     async def read() -> LedgerState:
         async with database.engine.connect() as connection:
@@ -78,11 +85,21 @@ def ledger_state(database: Database) -> Callable[[], Awaitable[LedgerState]]:
             async def column(selected: sa.ColumnElement[Any]) -> set[Any]:
                 return set((await connection.execute(sa.select(selected))).scalars())
 
-            held = await connection.execute(sa.select(balances))
+            rows = await connection.execute(sa.select(balances))
+            lot_rows = await connection.execute(sa.select(lots))
             return {
-                "balances": {(r.account_id, r.asset_symbol): r.balance for r in held if r.balance},
+                "balances": {
+                    (r.account_id, r.asset_symbol): (r.balance, r.paid, r.expiring)
+                    for r in rows
+                    if r.balance or r.paid
+                },
+                "lots": {
+                    (r.account_id, r.asset_symbol, r.kind, r.expires_at): r.remaining
+                    for r in lot_rows
+                },
                 "transactions": await column(transactions.c.id),
                 "entries": await column(entries.c.id),
+                "lot_moves": await column(lot_moves.c.seq),
                 "idempotency_keys": await column(idempotency_keys.c.key),
             }
 
@@ -125,6 +142,22 @@ def account_balance(sql: Sql) -> Callable[..., Awaitable[int]]:
     return read
 
 
+@pytest.fixture
+def account_paid(sql: Sql) -> Callable[..., Awaitable[int]]:
+    """The stored paid part of any account's balance, system accounts included; 0 without a
+    row."""
+
+    async def read(account_id: str, asset_symbol: str = "GOLD_COINS") -> int:
+        rows = await sql(
+            sa.select(balances.c.paid).where(
+                balances.c.account_id == account_id, balances.c.asset_symbol == asset_symbol
+            )
+        )
+        return rows[0].paid if rows else 0
+
+    return read
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """The URL of a database with nothing in it, on each backend in turn."""
@@ -142,3 +175,23 @@ async def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> 
         async with admin.connect() as connection:
             await connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         await admin.dispose()
+
+
+@pytest.fixture
+def advance(monkeypatch: pytest.MonkeyPatch) -> Callable[[timedelta], None]:
+    """Moves the clock of the engine (and of `verify`, which tells active holds by it) forward:
+    credits expire without waiting for them."""
+    shift = [timedelta(0)]
+
+    class ShiftedDatetime(datetime):
+        @classmethod
+        def now(cls, tz: tzinfo | None = None) -> datetime:  # type: ignore[override]
+            return datetime.now(tz) + shift[0]
+
+    for module in (wallet.service.posting, wallet.service.audit):
+        monkeypatch.setattr(module, "datetime", ShiftedDatetime)
+
+    def move(by: timedelta) -> None:
+        shift[0] += by
+
+    return move

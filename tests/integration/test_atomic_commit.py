@@ -86,7 +86,7 @@ async def test_a_single_flow_that_fails_mid_commit_raises_to_the_caller(
     before = await ledger_state()
     break_statement(monkeypatch, "write_postings")
 
-    with pytest.raises(StorageBroke):
-        await wallet.execute(make_command(Flow.BONUS, 10))
+    with pytest.raises(StorageBroke):  # a bonus of credits that expire: a lot and its move too
+        await wallet.execute(make_command(Flow.BONUS, 10, asset="LOYALTY_POINTS"))
 
     assert await ledger_state() == before

@@ -41,13 +41,22 @@ def test_migrate_seed_and_verify_succeed_on_a_new_database(database_file: Path) 
     output = succeeds(wallet_command(database_file, "verify"))
 
     assert "ledger verified: every invariant holds" in output
-    for check in ("sum to zero", "ledger replay", "one debit and one credit", "chains replay"):
+    for check in (
+        "sum to zero",
+        "balance = paid + free",
+        "ledger replay",
+        "one debit and one credit",
+        "chains replay",
+        "lots add up to their balances",
+        "lots replay their moves",
+    ):
         assert check in output
     with sqlite3.connect(database_file) as connection:
         rows = connection.execute(
-            "SELECT asset_symbol, balance FROM balances WHERE account_id = ? ORDER BY 1", (ALICE,)
+            "SELECT asset_symbol, balance, paid FROM balances WHERE account_id = ? ORDER BY 1",
+            (ALICE,),
         ).fetchall()
-    assert rows == [("DIAMONDS", 10), ("GOLD_COINS", 1000), ("LOYALTY_POINTS", 500)]
+    assert rows == [("DIAMONDS", 10, 10), ("GOLD_COINS", 1000, 1000), ("LOYALTY_POINTS", 500, 500)]
 
 
 def test_migrate_and_seed_may_run_again(database_file: Path) -> None:
@@ -79,6 +88,73 @@ def test_verify_exits_1_after_tampering(database_file: Path) -> None:
     assert result.exit_code == 1, result.output
     assert "ledger verification FAILED" in result.output
     assert "GOLD_COINS: 1" in result.output
+
+
+def test_verify_exits_1_after_a_paid_part_was_tampered_with(database_file: Path) -> None:
+    succeeds(wallet_command(database_file, "migrate"))
+    succeeds(wallet_command(database_file, "seed"))
+    with sqlite3.connect(database_file) as connection:
+        connection.execute(
+            "UPDATE balances SET paid = paid - 1"
+            " WHERE account_id = ? AND asset_symbol = 'GOLD_COINS'",
+            (ALICE,),
+        )
+
+    result = wallet_command(database_file, "verify")
+
+    assert result.exit_code == 1, result.output
+    assert "ledger verification FAILED" in result.output
+    assert "GOLD_COINS: paid parts sum to -1" in result.output
+
+
+def test_report_liabilities_prints_what_users_are_owed_of_each_kind(database_file: Path) -> None:
+    succeeds(wallet_command(database_file, "migrate"))
+    succeeds(wallet_command(database_file, "seed"))
+
+    report = json.loads(
+        succeeds(wallet_command(database_file, "report", "liabilities", "--asset", "GOLD_COINS"))
+    )
+    before = json.loads(
+        succeeds(
+            wallet_command(
+                database_file,
+                *("report", "liabilities", "--asset", "GOLD_COINS"),
+                *("--at", "2020-01-01T09:00:00+09:00"),
+            )
+        )
+    )
+
+    # The seed's opening top-ups of Alice and Bob: 1000 paid coins each.
+    assert report["assetSymbol"] == "GOLD_COINS"
+    assert report["outstanding"] == {"paid": 2000, "free": 0}
+    assert report["period"]["from"] == "1970-01-01T00:00:00Z"
+    assert report["period"]["to"] == report["at"]
+    moved = {name: value for name, value in report["period"].items() if name not in ("from", "to")}
+    assert moved == {name: 2000 if name == "issuedPaid" else 0 for name in moved}
+    assert len(moved) == 10
+    assert before["at"] == "2020-01-01T00:00:00Z"
+    assert before["outstanding"] == {"paid": 0, "free": 0}
+
+
+@pytest.mark.parametrize(
+    ("options", "exit_code", "message"),
+    [
+        pytest.param(("--asset", "SILVER"), 1, "asset_not_found", id="unknown-asset"),
+        pytest.param(
+            ("--asset", "GOLD_COINS", "--at", "yesterday"), 2, "RFC 3339", id="not-a-moment"
+        ),
+    ],
+)
+def test_report_liabilities_refuses_what_it_cannot_report_in_one_line(
+    database_file: Path, options: tuple[str, ...], exit_code: int, message: str
+) -> None:
+    succeeds(wallet_command(database_file, "migrate"))
+
+    result = wallet_command(database_file, "report", "liabilities", *options)
+
+    assert result.exit_code == exit_code
+    assert result.output.count("\n") == 1
+    assert message in result.output
 
 
 def test_checkpoint_prints_the_newest_links_and_verify_proves_the_ledger_extends_them(

@@ -14,7 +14,7 @@ from wallet.domain.errors import (
     UnknownUser,
     WalletError,
 )
-from wallet.domain.ledger import Flow, Posted
+from wallet.domain.ledger import Flow, Kind, Posted
 from wallet.service.posting import Outcome, post
 from wallet.service.seed import ALICE, BOB
 from wallet.service.wallet import PageRequest, Wallet
@@ -134,11 +134,26 @@ async def test_the_balance_chain_of_a_batch_follows_arrival_order(
     amounts = [(Flow.SPEND, 100), (Flow.TOPUP, 50), (Flow.BONUS, 7), (Flow.SPEND, 900)]
     outcomes = await post(database, [make_command(flow, amount) for flow, amount in amounts])
 
-    assert [posted(o).transaction.balance_after for o in outcomes] == [900, 950, 957, 57]
+    made = [posted(o).transaction for o in outcomes]
+    assert [(t.balance_after, t.paid_amount) for t in made] == [
+        (900, 100),
+        (950, 50),
+        (957, 0),
+        (57, 893),  # the bonus's 7 free credits first
+    ]
     entries, _ = await wallet.ledger(
-        user_id=ALICE, asset_symbol="GOLD_COINS", page=PageRequest(limit=4)
+        user_id=ALICE, asset_symbol="GOLD_COINS", page=PageRequest(limit=5)
     )
-    assert [e.balance_after for e in reversed(entries)] == [900, 950, 957, 57]
+    assert [(e.kind, e.amount, e.balance_after, e.paid_after) for e in reversed(entries)] == [
+        (Kind.PAID, 100, 900, 900),
+        (Kind.PAID, 50, 950, 950),
+        (Kind.FREE, 7, 957, 950),
+        (Kind.FREE, 7, 950, 950),
+        (Kind.PAID, 893, 57, 57),
+    ]
+    assert [e.transaction_id for e in reversed(entries)] == [t.id for t in made[:3]] + [
+        made[3].id
+    ] * 2
 
 
 async def test_the_same_request_twice_in_a_batch_applies_once(

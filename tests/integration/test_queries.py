@@ -1,5 +1,6 @@
-"""The reads: history, ledger and users are newest first and page without gaps or repeats;
-filters narrow them; unknown ids are errors."""
+"""The reads: history, ledger and users are newest first and page without gaps or repeats (a
+transaction of two kinds is one in the history and four entries in the ledger, two of each
+account's); filters narrow them; unknown ids are errors."""
 
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -7,7 +8,7 @@ from typing import Any, TypeVar
 import pytest
 
 from wallet.domain.errors import UnknownAsset, UnknownTransaction, UnknownUser
-from wallet.domain.ledger import Direction, Flow, Transaction
+from wallet.domain.ledger import Direction, Flow, Kind, Transaction
 from wallet.service.posting import post
 from wallet.service.seed import ALICE, BOB
 from wallet.service.wallet import Page, PageRequest, Wallet
@@ -25,7 +26,7 @@ ALICE_FLOWS = [
     (Flow.TOPUP, 5, "LOYALTY_POINTS"),
     (Flow.SPEND, 100, "LOYALTY_POINTS"),
     (Flow.BONUS, 7, "GOLD_COINS"),
-    (Flow.SPEND, 2, "DIAMONDS"),
+    (Flow.SPEND, 4, "DIAMONDS"),  # the bonus's 2 free diamonds left, then 2 paid ones
     (Flow.TOPUP, 1, "GOLD_COINS"),
 ]
 SEED_ASSETS_NEWEST_FIRST = ["LOYALTY_POINTS", "DIAMONDS", "GOLD_COINS"]
@@ -159,15 +160,25 @@ async def test_ledger_pages_newest_first_and_replays_each_balance_after_chain(
 
     walked = await walk(fetch, limit=limit)
 
-    assert len({e.id for e in walked}) == len(walked) == 12
-    assert [e.transaction_id for e in walked[:9]] == [t.id for t in reversed(made)]
+    # 13: the seed's 3 top-ups, and Alice's side of her 9 transactions, two for the spend of
+    # both kinds.
+    assert len({e.id for e in walked}) == len(walked) == 13
+    newest = [e.transaction_id for e in walked[:10]]
+    assert list(dict.fromkeys(newest)) == [t.id for t in reversed(made)]
+    assert newest.count(made[7].id) == 2
     assert all(e.account_id == ALICE for e in walked)
     running: dict[str, int] = {}
+    running_paid: dict[str, int] = {}
     for entry in reversed(walked):
         signed = entry.amount if entry.direction is Direction.CREDIT else -entry.amount
         running[entry.asset_symbol] = running.get(entry.asset_symbol, 0) + signed
+        paid = signed if entry.kind is Kind.PAID else 0
+        running_paid[entry.asset_symbol] = running_paid.get(entry.asset_symbol, 0) + paid
         assert entry.balance_after == running[entry.asset_symbol]
-    assert sorted(running.items()) == await wallet.balances(user_id=ALICE)
+        assert entry.paid_after == running_paid[entry.asset_symbol]
+    standings = await wallet.standings(user_id=ALICE)
+    assert sorted(running.items()) == [(s.asset_symbol, s.balance) for s in standings]
+    assert sorted(running_paid.items()) == [(s.asset_symbol, s.paid) for s in standings]
 
 
 async def test_ledger_entries_of_alice_debit_her_spends_and_credit_everything_else(
@@ -192,13 +203,20 @@ async def test_ledger_filters_by_asset(
 
     walked = await walk(fetch, limit=2)
 
-    assert [(e.direction, e.amount) for e in walked] == [
-        (Direction.DEBIT, 2),
-        (Direction.DEBIT, 1),
-        (Direction.CREDIT, 3),
-        (Direction.CREDIT, 10),
+    assert [(e.direction, e.kind, e.amount) for e in walked] == [
+        (Direction.DEBIT, Kind.PAID, 2),
+        (Direction.DEBIT, Kind.FREE, 2),
+        (Direction.DEBIT, Kind.FREE, 1),
+        (Direction.CREDIT, Kind.FREE, 3),
+        (Direction.CREDIT, Kind.PAID, 10),
     ]
-    assert [e.balance_after for e in walked] == [10, 12, 13, 10]
+    assert [(e.balance_after, e.paid_after) for e in walked] == [
+        (8, 8),
+        (10, 10),
+        (12, 10),
+        (13, 10),
+        (10, 10),
+    ]
 
 
 @pytest.mark.parametrize("limit", [1, 2, 9, 50])

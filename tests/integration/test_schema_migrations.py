@@ -171,7 +171,8 @@ async def test_the_newest_migration_steps_down_and_back_up_under_a_ledger(
         await migrate(database)
         await seed(database)
         wallet = Wallet(database)
-        for flow, amount in ((Flow.TOPUP, 250), (Flow.BONUS, 40), (Flow.SPEND, 300)):
+        flows = [(Flow.TOPUP, 250), (Flow.BONUS, 40), (Flow.SPEND, 30), (Flow.SPEND, 300)]
+        for flow, amount in [*flows, (Flow.BONUS, 5)]:
             await wallet.execute(
                 Command(
                     action=Action(flow),
@@ -191,7 +192,11 @@ async def test_the_newest_migration_steps_down_and_back_up_under_a_ledger(
                     idempotency_key=f"migrations-{uuid.uuid4().hex}",
                 )
             )
-        before = {user: await wallet.balances(user_id=user) for user in (ALICE, BOB)}
+        before = {user: await wallet.standings(user_id=user) for user in (ALICE, BOB)}
+        # The second spend took the first bonus's last 10 free coins, then 290 paid ones.
+        assert [(s.balance, s.paid) for s in before[ALICE] if s.asset_symbol == "GOLD_COINS"] == [
+            (965, 960)
+        ]
     finally:
         await database.close()
 
@@ -201,7 +206,7 @@ async def test_the_newest_migration_steps_down_and_back_up_under_a_ledger(
     database = Database(create_engine(Settings(database_url=empty_database_url)))
     try:
         wallet = Wallet(database)
-        assert {user: await wallet.balances(user_id=user) for user in (ALICE, BOB)} == before
+        assert {user: await wallet.standings(user_id=user) for user in (ALICE, BOB)} == before
         assert all(check.is_clean for check in await verify(database))
     finally:
         await database.close()

@@ -3,7 +3,7 @@
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from wallet.domain.ledger import Flow
+from wallet.domain.ledger import Flow, SpendOrder, Standing
 from wallet.service.seed import ALICE, BOB, seed
 from wallet.service.wallet import PageRequest, Wallet
 from wallet.store.database import Database
@@ -13,25 +13,34 @@ ReadState = Callable[[], Awaitable[dict[str, Any]]]
 
 
 async def test_seed_creates_the_assets_users_and_opening_balances(wallet: Wallet) -> None:
-    assert [a.symbol for a in await wallet.assets()] == ["DIAMONDS", "GOLD_COINS", "LOYALTY_POINTS"]
+    # Free credits first everywhere; only loyalty points expire, a year after they are given.
+    assert [
+        (a.symbol, a.spend_order, a.free_lifetime_days, a.paid_lifetime_days)
+        for a in await wallet.assets()
+    ] == [
+        ("DIAMONDS", SpendOrder.FREE_FIRST, None, None),
+        ("GOLD_COINS", SpendOrder.FREE_FIRST, None, None),
+        ("LOYALTY_POINTS", SpendOrder.FREE_FIRST, 365, None),
+    ]
     users, _ = await wallet.users(page=PageRequest())
     assert {(u.id, u.email) for u in users} == {
         (ALICE, "alice@example.com"),
         (BOB, "bob@example.com"),
     }
     for user_id in (ALICE, BOB):
-        assert await wallet.balances(user_id=user_id) == [
-            ("DIAMONDS", 10),
-            ("GOLD_COINS", 1000),
-            ("LOYALTY_POINTS", 500),
+        # Top-ups: paid credits, which no asset makes expire.
+        assert await wallet.standings(user_id=user_id) == [
+            Standing("DIAMONDS", 10, 10, held=0),
+            Standing("GOLD_COINS", 1000, 1000, held=0),
+            Standing("LOYALTY_POINTS", 500, 500, held=0),
         ]
         history, _ = await wallet.history(
             user_id=user_id, flow=None, asset_symbol=None, page=PageRequest()
         )
-        assert {(t.flow, t.asset_symbol, t.amount) for t in history} == {
-            (Flow.TOPUP, "DIAMONDS", 10),
-            (Flow.TOPUP, "GOLD_COINS", 1000),
-            (Flow.TOPUP, "LOYALTY_POINTS", 500),
+        assert {(t.flow, t.asset_symbol, t.amount, t.paid_amount) for t in history} == {
+            (Flow.TOPUP, "DIAMONDS", 10, 10),
+            (Flow.TOPUP, "GOLD_COINS", 1000, 1000),
+            (Flow.TOPUP, "LOYALTY_POINTS", 500, 500),
         }
 
 

@@ -1,11 +1,13 @@
 """Tampering behind the service's back, on SQLite and PostgreSQL: a ledger written by the posting
 engine verifies clean, and each kind of change made with SQL to its rows (a relabelled type,
-edited metadata, an edited entry, a truncation, held sums, captures, refunds) is reported by
-`verify`. A truncation that rewinds every balance consistently is caught only against a
-checkpoint taken before it, and a rewrite behind a checkpoint too."""
+edited metadata, an edited entry or its kind, a truncation, held sums, captures, refunds, paid
+parts, lots, their moves and expiries) is reported by `verify`. A truncation that rewinds every
+balance consistently is caught only against a checkpoint taken before it, and a rewrite behind a
+checkpoint too."""
 
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -13,7 +15,7 @@ import sqlalchemy as sa
 
 from wallet.domain.ledger import GENESIS_LINK, Action, Command, Posted, SystemAccount
 from wallet.service.audit import ChainHead, Checkpoint, checkpoint, verify
-from wallet.service.posting import post
+from wallet.service.posting import expire_credits, post
 from wallet.service.seed import ALICE, BOB, seed
 from wallet.settings import Settings
 from wallet.store.database import Database, create_engine
@@ -21,6 +23,7 @@ from wallet.store.migrate import migrate
 from wallet.store.tables import transactions
 
 SUMS = "per-asset balances sum to zero"
+PARTS = "balance = paid + free for every user and asset"
 REPLAY = "balances equal their ledger replay"
 PAIRS = "each transaction has one debit and one credit"
 CHAINS = "balanceAfter chains replay"
@@ -29,10 +32,21 @@ COUNTS = "entry counts match their chains"
 HELD = "held sums match the holds"
 CAPTURES = "captures match their holds"
 REFUNDS = "refunds stay within their originals"
+NEGATIVE_LOTS = "no lot below zero"
+LOT_SUMS = "lots add up to their balances"
+LOT_MOVES = "lots replay their moves"
+EXPIRIES = "expiries match the lots they ended"
 EXTENDS = "the ledger extends checkpoint taken-before"
 Sql = Callable[..., Awaitable[list[Any]]]
 REVENUE = SystemAccount.REVENUE
+Advance = Callable[[timedelta], None]
 GOLD = "GOLD_COINS"
+
+
+def lot(bonus: Posted, days: int) -> str:
+    """How findings name Alice's GOLD_COINS lot of the free credits a bonus gave for `days`."""
+    at = (bonus.transaction.created_at + timedelta(days=days)).isoformat()
+    return f"{ALICE} {GOLD} free lot expiring {at.replace('+00:00', 'Z')}"
 
 
 def command(action: Action, **fields: Any) -> Command:
@@ -52,13 +66,16 @@ async def apply(database: Database, *commands: Command) -> list[Posted]:
 async def failures(database: Database, taken: Checkpoint | None = None) -> dict[str, list[str]]:
     """The failing checks, by name, with what each found (sorted: SQL gives no row order)."""
     checks = await verify(database, checkpoint=taken, checkpoint_name="taken-before")
-    names = [SUMS, REPLAY, PAIRS, CHAINS, LINKS, COUNTS, HELD, CAPTURES, REFUNDS]
+    names = [
+        *(SUMS, PARTS, REPLAY, PAIRS, CHAINS, LINKS, COUNTS, HELD, CAPTURES, REFUNDS),
+        *(NEGATIVE_LOTS, LOT_SUMS, LOT_MOVES, EXPIRIES),
+    ]
     assert [c.name for c in checks] == names + ([EXTENDS] if taken else [])
     return {c.name: sorted(c.failures) for c in checks if not c.is_clean}
 
 
 async def entries_of(sql: Sql, transaction_id: str) -> dict[str, Any]:
-    """A transaction's entries, by direction."""
+    """A transaction of one kind's entries, by direction."""
     rows = await sql("SELECT * FROM entries WHERE transaction_id = :id", id=transaction_id)
     return {row.direction: row for row in rows}
 
@@ -72,11 +89,12 @@ async def broken_links(sql: Sql, transaction_id: str) -> list[str]:
 
 
 async def truncate(sql: Sql, transaction_id: str) -> None:
-    """Delete a transaction that is the newest of both its chains, with its entries, and rewind
-    both balance rows (balance, newest link and entry count) as if it had never been: the
-    ledger left is consistent in itself."""
+    """Delete a transaction of one kind that is the newest of both its chains, with its entries,
+    and rewind both balance rows (balance, paid part, newest link and entry count) as if it had
+    never been: the ledger left is consistent in itself."""
     for entry in (await entries_of(sql, transaction_id)).values():
         signed = entry.amount if entry.direction == "credit" else -entry.amount
+        signed_paid = signed if entry.kind == "paid" else 0
         before = await sql(
             "SELECT chain_hash FROM entries WHERE account_id = :account"
             " AND asset_symbol = :asset AND seq < :seq ORDER BY seq DESC LIMIT 1",
@@ -85,9 +103,11 @@ async def truncate(sql: Sql, transaction_id: str) -> None:
             seq=entry.seq,
         )
         await sql(
-            "UPDATE balances SET balance = balance - :signed, entry_count = entry_count - 1,"
-            " chain_hash = :link WHERE account_id = :account AND asset_symbol = :asset",
+            "UPDATE balances SET balance = balance - :signed, paid = paid - :signed_paid,"
+            " entry_count = entry_count - 1, chain_hash = :link"
+            " WHERE account_id = :account AND asset_symbol = :asset",
             signed=signed,
+            signed_paid=signed_paid,
             link=before[0].chain_hash if before else GENESIS_LINK,
             account=entry.account_id,
             asset=entry.asset_symbol,
@@ -137,10 +157,14 @@ async def test_a_top_up_relabelled_as_a_bonus_breaks_its_links_and_its_accounts(
     database: Database, sql: Sql
 ) -> None:
     (topup,) = await apply(database, command(Action.TOPUP, amount=500))
-    await sql("UPDATE transactions SET type = 'bonus' WHERE id = :id", id=topup.transaction.id)
+    await sql(
+        "UPDATE transactions SET type = 'bonus', paid_amount = 0 WHERE id = :id",
+        id=topup.transaction.id,
+    )
 
     assert await failures(database) == {
-        PAIRS: [f"transaction {topup.transaction.id}"],  # a bonus comes from the bonus pool
+        # A bonus moves free credits, from the bonus pool.
+        PAIRS: [f"transaction {topup.transaction.id}"],
         LINKS: await broken_links(sql, topup.transaction.id),
     }
 
@@ -166,7 +190,10 @@ async def test_an_edited_entry_amount_is_caught(database: Database, sql: Sql) ->
     assert await failures(database) == {
         REPLAY: [f"{BOB} GOLD_COINS: balance 1040, ledger 1045"],
         PAIRS: [f"transaction {transfer.transaction.id}"],
-        CHAINS: [f"entry {credit.id} ({BOB} GOLD_COINS)"],
+        CHAINS: [
+            f"entry {credit.id} ({BOB} GOLD_COINS)",
+            f"entry {credit.id} ({BOB} GOLD_COINS): paidAfter does not follow",  # paid credits
+        ],
         LINKS: [f"entry {credit.id} ({BOB} GOLD_COINS): first broken link"],
     }
 
@@ -297,7 +324,10 @@ async def test_a_refunded_amount_that_is_not_the_sum_of_the_refunds_is_caught(
     )
 
     assert await failures(database) == {
-        REFUNDS: [f"transaction {spend.transaction.id}: amount 100, refundedAmount 60, refunds 40"]
+        REFUNDS: [
+            f"transaction {spend.transaction.id}: amount 100 (100 paid), refundedAmount 60, "
+            "refunds 40 (40 paid)"
+        ]
     }
 
 
@@ -314,7 +344,8 @@ async def test_refunds_that_add_up_to_more_than_their_original_are_caught(
         PAIRS: [f"transaction {refund.transaction.id}"],
         LINKS: await broken_links(sql, refund.transaction.id),
         REFUNDS: [
-            f"transaction {spend.transaction.id}: amount 100, refundedAmount 40, refunds 120"
+            f"transaction {spend.transaction.id}: amount 100 (100 paid), refundedAmount 40, "
+            "refunds 120 (40 paid)"
         ],
     }
 
@@ -361,7 +392,7 @@ async def test_a_hold_captured_for_more_than_its_amount_is_caught(unguarded: Dat
             [
                 f"hold {hold.hold.id}: captured 40 of 30",
                 f"hold {hold.hold.id}: captured 40, but its transaction is not a spend of that "
-                "amount by its user in its asset",
+                "amount by its user in its asset, of what it reserved",
             ]
         )
     }
@@ -380,5 +411,205 @@ async def test_a_refunded_amount_above_the_original_is_caught(unguarded: Databas
     )
 
     assert await failures(unguarded) == {
-        REFUNDS: [f"transaction {spend.transaction.id}: amount 100, refundedAmount 150, refunds 40"]
+        REFUNDS: [
+            f"transaction {spend.transaction.id}: amount 100 (100 paid), refundedAmount 150, "
+            "refunds 40 (40 paid)"
+        ]
     }
+
+
+async def test_an_entry_whose_kind_is_flipped_is_caught(database: Database, sql: Sql) -> None:
+    (spend,) = await apply(database, command(Action.SPEND, amount=100))  # of paid credits
+    debit = (await entries_of(sql, spend.transaction.id))["debit"]
+    await sql("UPDATE entries SET kind = 'free' WHERE id = :id", id=debit.id)
+
+    assert await failures(database) == {
+        # A free debit without its credit, a paid credit without its debit.
+        PAIRS: [f"transaction {spend.transaction.id}"],
+        CHAINS: [f"entry {debit.id} ({ALICE} GOLD_COINS): paidAfter does not follow"],
+        LINKS: [f"entry {debit.id} ({ALICE} GOLD_COINS): first broken link"],
+    }
+
+
+async def test_a_paid_part_that_is_not_the_ledgers_is_caught(database: Database, sql: Sql) -> None:
+    await sql(
+        "UPDATE balances SET paid = paid - 5 WHERE account_id = :alice AND asset_symbol = :gold",
+        alice=ALICE,
+        gold=GOLD,
+    )
+
+    assert await failures(database) == {
+        PARTS: sorted(["GOLD_COINS: paid parts sum to -5", "GOLD_COINS: free parts sum to 5"]),
+        CHAINS: [f"{ALICE} GOLD_COINS: paid 995, newest paidAfter 1000"],
+    }
+
+
+async def test_an_edited_lot_is_caught(database: Database, sql: Sql) -> None:
+    (bonus,) = await apply(database, command(Action.BONUS, amount=50, credit_expires_in_days=30))
+    await sql("UPDATE lots SET remaining = 40 WHERE account_id = :alice", alice=ALICE)
+
+    assert await failures(database) == {
+        LOT_SUMS: [f"{ALICE} GOLD_COINS: expiring 50, lots 40"],
+        LOT_MOVES: [f"{lot(bonus, 30)}: remaining 40, moves 50"],
+    }
+
+
+async def test_a_deleted_lot_move_is_caught(database: Database, sql: Sql) -> None:
+    bonus, spend = await apply(
+        database,
+        command(Action.BONUS, amount=50, credit_expires_in_days=30),
+        command(Action.SPEND, amount=20),  # free credits first: of the lot
+    )
+    await sql("DELETE FROM lot_moves WHERE transaction_id = :id", id=spend.transaction.id)
+
+    assert await failures(database) == {LOT_MOVES: [f"{lot(bonus, 30)}: remaining 30, moves 50"]}
+
+
+async def test_lots_of_a_kind_above_its_part_are_caught(database: Database, sql: Sql) -> None:
+    """The lot and the balance's `expiring` agree, but the balance has only 50 free credits."""
+    (bonus,) = await apply(database, command(Action.BONUS, amount=50, credit_expires_in_days=30))
+    await sql("UPDATE lots SET remaining = 60 WHERE account_id = :alice", alice=ALICE)
+    await sql(
+        "UPDATE balances SET expiring = 60 WHERE account_id = :alice AND asset_symbol = :gold",
+        alice=ALICE,
+        gold=GOLD,
+    )
+
+    assert await failures(database) == {
+        LOT_SUMS: [f"{ALICE} GOLD_COINS: free lots 60, more than the free part 50"],
+        LOT_MOVES: [f"{lot(bonus, 30)}: remaining 60, moves 50"],
+    }
+
+
+@pytest.mark.parametrize(
+    ("statement", "expected"),
+    [
+        pytest.param(
+            "UPDATE lot_moves SET amount = -40 WHERE transaction_id = :id",
+            {
+                EXPIRIES: ["moved 0 paid and 50 free, took 0 paid and 40 free from lots"],
+                LOT_MOVES: [(1, "remaining 0, moves 10")],
+            },
+            id="amount-edited",
+        ),
+        pytest.param(
+            "UPDATE lot_moves SET expires_at = (SELECT max(expires_at) FROM lots)"
+            " WHERE transaction_id = :id",
+            {
+                EXPIRIES: [
+                    "moved 0 paid and 50 free, took 0 paid and 50 free from lots, 1 of its lot "
+                    "moves not taken from its user's lots expired by then"
+                ],
+                LOT_MOVES: [(1, "remaining 0, moves 50"), (10, "remaining 30, moves -20")],
+            },
+            id="taken-from-a-lot-not-expired",
+        ),
+    ],
+)
+async def test_an_expiry_that_no_longer_matches_the_lots_it_ended_is_caught(
+    database: Database, sql: Sql, advance: Advance, statement: str, expected: dict[str, list[Any]]
+) -> None:
+    soon, later = await apply(
+        database,
+        command(Action.BONUS, amount=50, credit_expires_in_days=1),
+        command(Action.BONUS, amount=30, credit_expires_in_days=10),
+    )
+    advance(timedelta(days=2))
+    assert await expire_credits(database, limit=10) == 1
+    (expiry,) = await sql("SELECT id FROM transactions WHERE type = 'expiry'")
+    await sql(statement, id=expiry.id)
+
+    granted = {1: soon, 10: later}
+    assert await failures(database) == {
+        EXPIRIES: [f"transaction {expiry.id}: {finding}" for finding in expected[EXPIRIES]],
+        LOT_MOVES: sorted(
+            f"{lot(granted[days], days)}: {finding}" for days, finding in expected[LOT_MOVES]
+        ),
+    }
+
+
+async def test_holds_that_reserve_more_of_a_kind_than_the_balance_has_are_caught(
+    database: Database, sql: Sql
+) -> None:
+    _, hold = await apply(
+        database,
+        command(Action.BONUS, amount=20),
+        command(Action.HOLD, amount=30),  # 20 free, 10 paid
+    )
+    assert hold.hold is not None
+    await sql("UPDATE holds SET paid_amount = 0 WHERE id = :id", id=hold.hold.id)
+
+    assert await failures(database) == {
+        HELD: [f"{ALICE} GOLD_COINS: active holds reserve 0 paid of 1000 and 30 free of 20"]
+    }
+
+
+async def test_a_capture_that_took_more_of_a_kind_than_its_hold_reserved_is_caught(
+    database: Database, sql: Sql
+) -> None:
+    (hold,) = await apply(database, command(Action.HOLD, amount=30))  # of paid credits
+    assert hold.hold is not None
+    await apply(database, command(Action.CAPTURE, reference=hold.hold.id))
+    await sql("UPDATE holds SET paid_amount = 10 WHERE id = :id", id=hold.hold.id)
+
+    assert await failures(database) == {
+        CAPTURES: [
+            f"hold {hold.hold.id}: captured 30, but its transaction is not a spend of that "
+            "amount by its user in its asset, of what it reserved"
+        ]
+    }
+
+
+async def test_a_paid_part_above_the_balance_is_caught(unguarded: Database) -> None:
+    await past_a_check(
+        unguarded,
+        "balances",
+        "ck_balances_user_parts_within_balance",
+        "UPDATE balances SET paid = 1001 WHERE account_id = :alice AND asset_symbol = :gold",
+        alice=ALICE,
+        gold=GOLD,
+    )
+
+    assert await failures(unguarded) == {
+        PARTS: sorted(
+            [
+                "GOLD_COINS: paid parts sum to 1",
+                "GOLD_COINS: free parts sum to -1",
+                f"{ALICE} GOLD_COINS: paid 1001 of balance 1000",
+            ]
+        ),
+        CHAINS: [f"{ALICE} GOLD_COINS: paid 1001, newest paidAfter 1000"],
+    }
+
+
+async def test_a_lot_below_zero_is_caught(unguarded: Database) -> None:
+    (bonus,) = await apply(unguarded, command(Action.BONUS, amount=50, credit_expires_in_days=30))
+    await past_a_check(
+        unguarded,
+        "lots",
+        "ck_lots_remaining_not_negative",
+        "UPDATE lots SET remaining = -5 WHERE account_id = :alice",
+        alice=ALICE,
+    )
+
+    assert await failures(unguarded) == {
+        NEGATIVE_LOTS: [f"{lot(bonus, 30)}: remaining -5"],
+        LOT_SUMS: [f"{ALICE} GOLD_COINS: expiring 50, lots -5"],
+        LOT_MOVES: [f"{lot(bonus, 30)}: remaining -5, moves 50"],
+    }
+
+
+async def test_a_hold_that_reserves_more_paid_credits_than_its_amount_is_caught(
+    unguarded: Database,
+) -> None:
+    (hold,) = await apply(unguarded, command(Action.HOLD, amount=30))
+    assert hold.hold is not None
+    await past_a_check(
+        unguarded,
+        "holds",
+        "ck_holds_paid_within_amount",
+        "UPDATE holds SET paid_amount = 40 WHERE id = :id",
+        id=hold.hold.id,
+    )
+
+    assert await failures(unguarded) == {HELD: [f"hold {hold.hold.id}: paidAmount 40 of 30"]}

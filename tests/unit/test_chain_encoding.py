@@ -1,6 +1,7 @@
 """The chain's encoding as the code writes it (by hand, for speed) is the definition
 docs/LEDGER.md gives: json.dumps of the record, keys sorted, no white space, non-ASCII kept, for
-any entry and transaction, with and without the optional fields."""
+any entry of either kind and any transaction, with and without the optional fields, split any
+way into paid and free credits."""
 
 import json
 from datetime import UTC, datetime, timedelta, timezone
@@ -14,6 +15,7 @@ from wallet.domain.ledger import (
     Direction,
     Entry,
     Flow,
+    Kind,
     Transaction,
     TransactionId,
     UserId,
@@ -21,7 +23,7 @@ from wallet.domain.ledger import (
 )
 
 # Any text the service stores: every code point but the surrogates, which no request can carry.
-texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)
+texts = st.text(st.characters(exclude_categories=["Cs"]), max_size=40)
 optional_texts = st.none() | texts
 moments = st.datetimes(
     min_value=datetime(2000, 1, 1),
@@ -29,6 +31,10 @@ moments = st.datetimes(
     timezones=st.sampled_from([UTC, timezone(timedelta(hours=9)), timezone(-timedelta(hours=5))]),
 )
 amounts = st.integers(1, 10**15)
+# An amount and its paid part: any split, all paid and all free included.
+amounts_and_paid = amounts.flatmap(
+    lambda amount: st.tuples(st.just(amount), st.integers(0, amount))
+)
 balances = st.integers(-(2**63), 2**63 - 1)
 
 
@@ -46,8 +52,10 @@ def definition(previous: str, entry: Entry, transaction: Transaction) -> bytes:
             "account": entry.account_id,
             "assetSymbol": entry.asset_symbol,
             "direction": entry.direction.value,
+            "kind": entry.kind.value,
             "amount": entry.amount,
             "balanceAfter": entry.balance_after,
+            "paidAfter": entry.paid_after,
             "createdAt": moment(entry.created_at),
         },
         "transaction": {
@@ -57,6 +65,8 @@ def definition(previous: str, entry: Entry, transaction: Transaction) -> bytes:
             "toUserId": transaction.to_user_id,
             "assetSymbol": transaction.asset_symbol,
             "amount": transaction.amount,
+            "paidAmount": transaction.paid_amount,
+            "freeAmount": transaction.free_amount,
             "holdId": transaction.hold_id,
             "refundOf": transaction.refund_of,
             "idempotencyKey": transaction.idempotency_key,
@@ -77,8 +87,10 @@ def definition(previous: str, entry: Entry, transaction: Transaction) -> bytes:
     asset=texts,
     flow=st.sampled_from(Flow),
     direction=st.sampled_from(Direction),
-    amount=amounts,
+    kind=st.sampled_from(Kind),
+    amount_and_paid=amounts_and_paid,
     balance_after=balances,
+    paid_after=balances,
     references=st.tuples(optional_texts, optional_texts, optional_texts),
     note=optional_texts,
     metadata=st.none() | st.dictionaries(texts, texts, max_size=4),
@@ -92,8 +104,10 @@ def test_the_written_encoding_is_the_documented_one(
     asset: str,
     flow: Flow,
     direction: Direction,
-    amount: int,
+    kind: Kind,
+    amount_and_paid: tuple[int, int],
     balance_after: int,
+    paid_after: int,
     references: tuple[str | None, str | None, str | None],
     note: str | None,
     metadata: dict[str, str] | None,
@@ -103,6 +117,7 @@ def test_the_written_encoding_is_the_documented_one(
     entry_id, transaction_id, account, key = ids
     user, to_user = users
     hold_id, refund_of, created_by = references
+    amount, paid_amount = amount_and_paid
     transaction = Transaction(
         id=TransactionId(transaction_id),
         flow=flow,
@@ -114,6 +129,7 @@ def test_the_written_encoding_is_the_documented_one(
         note=note,
         metadata=metadata,
         created_at=created_at,
+        paid_amount=paid_amount,
         created_by=created_by,
         to_user_id=None if to_user is None else UserId(to_user),
         hold_id=hold_id,
@@ -128,6 +144,8 @@ def test_the_written_encoding_is_the_documented_one(
         amount=amount,
         balance_after=balance_after,
         created_at=entry_created_at or created_at,
+        kind=kind,
+        paid_after=paid_after,
     )
 
     assert link_content(previous, entry, transaction) == definition(previous, entry, transaction)

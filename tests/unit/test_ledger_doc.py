@@ -21,6 +21,7 @@ from wallet.domain.ledger import (
     Direction,
     Entry,
     Flow,
+    Kind,
     Transaction,
     TransactionId,
     UserId,
@@ -62,6 +63,7 @@ def described(record: dict[str, Any]) -> tuple[str, Entry, Transaction]:
         note=header["note"],
         metadata=header["metadata"],
         created_at=moment(header["createdAt"]),
+        paid_amount=header["paidAmount"],  # freeAmount follows from it: the link checks both
         created_by=header["createdBy"],
         to_user_id=header["toUserId"],
         hold_id=header["holdId"],
@@ -78,6 +80,8 @@ def described(record: dict[str, Any]) -> tuple[str, Entry, Transaction]:
             amount=entry["amount"],
             balance_after=entry["balanceAfter"],
             created_at=moment(entry["createdAt"]),
+            kind=Kind(entry["kind"]),
+            paid_after=entry["paidAfter"],
         ),
         transaction,
     )

@@ -1,10 +1,13 @@
-"""The pure rules of wallet.domain.ledger: how a `Book` moves and reserves balances, which accounts
-each flow and each refund moves money between, when a hold counts, what makes two requests the
-same request, and the hash chain's links."""
+"""The pure rules of wallet.domain.ledger: how a `Book` moves and reserves balances by kind (paid
+and free) in the asset's spend order and through lots of expiring credits, which credits a refund
+gives back, which accounts each flow and each refund moves money between, when a hold counts,
+what makes two requests the same request, and the hash chain's links."""
 
 import json
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import pytest
 
@@ -16,6 +19,7 @@ from wallet.domain.ledger import (
     MIN_BALANCE,
     AccountId,
     Action,
+    Asset,
     BalanceKey,
     Book,
     Command,
@@ -24,15 +28,27 @@ from wallet.domain.ledger import (
     Flow,
     Hold,
     HoldStatus,
+    Kind,
+    Leg,
+    LotKey,
+    Portion,
+    SpendOrder,
     Standing,
     SystemAccount,
     Transaction,
     TransactionId,
     UserId,
+    check_amount,
+    expiry_account,
     flow_accounts,
     link,
     link_content,
+    lot_expiry,
     refund_accounts,
+    returned,
+    standing,
+    taken_portions,
+    unprotected,
 )
 
 ALICE = UserId("alice")
@@ -43,6 +59,13 @@ BONUS_POOL = AccountId(SystemAccount.BONUS_POOL)
 REVENUE = AccountId(SystemAccount.REVENUE)
 ALICE_GOLD: BalanceKey = (AccountId(ALICE), GOLD)
 BOB_GOLD: BalanceKey = (AccountId(BOB), GOLD)
+FREE, PAID = Kind.FREE, Kind.PAID
+FREE_FIRST, PAID_FIRST = SpendOrder.FREE_FIRST, SpendOrder.PAID_FIRST
+
+NOW = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
+GONE = NOW - timedelta(seconds=1)  # a lot's expiry that has passed
+SOON = NOW + timedelta(days=1)
+LATER = NOW + timedelta(days=30)
 
 ACCOUNTS = {"alice": ALICE, "bob": BOB, "treasury": TREASURY, "bonus_pool": BONUS_POOL}
 ACCOUNTS |= {"revenue": REVENUE}
@@ -50,32 +73,71 @@ MOVING_ACTIONS = (Action.TOPUP, Action.BONUS, Action.SPEND, Action.TRANSFER)
 
 
 def balances(**by_account: int) -> dict[BalanceKey, int]:
-    """GOLD balances of every account, by name (`alice`, `treasury`, ...); unnamed ones are 0.
-    Like the posting engine's locked rows, every account a command may touch is present."""
+    """GOLD balances (or paid parts) of every account, by name (`alice`, `treasury`, ...); unnamed
+    ones are 0. Like the posting engine's locked rows, every account a command may touch is
+    present."""
     return {(AccountId(a), GOLD): by_account.get(name, 0) for name, a in ACCOUNTS.items()}
 
 
-def book(*, alice_held: int = 0, alice_active: int | None = None, **by_account: int) -> Book:
-    """A book of GOLD balances; Alice's holds sum to `alice_held`, of which `alice_active`
-    (default: all) count now, the rest being past their expiry but not yet marked."""
-    active = alice_held if alice_active is None else alice_active
+def book(
+    *,
+    free: Mapping[str, int] | None = None,
+    alice_held: int = 0,
+    alice_active: Mapping[Kind, int] | None = None,
+    alice_lots: Mapping[LotKey, int] | None = None,
+    **paid: int,
+) -> Book:
+    """A book of GOLD balances, by account name: the paid credits given as keywords, plus the
+    `free` ones. Alice's holds sum to `alice_held`, of which those that count now reserve
+    `alice_active` of each kind (default: all of it, of paid credits; the rest being past their
+    expiry but not yet marked); her credits that can expire sit in `alice_lots`."""
+    free = free or {}
+    active = {PAID: alice_held} if alice_active is None else dict(alice_active)
     return Book(
-        balances=balances(**by_account),
+        balances=balances(**{name: paid.get(name, 0) + free.get(name, 0) for name in ACCOUNTS}),
+        paid=balances(**paid),
         held={ALICE_GOLD: alice_held},
         active_held={ALICE_GOLD: active},
+        lots={ALICE_GOLD: dict(alice_lots or {})},
         holds={},
         refunded={},
     )
 
 
-def snapshot(state: Book) -> tuple[object, ...]:
-    return (state.balances, state.held, state.active_held, state.holds, state.refunded)
+def alice_with(*, paid: int, free: int, **more: Any) -> Book:
+    """A book where Alice has `paid` credits from the treasury and `free` ones from the pool."""
+    return book(alice=paid, treasury=-paid, free={"alice": free, "bonus_pool": -free}, **more)
 
 
-def moving(action: Action, amount: int, state: Book) -> None:
-    """Apply one flow of Alice's (a transfer goes to Bob) to `state`, as the engine does."""
+def reserved(state: Book) -> dict[Kind, int]:
+    """What the holds that count now reserve of each kind of Alice's balance."""
+    return {kind: state.active_held.get(ALICE_GOLD, {}).get(kind, 0) for kind in Kind}
+
+
+def available(state: Book) -> dict[Kind, int]:
+    """What Alice has available of each kind at NOW."""
+    return {kind: state.available(ALICE_GOLD, kind, NOW) for kind in Kind}
+
+
+def moving(
+    action: Action,
+    amount: int,
+    state: Book,
+    *,
+    order: SpendOrder = FREE_FIRST,
+    expires_at: datetime | None = None,
+) -> list[Leg]:
+    """Apply one flow of Alice's (a transfer goes to Bob) to `state` at NOW, as the engine does: a
+    top-up or bonus gives credits of its kind (in a lot when they expire), a spend or transfer
+    takes what is available in the spend order; one leg per kind."""
     debited, credited = flow_accounts(action, ALICE, BOB if action is Action.TRANSFER else None)
-    state.move(debited, credited, GOLD, amount)
+    if action in (Action.TOPUP, Action.BONUS):
+        portions = [Portion(PAID if action is Action.TOPUP else FREE, expires_at, amount)]
+    else:
+        portions = state.plan_in_order((debited, GOLD), amount, order, NOW)
+    kinds = dict.fromkeys(p.kind for p in portions)
+    legs = [(debited, credited, [p for p in portions if p.kind is kind]) for kind in kinds]
+    return state.move(GOLD, legs)
 
 
 # ---- which accounts a flow and a refund move money between ---------------------------------
@@ -110,6 +172,7 @@ def test_a_flow_of_one_user_ignores_any_receiver(action: Action) -> None:
         (Action.RELEASE, None),
         (Action.REFUND, None),
         (Action.BATCH, None),
+        (Action.EXPIRE, None),
         (Action.HOLD, BOB),
     ],
 )
@@ -132,6 +195,7 @@ def original(flow: Flow, *, user_id: UserId = ALICE, amount: int = 100) -> Trans
         note=None,
         metadata=None,
         created_at=datetime(2026, 12, 2, tzinfo=UTC),
+        paid_amount=amount if flow is Flow.TOPUP else 0,
         to_user_id=BOB if flow is Flow.TRANSFER else None,
     )
 
@@ -153,70 +217,155 @@ def test_a_refund_swaps_the_accounts_of_its_original(
     assert flow_accounts(action, ALICE, None) == (credited, debited)
 
 
-@pytest.mark.parametrize("flow", [Flow.TRANSFER, Flow.REFUND, Flow.REVERSAL])
-def test_transfers_refunds_and_reversals_are_not_refundable(flow: Flow) -> None:
+@pytest.mark.parametrize("flow", [Flow.TRANSFER, Flow.REFUND, Flow.REVERSAL, Flow.EXPIRY])
+def test_transfers_refunds_reversals_and_expiries_are_not_refundable(flow: Flow) -> None:
     with pytest.raises(errors.NotRefundable) as raised:
         refund_accounts(original(flow))
     assert raised.value.code == "not_refundable"
     assert not raised.value.is_replay
 
 
+def test_expired_free_credits_go_back_to_the_bonus_pool_and_paid_ones_to_revenue() -> None:
+    assert expiry_account(FREE) == BONUS_POOL
+    assert expiry_account(PAID) == REVENUE
+
+
+def test_a_transactions_free_amount_is_what_is_not_paid() -> None:
+    spend = replace(original(Flow.SPEND, amount=100), paid_amount=70)
+    assert (spend.paid_amount, spend.free_amount) == (70, 30)
+
+
 # ---- Book.move -----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("action", "after"),
+    ("action", "after", "paid_after"),
     [
-        (Action.TOPUP, {"treasury": -130, "alice": 130}),
-        (Action.BONUS, {"bonus_pool": -30, "alice": 130, "treasury": -100}),
-        (Action.SPEND, {"alice": 70, "revenue": 30, "treasury": -100}),
-        (Action.TRANSFER, {"alice": 70, "bob": 30, "treasury": -100}),
+        (
+            Action.TOPUP,
+            {"treasury": -130, "alice": 130},
+            {"treasury": -130, "alice": 130},
+        ),
+        (
+            Action.BONUS,
+            {"bonus_pool": -30, "alice": 130, "treasury": -100},
+            {"alice": 100, "treasury": -100},
+        ),
+        (
+            Action.SPEND,
+            {"alice": 70, "revenue": 30, "treasury": -100},
+            {"alice": 70, "revenue": 30, "treasury": -100},
+        ),
+        (
+            Action.TRANSFER,
+            {"alice": 70, "bob": 30, "treasury": -100},
+            {"alice": 70, "bob": 30, "treasury": -100},
+        ),
     ],
 )
 def test_move_takes_the_amount_from_the_debited_and_gives_it_to_the_credited(
-    action: Action, after: dict[str, int]
+    action: Action, after: dict[str, int], paid_after: dict[str, int]
 ) -> None:
     state = book(alice=100, treasury=-100)
     moving(action, 30, state)
     assert state.balances == balances(**after)
+    assert state.paid == balances(**paid_after)
+
+
+def test_a_move_of_two_kinds_has_a_debit_and_a_credit_per_kind_first_kind_first() -> None:
+    state = alice_with(paid=60, free=40)
+    legs = moving(Action.SPEND, 50, state)
+    assert legs == [
+        Leg(AccountId(ALICE), Direction.DEBIT, FREE, 40, balance_after=60, paid_after=60),
+        Leg(REVENUE, Direction.CREDIT, FREE, 40, balance_after=40, paid_after=0),
+        Leg(AccountId(ALICE), Direction.DEBIT, PAID, 10, balance_after=50, paid_after=50),
+        Leg(REVENUE, Direction.CREDIT, PAID, 10, balance_after=50, paid_after=10),
+    ]
+    assert (state.balances[ALICE_GOLD], state.paid[ALICE_GOLD]) == (50, 50)
+
+
+@pytest.mark.parametrize(
+    ("order", "taken"),
+    [
+        (FREE_FIRST, {FREE: 40, PAID: 10}),
+        (PAID_FIRST, {PAID: 50}),
+    ],
+)
+@pytest.mark.parametrize("action", [Action.SPEND, Action.TRANSFER])
+def test_a_debit_takes_the_first_kind_of_the_spend_order_before_the_second(
+    action: Action, order: SpendOrder, taken: dict[Kind, int]
+) -> None:
+    state = alice_with(paid=60, free=40)
+    legs = moving(action, 50, state, order=order)
+    debits = {leg.kind: leg.amount for leg in legs if leg.direction is Direction.DEBIT}
+    credits = {leg.kind: leg.amount for leg in legs if leg.direction is Direction.CREDIT}
+    assert list(debits.items()) == list(taken.items())  # in the spend order
+    assert credits == debits  # the receiver gets the kinds the sender gave up
+    assert state.paid[ALICE_GOLD] == 60 - taken[PAID]
+    assert state.balances[ALICE_GOLD] - state.paid[ALICE_GOLD] == 40 - taken.get(FREE, 0)
+
+
+@pytest.mark.parametrize("order", list(SpendOrder))
+def test_per_kind_every_balance_of_the_asset_sums_to_zero_after_each_flow(
+    order: SpendOrder,
+) -> None:
+    state = alice_with(paid=60, free=40)
+    for action, amount in [
+        (Action.SPEND, 50),
+        (Action.BONUS, 25),
+        (Action.TRANSFER, 45),
+        (Action.TOPUP, 5),
+        (Action.SPEND, 30),
+    ]:
+        moving(action, amount, state, order=order)
+        assert sum(state.balances.values()) == 0
+        assert sum(state.paid.values()) == 0
 
 
 @pytest.mark.parametrize("action", [Action.SPEND, Action.TRANSFER])
 def test_a_debit_of_everything_available_leaves_zero(action: Action) -> None:
-    state = book(alice=100, treasury=-100)
+    state = alice_with(paid=60, free=40)
     moving(action, 100, state)
-    assert state.balances[ALICE_GOLD] == 0
-    assert state.available(ALICE_GOLD) == 0
+    assert (state.balances[ALICE_GOLD], state.paid[ALICE_GOLD]) == (0, 0)
+    assert available(state) == {FREE: 0, PAID: 0}
 
 
 @pytest.mark.parametrize("action", [Action.SPEND, Action.TRANSFER])
 def test_a_debit_beyond_the_balance_raises_insufficient_funds_and_changes_nothing(
     action: Action,
 ) -> None:
-    state = book(alice=100, treasury=-100)
-    before = snapshot(state.copy())
-    with pytest.raises(errors.InsufficientFunds):
+    state = alice_with(paid=60, free=40)
+    before = state.copy()
+    with pytest.raises(errors.InsufficientFunds, match="available GOLD_COINS is 100"):
         moving(action, 101, state)
-    assert snapshot(state) == before
+    assert state == before
 
 
 @pytest.mark.parametrize("action", [Action.SPEND, Action.TRANSFER])
 def test_active_holds_are_not_available_to_a_debit(action: Action) -> None:
     state = book(alice=100, treasury=-100, alice_held=40)
-    before = snapshot(state.copy())
+    before = state.copy()
     with pytest.raises(errors.InsufficientFunds, match="available GOLD_COINS is 60"):
         moving(action, 61, state)
-    assert snapshot(state) == before
+    assert state == before
     moving(action, 60, state)
     assert state.balances[ALICE_GOLD] == 40
-    assert state.available(ALICE_GOLD) == 0
-    assert (state.held[ALICE_GOLD], state.active_held[ALICE_GOLD]) == (40, 40)
+    assert state.available(ALICE_GOLD, PAID, NOW) == 0
+    assert (state.held[ALICE_GOLD], reserved(state)) == (40, {FREE: 0, PAID: 40})
+
+
+def test_a_hold_of_one_kind_leaves_the_other_kind_to_a_debit() -> None:
+    # 40 free credits reserved: a spend, free first, can only take paid ones.
+    state = alice_with(paid=60, free=40, alice_held=40, alice_active={FREE: 40})
+    legs = moving(Action.SPEND, 60, state)
+    assert [(leg.kind, leg.amount) for leg in legs] == [(PAID, 60), (PAID, 60)]
+    assert (state.balances[ALICE_GOLD], state.paid[ALICE_GOLD]) == (40, 0)
 
 
 def test_holds_past_their_expiry_no_longer_count_against_a_debit() -> None:
     # 40 held, of which 30 expired but not yet marked: 90 of 100 are available.
-    state = book(alice=100, treasury=-100, alice_held=40, alice_active=10)
-    assert state.available(ALICE_GOLD) == 90
+    state = book(alice=100, treasury=-100, alice_held=40, alice_active={PAID: 10})
+    assert state.available(ALICE_GOLD, PAID, NOW) == 90
     with pytest.raises(errors.InsufficientFunds):
         moving(Action.SPEND, 91, state)
     moving(Action.SPEND, 90, state)
@@ -225,31 +374,43 @@ def test_holds_past_their_expiry_no_longer_count_against_a_debit() -> None:
 
 def test_credits_ignore_holds() -> None:
     state = book(alice=100, treasury=-100, alice_held=100)
-    assert state.available(ALICE_GOLD) == 0
+    assert state.available(ALICE_GOLD, PAID, NOW) == 0
     moving(Action.TOPUP, 5, state)
-    assert state.available(ALICE_GOLD) == 5
+    assert state.available(ALICE_GOLD, PAID, NOW) == 5
 
 
-def test_a_balance_with_no_holds_is_all_available() -> None:
-    state = Book(balances=balances(alice=7), held={}, active_held={}, holds={}, refunded={})
-    assert state.available(ALICE_GOLD) == 7
+def test_a_balance_with_no_holds_and_no_lots_is_all_available() -> None:
+    state = Book(
+        balances=balances(alice=7),
+        paid=balances(alice=3),
+        held={},
+        active_held={},
+        lots={},
+        holds={},
+        refunded={},
+    )
+    assert state.available(ALICE_GOLD, PAID, NOW) == 3
+    assert state.available(ALICE_GOLD, FREE, NOW) == 4
+    assert state.expiring(ALICE_GOLD) == 0
 
 
-@pytest.mark.parametrize("action", [Action.TOPUP, Action.BONUS])
-def test_system_accounts_may_go_negative(action: Action) -> None:
+@pytest.mark.parametrize(("action", "kind"), [(Action.TOPUP, PAID), (Action.BONUS, FREE)])
+def test_system_accounts_may_go_negative_in_the_kind_they_issue(action: Action, kind: Kind) -> None:
     state = book()
     moving(action, 500, state)
     debited, _ = flow_accounts(action, ALICE, None)
     assert state.balances[(debited, GOLD)] == -500
     assert state.balances[ALICE_GOLD] == 500
+    assert state.sub_balance((debited, GOLD), kind) == -500
+    assert state.sub_balance(ALICE_GOLD, kind) == 500
 
 
 def test_system_accounts_may_pay_back_more_than_they_hold() -> None:
     # A refund takes from revenue, which may be short of it: it issues credits as the others do.
     state = book(alice=0, revenue=10, treasury=-10)
-    state.move(REVENUE, AccountId(ALICE), GOLD, 25)
-    assert state.balances[(REVENUE, GOLD)] == -15
-    assert state.balances[ALICE_GOLD] == 25
+    state.move(GOLD, [(REVENUE, AccountId(ALICE), [Portion(PAID, None, 25)])])
+    assert (state.balances[(REVENUE, GOLD)], state.paid[(REVENUE, GOLD)]) == (-15, -15)
+    assert (state.balances[ALICE_GOLD], state.paid[ALICE_GOLD]) == (25, 25)
 
 
 def test_a_credit_may_take_a_balance_exactly_to_the_64_bit_maximum() -> None:
@@ -288,33 +449,213 @@ def test_a_debit_may_take_a_system_balance_exactly_to_the_64_bit_minimum() -> No
             id="treasury-below-min",
         ),
         pytest.param(
-            {"bonus_pool": MIN_BALANCE + 5, "bob": -(MIN_BALANCE + 5)},
+            {"free": {"bonus_pool": MIN_BALANCE + 5, "bob": -(MIN_BALANCE + 5)}},
             Action.BONUS,
             id="bonus-pool-below-min",
+        ),
+        pytest.param(
+            # Revenue's balance has room, its paid part not: free credits it lost to refunds.
+            {
+                "revenue": MAX_BALANCE - 5,
+                "alice": 100,
+                "treasury": -(MAX_BALANCE - 5) - 100,
+                "free": {"revenue": -1000, "bob": 1000},
+            },
+            Action.SPEND,
+            id="revenue-paid-part-above-max",
         ),
     ],
 )
 def test_a_move_past_64_bits_raises_balance_limit_exceeded_and_changes_nothing(
-    opening: dict[str, int], action: Action
+    opening: dict[str, Any], action: Action
 ) -> None:
-    state = book(**opening)
-    before = snapshot(state.copy())
+    state = book(**opening, alice_lots={(PAID, SOON): 100} if "alice" in opening else None)
+    before = state.copy()
     with pytest.raises(errors.BalanceLimitExceeded):
-        moving(action, 10, state)
-    assert snapshot(state) == before
+        moving(action, 10, state, expires_at=SOON)
+    assert state == before
 
 
 @pytest.mark.parametrize("amount", [0, -5, MAX_AMOUNT + 1])
-@pytest.mark.parametrize("action", MOVING_ACTIONS)
-def test_move_refuses_an_amount_outside_the_contract_and_changes_nothing(
-    action: Action, amount: int
+@pytest.mark.parametrize("order", list(SpendOrder))
+def test_a_debit_of_an_amount_outside_the_contract_is_refused_and_changes_nothing(
+    order: SpendOrder, amount: int
 ) -> None:
-    state = book(alice=1000, treasury=-1000)
-    before = snapshot(state.copy())
+    state = alice_with(paid=1000, free=1000)
+    before = state.copy()
     with pytest.raises(errors.InvalidRequest) as raised:
-        moving(action, amount, state)
+        state.plan_in_order(ALICE_GOLD, amount, order, NOW)
     assert raised.value.field == "amount"
-    assert snapshot(state) == before
+    assert state == before
+
+
+@pytest.mark.parametrize("amount", [0, -5, MAX_AMOUNT + 1])
+def test_a_grant_of_an_amount_outside_the_contract_is_refused(amount: int) -> None:
+    # A top-up's or bonus's amount, checked before its credits are moved.
+    with pytest.raises(errors.InvalidRequest) as raised:
+        check_amount(amount)
+    assert raised.value.field == "amount"
+
+
+# ---- lots: credits that expire -------------------------------------------------------------
+
+
+def test_a_grant_that_expires_puts_its_credits_in_a_lot_of_its_kind() -> None:
+    state = book()
+    moving(Action.BONUS, 30, state, expires_at=SOON)
+    moving(Action.BONUS, 20, state, expires_at=SOON)
+    moving(Action.TOPUP, 5, state, expires_at=LATER)
+    moving(Action.TOPUP, 7, state)  # never expires: no lot
+    assert state.lots[ALICE_GOLD] == {(FREE, SOON): 50, (PAID, LATER): 5}
+    assert state.expiring(ALICE_GOLD) == 55
+    assert state.changed_lots == {(ALICE_GOLD, (FREE, SOON)), (ALICE_GOLD, (PAID, LATER))}
+
+
+def test_a_debit_takes_the_lots_expiring_soonest_first_then_credits_that_never_expire() -> None:
+    lots = {(FREE, LATER): 10, (FREE, SOON): 5, (PAID, NOW + timedelta(hours=1)): 7}
+    state = alice_with(paid=7, free=25, alice_lots=lots)
+    assert state.plan(ALICE_GOLD, FREE, 20, NOW) == [
+        Portion(FREE, SOON, 5),
+        Portion(FREE, LATER, 10),
+        Portion(FREE, None, 5),
+    ]
+    moving(Action.SPEND, 12, state)
+    assert state.lots[ALICE_GOLD] == {
+        (FREE, LATER): 3,
+        (FREE, SOON): 0,
+        (PAID, NOW + timedelta(hours=1)): 7,
+    }
+
+
+def test_a_plan_covered_by_lots_takes_nothing_that_never_expires() -> None:
+    state = alice_with(paid=0, free=25, alice_lots={(FREE, SOON): 5, (FREE, LATER): 10})
+    assert state.plan(ALICE_GOLD, FREE, 8, NOW) == [Portion(FREE, SOON, 5), Portion(FREE, LATER, 3)]
+
+
+def test_a_transfer_gives_the_receiver_lot_credits_with_their_expiry() -> None:
+    state = alice_with(paid=10, free=30, alice_lots={(FREE, SOON): 20, (PAID, LATER): 4})
+    moving(Action.TRANSFER, 35, state)
+    assert state.lots[BOB_GOLD] == {(FREE, SOON): 20, (PAID, LATER): 4}
+    assert state.lots[ALICE_GOLD] == {(FREE, SOON): 0, (PAID, LATER): 0}
+    assert (state.balances[BOB_GOLD], state.paid[BOB_GOLD]) == (35, 5)
+
+
+def test_system_accounts_have_no_lots() -> None:
+    state = alice_with(paid=0, free=30, alice_lots={(FREE, SOON): 30})
+    moving(Action.SPEND, 30, state)
+    assert (REVENUE, GOLD) not in state.lots
+    assert state.lots[ALICE_GOLD] == {(FREE, SOON): 0}
+
+
+def test_credits_past_their_expiry_are_unavailable_at_once() -> None:
+    state = alice_with(paid=10, free=70, alice_lots={(FREE, GONE): 50, (FREE, NOW): 5})
+    # A lot expires at its moment: the one at NOW is gone too.
+    assert state.expired(ALICE_GOLD, FREE, NOW) == 55
+    assert state.available(ALICE_GOLD, FREE, NOW) == 15
+    assert state.expired(ALICE_GOLD, PAID, NOW) == 0
+    with pytest.raises(errors.InsufficientFunds, match="available GOLD_COINS is 25"):
+        moving(Action.SPEND, 26, state)
+    # A debit leaves them for the expiry to move out.
+    assert state.plan_in_order(ALICE_GOLD, 25, FREE_FIRST, NOW) == [
+        Portion(FREE, None, 15),
+        Portion(PAID, None, 10),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("held", "expired", "free_available"),
+    [
+        pytest.param(0, 50, 20, id="no-hold"),
+        pytest.param(30, 20, 20, id="hold-keeps-part"),
+        pytest.param(60, 0, 10, id="hold-keeps-all"),
+    ],
+)
+def test_an_active_hold_keeps_the_credits_it_reserved_from_expiring(
+    held: int, expired: int, free_available: int
+) -> None:
+    # 70 free credits, 50 of them past their expiry; a hold reserves `held` free credits.
+    state = alice_with(
+        paid=0, free=70, alice_held=held, alice_active={FREE: held}, alice_lots={(FREE, GONE): 50}
+    )
+    assert state.expired(ALICE_GOLD, FREE, NOW) == expired
+    assert state.available(ALICE_GOLD, FREE, NOW) == free_available
+
+
+def test_what_a_hold_kept_is_taken_first_when_it_is_asked_for() -> None:
+    # A capture or an expiry takes lots past their expiry too (`due_first`), soonest first.
+    state = alice_with(paid=0, free=70, alice_lots={(FREE, GONE): 50, (FREE, SOON): 5})
+    assert state.plan(ALICE_GOLD, FREE, 60, NOW, due_first=True) == [
+        Portion(FREE, GONE, 50),
+        Portion(FREE, SOON, 5),
+        Portion(FREE, None, 5),
+    ]
+    assert state.plan(ALICE_GOLD, FREE, 10, NOW) == [
+        Portion(FREE, SOON, 5),
+        Portion(FREE, None, 5),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("due", "held", "expired"), [(50, 0, 50), (50, 30, 20), (50, 50, 0), (50, 80, 0), (0, 10, 0)]
+)
+def test_of_credits_past_their_expiry_only_those_no_hold_keeps_have_expired(
+    due: int, held: int, expired: int
+) -> None:
+    assert unprotected(due, held) == expired
+
+
+@pytest.mark.parametrize(
+    ("asset", "kind", "expires_at"),
+    [
+        (Asset(GOLD, "Gold", "", free_lifetime_days=365), FREE, NOW + timedelta(days=365)),
+        (Asset(GOLD, "Gold", "", free_lifetime_days=365), PAID, None),
+        (Asset(GOLD, "Gold", "", paid_lifetime_days=30), PAID, NOW + timedelta(days=30)),
+        (Asset(GOLD, "Gold", ""), FREE, None),
+    ],
+)
+def test_credits_granted_without_an_expiry_expire_by_the_assets_lifetime_of_their_kind(
+    asset: Asset, kind: Kind, expires_at: datetime | None
+) -> None:
+    assert lot_expiry(asset, kind, NOW) == expires_at
+
+
+def test_an_asset_spends_free_credits_first_unless_it_says_otherwise() -> None:
+    assert Asset(GOLD, "Gold", "").spend_order is FREE_FIRST
+    assert FREE_FIRST.kinds == (FREE, PAID)
+    assert PAID_FIRST.kinds == (PAID, FREE)
+
+
+# ---- what a refund gives back --------------------------------------------------------------
+
+# A spend's free credits as it took them: the lot expiring soonest, a later one, then credits
+# that never expire.
+TAKEN = [Portion(FREE, SOON, 10), Portion(FREE, LATER, 20), Portion(FREE, None, 5)]
+
+
+def test_a_refund_gives_back_the_credits_taken_last_first() -> None:
+    assert returned(TAKEN, 0, 8) == [Portion(FREE, None, 5), Portion(FREE, LATER, 3)]
+
+
+def test_a_later_refund_goes_on_where_the_earlier_ones_stopped() -> None:
+    assert returned(TAKEN, 8, 20) == [Portion(FREE, LATER, 17), Portion(FREE, SOON, 3)]
+    assert returned(TAKEN, 30, 5) == [Portion(FREE, SOON, 5)]
+
+
+def test_refunds_in_pieces_give_back_each_credit_taken_once() -> None:
+    pieces = [returned(TAKEN, before, amount) for before, amount in [(0, 1), (1, 12), (13, 22)]]
+    given: dict[datetime | None, int] = {}
+    for portion in (p for piece in pieces for p in piece):
+        given[portion.expires_at] = given.get(portion.expires_at, 0) + portion.amount
+    assert given == {p.expires_at: p.amount for p in TAKEN}
+
+
+def test_what_a_transaction_took_is_its_lots_soonest_first_then_the_rest() -> None:
+    assert taken_portions(FREE, 35, [(LATER, 20), (SOON, 10)]) == TAKEN
+    assert taken_portions(PAID, 30, [(LATER, 20), (SOON, 10)]) == [
+        Portion(PAID, SOON, 10),
+        Portion(PAID, LATER, 20),
+    ]
+    assert taken_portions(PAID, 9, []) == [Portion(PAID, None, 9)]
 
 
 # ---- Book.reserve and Book.end_hold --------------------------------------------------------
@@ -322,49 +663,88 @@ def test_move_refuses_an_amount_outside_the_contract_and_changes_nothing(
 
 def test_reserve_counts_a_hold_against_the_available_balance_without_moving_money() -> None:
     state = book(alice=100, treasury=-100)
-    state.reserve(ALICE_GOLD, 30)
-    state.reserve(ALICE_GOLD, 70)
+    assert state.reserve(ALICE_GOLD, 30, FREE_FIRST, NOW) == 30
+    assert state.reserve(ALICE_GOLD, 70, FREE_FIRST, NOW) == 70
     assert state.balances == balances(alice=100, treasury=-100)
-    assert (state.held[ALICE_GOLD], state.active_held[ALICE_GOLD]) == (100, 100)
-    assert state.available(ALICE_GOLD) == 0
+    assert (state.held[ALICE_GOLD], reserved(state)) == (100, {FREE: 0, PAID: 100})
+    assert state.available(ALICE_GOLD, PAID, NOW) == 0
+
+
+@pytest.mark.parametrize(
+    ("order", "first", "second"),
+    [
+        (FREE_FIRST, {FREE: 40, PAID: 10}, {FREE: 0, PAID: 40}),
+        (PAID_FIRST, {FREE: 0, PAID: 50}, {FREE: 30, PAID: 10}),
+    ],
+)
+def test_reserve_takes_each_kind_in_the_spend_order_and_returns_the_paid_part(
+    order: SpendOrder, first: dict[Kind, int], second: dict[Kind, int]
+) -> None:
+    state = alice_with(paid=60, free=40)
+    assert state.reserve(ALICE_GOLD, 50, order, NOW) == first[PAID]
+    assert reserved(state) == first
+    assert state.reserve(ALICE_GOLD, 40, order, NOW) == second[PAID]
+    assert reserved(state) == {kind: first[kind] + second[kind] for kind in Kind}
+    assert available(state) == {
+        FREE: 40 - first[FREE] - second[FREE],
+        PAID: 60 - first[PAID] - second[PAID],
+    }
+    assert state.held[ALICE_GOLD] == 90
+
+
+def test_reserve_takes_no_credits_past_their_expiry() -> None:
+    state = alice_with(paid=10, free=40, alice_lots={(FREE, GONE): 25})
+    assert state.reserve(ALICE_GOLD, 20, FREE_FIRST, NOW) == 5
+    assert reserved(state) == {FREE: 15, PAID: 5}
 
 
 def test_reserve_beyond_the_available_balance_raises_insufficient_funds_and_changes_nothing() -> (
     None
 ):
     state = book(alice=100, treasury=-100, alice_held=30)
-    before = snapshot(state.copy())
+    before = state.copy()
     with pytest.raises(errors.InsufficientFunds, match="available GOLD_COINS is 70"):
-        state.reserve(ALICE_GOLD, 71)
-    assert snapshot(state) == before
+        state.reserve(ALICE_GOLD, 71, FREE_FIRST, NOW)
+    assert state == before
 
 
 def test_reserve_may_use_what_expired_holds_no_longer_reserve() -> None:
-    state = book(alice=100, treasury=-100, alice_held=80, alice_active=0)
-    state.reserve(ALICE_GOLD, 100)
-    assert (state.held[ALICE_GOLD], state.active_held[ALICE_GOLD]) == (180, 100)
-    assert state.available(ALICE_GOLD) == 0
+    state = book(alice=100, treasury=-100, alice_held=80, alice_active={})
+    state.reserve(ALICE_GOLD, 100, FREE_FIRST, NOW)
+    assert (state.held[ALICE_GOLD], reserved(state)) == (180, {FREE: 0, PAID: 100})
+    assert state.available(ALICE_GOLD, PAID, NOW) == 0
 
 
 def test_reserve_of_a_balance_with_no_holds_starts_its_sums() -> None:
-    state = Book(balances=balances(alice=10), held={}, active_held={}, holds={}, refunded={})
-    state.reserve(ALICE_GOLD, 10)
-    assert (state.held[ALICE_GOLD], state.active_held[ALICE_GOLD]) == (10, 10)
+    state = Book(
+        balances=balances(alice=10),
+        paid=balances(alice=10),
+        held={},
+        active_held={},
+        lots={},
+        holds={},
+        refunded={},
+    )
+    state.reserve(ALICE_GOLD, 10, FREE_FIRST, NOW)
+    assert (state.held[ALICE_GOLD], reserved(state)) == (10, {FREE: 0, PAID: 10})
 
 
 @pytest.mark.parametrize("amount", [0, -5, MAX_AMOUNT + 1])
 def test_reserve_refuses_an_amount_outside_the_contract_and_changes_nothing(amount: int) -> None:
     state = book(alice=1000, treasury=-1000)
-    before = snapshot(state.copy())
+    before = state.copy()
     with pytest.raises(errors.InvalidRequest):
-        state.reserve(ALICE_GOLD, amount)
-    assert snapshot(state) == before
+        state.reserve(ALICE_GOLD, amount, FREE_FIRST, NOW)
+    assert state == before
 
 
-NOW = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
-
-
-def hold(amount: int = 40, *, status: HoldStatus = HoldStatus.HELD, expires_in_s: int = 60) -> Hold:
+def hold(
+    amount: int = 40,
+    *,
+    paid_amount: int | None = None,
+    status: HoldStatus = HoldStatus.HELD,
+    expires_in_s: int = 60,
+) -> Hold:
     return Hold(
         id="hold-1",
         user_id=ALICE,
@@ -378,31 +758,39 @@ def hold(amount: int = 40, *, status: HoldStatus = HoldStatus.HELD, expires_in_s
         description=None,
         created_by=None,
         idempotency_key="key-1",
+        paid_amount=amount if paid_amount is None else paid_amount,
     )
 
 
-def test_end_hold_gives_back_what_the_hold_reserved() -> None:
-    state = book(alice=100, treasury=-100)
-    state.reserve(ALICE_GOLD, 40)
-    state.reserve(ALICE_GOLD, 25)
-    state.end_hold(hold(40))
-    assert (state.held[ALICE_GOLD], state.active_held[ALICE_GOLD]) == (25, 25)
-    assert state.available(ALICE_GOLD) == 75
-    assert state.balances == balances(alice=100, treasury=-100)
+def test_a_hold_reserves_its_paid_amount_of_paid_credits_and_the_rest_of_free() -> None:
+    placed = hold(40, paid_amount=15)
+    assert (placed.reserved(PAID), placed.reserved(FREE)) == (15, 25)
+
+
+def test_end_hold_gives_back_what_the_hold_reserved_of_each_kind() -> None:
+    state = alice_with(paid=60, free=40)
+    paid = state.reserve(ALICE_GOLD, 50, FREE_FIRST, NOW)
+    state.reserve(ALICE_GOLD, 25, FREE_FIRST, NOW)
+    state.end_hold(hold(50, paid_amount=paid))
+    assert (state.held[ALICE_GOLD], reserved(state)) == (25, {FREE: 0, PAID: 25})
+    assert available(state) == {FREE: 40, PAID: 35}
+    assert state.balances == alice_with(paid=60, free=40).balances
 
 
 def test_copy_is_independent_of_its_book() -> None:
-    state = book(alice=100, treasury=-100)
+    state = alice_with(paid=60, free=40, alice_lots={(FREE, SOON): 40})
     state.holds["hold-1"] = hold()
     state.refunded[TransactionId("tx-1")] = 5
     trial = state.copy()
-    before = snapshot(state.copy())
+    before = state.copy()
     moving(Action.SPEND, 10, trial)
-    trial.reserve(ALICE_GOLD, 10)
+    trial.reserve(ALICE_GOLD, 10, FREE_FIRST, NOW)
     trial.holds["hold-1"] = hold(status=HoldStatus.RELEASED)
     trial.refunded[TransactionId("tx-1")] = 50
-    assert snapshot(state) == before
-    assert snapshot(trial) != before
+    assert state == before
+    assert trial.lots != state.lots
+    assert trial.active_held != state.active_held
+    assert trial.changed_lots != state.changed_lots
 
 
 # ---- Hold.is_active and Hold.as_of ---------------------------------------------------------
@@ -451,9 +839,33 @@ def test_as_created_is_the_hold_its_creation_answered_whatever_became_of_it(
     assert since.as_created() == placed
 
 
-def test_a_standing_makes_available_what_holds_do_not_reserve() -> None:
-    assert Standing(asset_symbol=GOLD, balance=100, held=40).available == 60
-    assert Standing(asset_symbol=GOLD, balance=0, held=0).available == 0
+# ---- a user's standing in an asset ---------------------------------------------------------
+
+
+def test_a_standing_makes_available_what_holds_do_not_reserve_and_has_not_expired() -> None:
+    seen = Standing(asset_symbol=GOLD, balance=100, paid=70, held=40, expired=25)
+    assert (seen.free, seen.available) == (30, 35)
+    assert Standing(asset_symbol=GOLD, balance=0, paid=0, held=0).available == 0
+
+
+def test_standing_counts_expired_credits_per_kind_less_what_holds_of_that_kind_keep() -> None:
+    lots = [(FREE, GONE, 30), (PAID, GONE, 20), (FREE, SOON, 5)]
+    seen = standing(GOLD, 100, 60, {FREE: 10, PAID: 25}, lots, NOW)
+    # Free: 30 due, 10 kept by holds. Paid: 20 due, all kept.
+    assert (seen.held, seen.expired, seen.available) == (35, 20, 45)
+    assert (seen.balance, seen.paid, seen.free) == (100, 60, 40)
+
+
+def test_standing_names_the_soonest_lot_still_to_expire_both_kinds_summed() -> None:
+    lots = [(FREE, GONE, 30), (FREE, LATER, 7), (FREE, SOON, 5), (PAID, SOON, 4), (PAID, NOW, 8)]
+    assert standing(GOLD, 100, 60, {}, lots, NOW).next_expiry == (9, SOON)
+
+
+def test_standing_skips_lots_that_are_used_up_or_past_their_expiry() -> None:
+    lots = [(FREE, SOON, 0), (FREE, GONE, 3), (PAID, LATER, 2)]
+    assert standing(GOLD, 10, 5, {}, lots, NOW).next_expiry == (2, LATER)
+    assert standing(GOLD, 10, 5, {}, [(FREE, GONE, 3)], NOW).next_expiry is None
+    assert standing(GOLD, 10, 5, {}, [], NOW) == Standing(GOLD, 10, 5, held=0)
 
 
 # ---- Command.fingerprint -------------------------------------------------------------------
@@ -526,6 +938,14 @@ HOLD = Command(
     expires_in_s=60,
     idempotency_key="key-1",
 )
+BONUS = Command(
+    action=Action.BONUS,
+    user_id=ALICE,
+    asset_symbol=GOLD,
+    amount=25,
+    credit_expires_in_days=30,
+    idempotency_key="key-1",
+)
 CAPTURE = Command(action=Action.CAPTURE, reference="hold-1", idempotency_key="key-1")
 REFUND = Command(action=Action.REFUND, reference="tx-1", amount=5, idempotency_key="key-1")
 BATCH = Command(
@@ -552,6 +972,13 @@ BATCH = Command(
         pytest.param(BASE, {"reference": "tx-1"}, id="new-field-reference"),
         pytest.param(BASE, {"expires_in_s": 900}, id="new-field-expiry"),
         pytest.param(BASE, {"operations": (BASE,)}, id="new-field-operations"),
+        pytest.param(BASE, {"credit_expires_in_days": 30}, id="new-field-credit-lifetime"),
+        pytest.param(BASE, {"credit_expires_at": LATER}, id="new-field-credit-expiry"),
+        pytest.param(BONUS, {"credit_expires_in_days": 31}, id="bonus-credit-lifetime"),
+        pytest.param(BONUS, {"credit_expires_in_days": None}, id="bonus-default-lifetime"),
+        pytest.param(
+            BONUS, {"credit_expires_in_days": None, "credit_expires_at": LATER}, id="bonus-at"
+        ),
         pytest.param(TRANSFER, {"to_user_id": UserId("carol")}, id="transfer-receiver"),
         pytest.param(TRANSFER, {"to_user_id": None}, id="transfer-without-receiver"),
         pytest.param(TRANSFER, {"action": Action.SPEND}, id="transfer-as-spend"),
@@ -605,7 +1032,7 @@ def test_fingerprint_ignores_the_order_of_metadata_keys() -> None:
     assert reordered.fingerprint() == BASE.fingerprint()
 
 
-@pytest.mark.parametrize("command", [BASE, TRANSFER, HOLD, CAPTURE, REFUND, BATCH])
+@pytest.mark.parametrize("command", [BASE, TRANSFER, HOLD, BONUS, CAPTURE, REFUND, BATCH])
 def test_fingerprint_ignores_the_idempotency_key_and_the_api_key(command: Command) -> None:
     assert replace(command, idempotency_key="key-2").fingerprint() == command.fingerprint()
     assert replace(command, created_by="api-key-2").fingerprint() == command.fingerprint()
@@ -620,7 +1047,7 @@ def test_fingerprint_of_a_batch_ignores_what_the_engine_gives_its_operations() -
     assert replace(BATCH, operations=given).fingerprint() == BATCH.fingerprint()
 
 
-@pytest.mark.parametrize("command", [BASE, TRANSFER, HOLD, CAPTURE, REFUND, BATCH])
+@pytest.mark.parametrize("command", [BASE, TRANSFER, HOLD, BONUS, CAPTURE, REFUND, BATCH])
 def test_fingerprint_fits_the_stored_column_of_64_characters(command: Command) -> None:
     assert len(command.fingerprint()) == 64
     assert set(command.fingerprint()) <= set("0123456789abcdef")
@@ -637,6 +1064,7 @@ def test_fingerprint_fits_the_stored_column_of_64_characters(command: Command) -
         (errors.UnknownTransaction, "transaction_not_found"),
         (errors.UnknownHold, "hold_not_found"),
         (errors.UserExists, "user_exists"),
+        (errors.AssetExists, "asset_exists"),
         (errors.IdempotencyKeyReused, "idempotency_key_reused"),
         (errors.InsufficientFunds, "insufficient_funds"),
         (errors.BalanceLimitExceeded, "balance_limit_exceeded"),
@@ -645,6 +1073,7 @@ def test_fingerprint_fits_the_stored_column_of_64_characters(command: Command) -
         (errors.RefundExceedsOriginal, "refund_exceeds_original"),
         (errors.NotRefundable, "not_refundable"),
         (errors.DatabaseUnavailable, "database_unavailable"),
+        (errors.NothingExpired, "nothing_expired"),
     ],
 )
 def test_each_error_carries_the_stable_code_of_the_api_contract(
@@ -684,6 +1113,7 @@ TRANSACTION = Transaction(
     note="for the sword, ça va",
     metadata=None,
     created_at=CREATED_AT,
+    paid_amount=100,
     created_by="api-key-1",
     to_user_id=BOB,
 )
@@ -693,9 +1123,11 @@ ENTRY = Entry(
     account_id=AccountId(ALICE),
     asset_symbol=GOLD,
     direction=Direction.DEBIT,
-    amount=250,
-    balance_after=750,
+    amount=150,  # the free part, taken first
+    balance_after=850,
     created_at=CREATED_AT,
+    kind=FREE,
+    paid_after=600,
 )
 
 
@@ -726,9 +1158,11 @@ def test_link_content_is_one_line_of_sorted_json_with_every_member() -> None:
     assert "ça va" in text  # as itself, not \u escaped
     record = json.loads(text)
     assert json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False) == text
-    assert record["v"] == 2
+    assert record["v"] == 3
     assert record["previous"] == GENESIS_LINK
     assert record["entry"]["createdAt"] == "2026-12-02T10:17:00.000005Z"
+    assert (record["entry"]["kind"], record["entry"]["paidAfter"]) == ("free", 600)
+    assert (record["transaction"]["paidAmount"], record["transaction"]["freeAmount"]) == (100, 150)
     assert record["transaction"]["toUserId"] == BOB
     assert record["transaction"]["holdId"] is None
     assert record["transaction"]["refundOf"] is None
@@ -742,7 +1176,9 @@ def test_link_content_is_one_line_of_sorted_json_with_every_member() -> None:
         pytest.param({"asset_symbol": "DIAMONDS"}, {}, id="entry-asset"),
         pytest.param({"direction": Direction.CREDIT}, {}, id="entry-direction"),
         pytest.param({"amount": 251}, {}, id="entry-amount"),
-        pytest.param({"balance_after": 749}, {}, id="entry-balance-after"),
+        pytest.param({"balance_after": 849}, {}, id="entry-balance-after"),
+        pytest.param({"kind": PAID}, {}, id="entry-kind"),
+        pytest.param({"paid_after": 599}, {}, id="entry-paid-after"),
         pytest.param(
             {"created_at": CREATED_AT + timedelta(microseconds=1)}, {}, id="entry-created-at"
         ),
@@ -752,6 +1188,7 @@ def test_link_content_is_one_line_of_sorted_json_with_every_member() -> None:
         pytest.param({}, {"to_user_id": UserId("carol")}, id="transaction-receiver"),
         pytest.param({}, {"asset_symbol": "DIAMONDS"}, id="transaction-asset"),
         pytest.param({}, {"amount": 251}, id="transaction-amount"),
+        pytest.param({}, {"paid_amount": 101}, id="transaction-paid-amount"),
         pytest.param({}, {"hold_id": "hold-1"}, id="transaction-hold"),
         pytest.param({}, {"refund_of": TransactionId("tx-0")}, id="transaction-refund-of"),
         pytest.param({}, {"idempotency_key": "key-2"}, id="transaction-key"),

@@ -32,6 +32,10 @@ class UserExists(WalletError):
     code = "user_exists"
 
 
+class AssetExists(WalletError):
+    code = "asset_exists"
+
+
 class IdempotencyKeyReused(WalletError):
     code = "idempotency_key_reused"
 
@@ -54,6 +58,12 @@ class Conflict(WalletError):
 
 class DatabaseUnavailable(WalletError):
     code = "database_unavailable"
+
+
+class NothingExpired(WalletError):
+    """The sweeper's expiry found nothing to move: another got there first."""
+
+    code = "nothing_expired"
 
 
 class Refusal(WalletError):

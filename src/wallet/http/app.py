@@ -1,7 +1,6 @@
 """The ASGI application: `create_app(settings)` wires the service to the routes."""
 
 import asyncio
-import contextlib
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,7 +36,7 @@ from wallet.http.tracing import (
 from wallet.logs import configure_logging
 from wallet.service.access import Access
 from wallet.service.batcher import Batcher
-from wallet.service.posting import sweep_expired_holds
+from wallet.service.posting import sweep_expired
 from wallet.service.wallet import Wallet
 from wallet.settings import Settings
 from wallet.store.database import Database, create_engine
@@ -50,8 +49,8 @@ Every endpoint but health, /metrics and these docs needs an API key: `Authorizat
 SWAGGER_ASSETS = Path(swagger_ui_bundle.swagger_ui_path)
 log = structlog.get_logger()
 # Expired holds no longer count the moment they expire; marking them `expired` can lag a little.
-HOLD_SWEEP_EVERY_S = 1.0
-HOLD_SWEEP_LIMIT = 100
+SWEEP_EVERY_S = 1.0
+SWEEP_LIMIT = 100
 
 
 def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None) -> FastAPI:
@@ -85,14 +84,14 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
         app.state.rate_limits = RateLimits(redis_url)
         if settings.auth_disabled:
             log.warning("auth disabled (WALLET_AUTH_DISABLED): every request is let through")
+        stop_sweeping = asyncio.Event()
         sweeper = asyncio.create_task(
-            sweep_expired_holds(database, every_s=HOLD_SWEEP_EVERY_S, limit=HOLD_SWEEP_LIMIT),
-            name="wallet-hold-sweeper",
+            sweep_expired(database, every_s=SWEEP_EVERY_S, limit=SWEEP_LIMIT, stop=stop_sweeping),
+            name="wallet-sweeper",
         )
         yield
-        sweeper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sweeper
+        stop_sweeping.set()
+        await sweeper
         if batcher is not None:
             await batcher.close()
         await database.close()
@@ -102,7 +101,7 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
 
     app = FastAPI(
         title="Wallet service",
-        version="1.2.0",
+        version="1.3.0",
         description=DESCRIPTION,
         lifespan=lifespan,
         docs_url=None,

@@ -20,6 +20,7 @@ STATUS_OF: dict[type[errors.WalletError], int] = {
     errors.UnknownTransaction: 404,
     errors.UnknownHold: 404,
     errors.UserExists: 409,
+    errors.AssetExists: 409,
     errors.HoldNotActive: 409,
     errors.RefundExceedsOriginal: 409,
     errors.CaptureExceedsHold: 422,

@@ -34,6 +34,7 @@ def command_from(
         metadata=body.metadata if isinstance(body, schemas.TopupRequest) else None,
         expires_in_s=body.expiresInSeconds if isinstance(body, schemas.HoldRequest) else None,
         created_by=created_by,
+        **_credit_expiry(body),
     )
 
 
@@ -76,6 +77,7 @@ def batch_command(body: schemas.BatchRequest, *, key: str, created_by: str | Non
                 note=op.description if isinstance(op, schemas.BatchSpend) else _note(op),
                 metadata=op.metadata if isinstance(op, schemas.BatchTopup) else None,
                 created_by=created_by,
+                **_credit_expiry(op),
             )
         )
     return Command(
@@ -84,6 +86,16 @@ def batch_command(body: schemas.BatchRequest, *, key: str, created_by: str | Non
         operations=tuple(operations),
         created_by=created_by,
     )
+
+
+def _credit_expiry(body: Any) -> dict[str, Any]:
+    """A bonus's expiry, as the command's fields."""
+    if isinstance(body, schemas.CreditExpiry):
+        return {
+            "credit_expires_in_days": body.expiresInDays,
+            "credit_expires_at": body.expiresAt,
+        }
+    return {}
 
 
 def _note(body: Any) -> str | None:
@@ -115,6 +127,8 @@ def transaction_body(transaction: Transaction) -> dict[str, Any]:
         "userId": transaction.user_id,
         "assetSymbol": transaction.asset_symbol,
         "amount": transaction.amount,
+        "paidAmount": transaction.paid_amount,
+        "freeAmount": transaction.free_amount,
         "balanceAfter": transaction.balance_after,
         "idempotencyKey": transaction.idempotency_key,
         "createdBy": transaction.created_by,
@@ -135,6 +149,8 @@ def transaction_body(transaction: Transaction) -> dict[str, Any]:
         case Flow.REFUND | Flow.REVERSAL:
             body["refundOf"] = transaction.refund_of
             body["reason"] = transaction.note
+            return body
+        case Flow.EXPIRY:
             return body
     body["refundedAmount"] = transaction.refunded_amount
     body["refunds"] = list(transaction.refunds)

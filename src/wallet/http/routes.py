@@ -11,11 +11,13 @@ from wallet.domain.access import ApiKey, Scope
 from wallet.domain.errors import InsufficientScope, InvalidRequest
 from wallet.domain.ledger import (
     Action,
+    Asset,
     Command,
     Entry,
     Flow,
     HoldStatus,
     Posted,
+    SpendOrder,
     Standing,
     User,
 )
@@ -31,7 +33,7 @@ from wallet.http.flows import (
 from wallet.http.gate import PUBLIC, api_key_of, requires
 from wallet.service.access import Access
 from wallet.service.audit import checkpoint, checkpoint_json
-from wallet.service.wallet import PageRequest, Wallet
+from wallet.service.wallet import PageRequest, Wallet, liabilities_body
 from wallet.store.migrate import schema_state
 
 router = APIRouter(prefix="/api/v1")
@@ -157,11 +159,28 @@ def _created_by(request: Request) -> str | None:
 
 
 def _standing_body(standing: Standing) -> dict[str, Any]:
+    next_expiry = standing.next_expiry
     return {
         "assetSymbol": standing.asset_symbol,
         "balance": standing.balance,
+        "paid": standing.paid,
+        "free": standing.free,
         "held": standing.held,
         "available": standing.available,
+        "nextExpiry": None
+        if next_expiry is None
+        else {"amount": next_expiry[0], "expiresAt": next_expiry[1]},
+    }
+
+
+def _asset_body(asset: Asset) -> dict[str, Any]:
+    return {
+        "symbol": asset.symbol,
+        "name": asset.name,
+        "description": asset.description,
+        "spendOrder": asset.spend_order.value,
+        "freeLifetimeDays": asset.free_lifetime_days,
+        "paidLifetimeDays": asset.paid_lifetime_days,
     }
 
 
@@ -172,8 +191,10 @@ def _entry_body(entry: Entry) -> dict[str, Any]:
         "account": entry.account_id,
         "assetSymbol": entry.asset_symbol,
         "direction": entry.direction.value,
+        "kind": entry.kind.value,
         "amount": entry.amount,
         "balanceAfter": entry.balance_after,
+        "paidAfter": entry.paid_after,
         "createdAt": entry.created_at,
         "chainHash": entry.chain_hash,
     }
@@ -233,10 +254,55 @@ async def ready(request: Request) -> Any:
     openapi_extra=requires(Scope.WALLET_READ),
 )
 async def list_assets(request: Request) -> Any:
-    return [
-        {"symbol": a.symbol, "name": a.name, "description": a.description}
-        for a in await _wallet(request).assets()
-    ]
+    return [_asset_body(asset) for asset in await _wallet(request).assets()]
+
+
+@router.post(
+    "/assets",
+    status_code=201,
+    response_model=schemas.AssetOut,
+    responses=_problems(400, 409, 413, 415, 422, 503),
+    openapi_extra=requires(Scope.ADMIN),
+)
+async def create_asset(request: Request, body: schemas.NewAsset) -> Any:
+    """A new asset; `409 asset_exists` when the symbol is taken."""
+    asset = Asset(
+        body.symbol,
+        body.name,
+        body.description,
+        SpendOrder(body.spendOrder),
+        body.freeLifetimeDays,
+        body.paidLifetimeDays,
+    )
+    return _asset_body(await _wallet(request).create_asset(asset))
+
+
+@router.patch(
+    "/assets/{symbol}",
+    response_model=schemas.AssetOut,
+    responses=_problems(400, 404, 413, 415, 422, 503),
+    openapi_extra=requires(Scope.ADMIN),
+)
+async def change_asset(request: Request, symbol: AssetPath, body: schemas.AssetChange) -> Any:
+    """Change the fields given; lifetimes apply to credits granted afterwards."""
+    changes = {_ASSET_FIELDS[name]: getattr(body, name) for name in body.model_fields_set}
+    for required in ("name", "description", "spend_order"):
+        if required in changes and changes[required] is None:
+            name = _FIELD_NAMES[required]
+            raise InvalidRequest(f"{name} cannot be null", field=name)
+    if "spend_order" in changes:
+        changes["spend_order"] = SpendOrder(changes["spend_order"])
+    return _asset_body(await _wallet(request).change_asset(symbol=symbol, changes=changes))
+
+
+_ASSET_FIELDS = {
+    "name": "name",
+    "description": "description",
+    "spendOrder": "spend_order",
+    "freeLifetimeDays": "free_lifetime_days",
+    "paidLifetimeDays": "paid_lifetime_days",
+}
+_FIELD_NAMES = {field: name for name, field in _ASSET_FIELDS.items()}
 
 
 @router.get(
@@ -500,13 +566,15 @@ async def balance(
     request: Request, userId: UserIdPath, assetSymbol: AssetPath, at: At = None
 ) -> Any:
     if at is not None:
-        ((_, amount),) = await _wallet(request).balances_at(
+        ((_, amount, paid),) = await _wallet(request).balances_at(
             user_id=userId, at=at, asset_symbol=assetSymbol
         )
         return {
             "userId": userId,
             "assetSymbol": assetSymbol,
             "balance": amount,
+            "paid": paid,
+            "free": amount - paid,
             "at": at.astimezone(UTC),
         }
     (standing,) = await _wallet(request).standings(user_id=userId, asset_symbol=assetSymbol)
@@ -524,7 +592,10 @@ async def balances(request: Request, userId: UserIdPath, at: At = None) -> Any:
         rows_at = await _wallet(request).balances_at(user_id=userId, at=at)
         return {
             "userId": userId,
-            "balances": [{"assetSymbol": symbol, "balance": amount} for symbol, amount in rows_at],
+            "balances": [
+                {"assetSymbol": symbol, "balance": amount, "paid": paid, "free": amount - paid}
+                for symbol, amount, paid in rows_at
+            ],
             "at": at.astimezone(UTC),
         }
     rows = await _wallet(request).standings(user_id=userId)
@@ -612,6 +683,38 @@ async def ledger(
 )
 async def ledger_checkpoint(request: Request) -> Any:
     return checkpoint_json(await checkpoint(_wallet(request).database))
+
+
+@router.get(
+    "/reports/liabilities",
+    response_model=schemas.Liabilities,
+    responses=READ_PROBLEMS,
+    summary="What the platform owes its users of an asset, and what moved in a period",
+    description="`outstanding`: the paid and free credits users hold at `at` (default now). "
+    "`period`: the credits each type of transaction moved after `from` (default "
+    "1970-01-01T00:00:00Z) and up to `to` (default `at`), so that outstanding at `to` = "
+    "outstanding at `from` + issued - spent + refunded - reversed - expired.",
+    openapi_extra=requires(Scope.WALLET_READ),
+)
+async def liabilities(
+    request: Request,
+    assetSymbol: Annotated[str, Query(min_length=1, max_length=32, pattern=schemas.NO_NUL_PATTERN)],
+    at: Annotated[
+        schemas.Moment | None,
+        Query(description="RFC 3339: what users hold at that moment (default now)."),
+    ] = None,
+    since: Annotated[
+        schemas.Moment | None, Query(alias="from", description="RFC 3339: after it.")
+    ] = None,
+    until: Annotated[
+        schemas.Moment | None, Query(alias="to", description="RFC 3339: at or before it.")
+    ] = None,
+) -> Any:
+    return liabilities_body(
+        await _wallet(request).liabilities(
+            asset_symbol=assetSymbol, at=at, since=since, until=until
+        )
+    )
 
 
 def _key_body(key: ApiKey) -> dict[str, Any]:

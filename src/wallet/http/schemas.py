@@ -13,7 +13,9 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
 )
 
 from wallet.domain.access import Scope
@@ -120,7 +122,28 @@ class TopupRequest(FlowRequest):
     )
 
 
-class BonusRequest(FlowRequest):
+LifetimeDays = Annotated[int, Field(strict=True, ge=1, le=3650)]
+
+
+class CreditExpiry(Strict):
+    expiresInDays: LifetimeDays | None = Field(
+        default=None, description="The credits expire this many days from now."
+    )
+    expiresAt: Moment | None = Field(
+        default=None,
+        description="The credits expire at this moment (in the future). Without it or "
+        "expiresInDays, the asset's lifetime for free credits applies.",
+    )
+
+    @field_validator("expiresAt")
+    @classmethod
+    def _one_expiry(cls, value: datetime | None, info: ValidationInfo) -> datetime | None:
+        if value is not None and info.data.get("expiresInDays") is not None:
+            raise ValueError("give expiresInDays or expiresAt, not both")
+        return value
+
+
+class BonusRequest(FlowRequest, CreditExpiry):
     reason: FreeText | None = None
 
 
@@ -176,7 +199,7 @@ class BatchTopup(Strict):
     metadata: Metadata | None = None
 
 
-class BatchBonus(Strict):
+class BatchBonus(CreditExpiry):
     type: Literal["bonus"]
     userId: UserIdText
     assetSymbol: AssetSymbol
@@ -223,19 +246,51 @@ class UserOut(BaseModel):
     createdAt: datetime
 
 
+SpendOrderName = Literal["free_first", "paid_first"]
+AssetName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=NO_NUL_PATTERN)]
+
+
+class NewAsset(Strict):
+    symbol: Annotated[str, StringConstraints(min_length=1, max_length=32, pattern=ID_PATTERN)]
+    name: AssetName
+    description: FreeText = ""
+    spendOrder: SpendOrderName = "free_first"
+    freeLifetimeDays: LifetimeDays | None = Field(
+        default=None, description="Free credits granted without an expiry expire after it."
+    )
+    paidLifetimeDays: LifetimeDays | None = Field(
+        default=None, description="Paid credits expire after it; by default they never do."
+    )
+
+
+class AssetChange(Strict):
+    """Only the fields given change; a lifetime of null means none."""
+
+    name: AssetName | None = None
+    description: FreeText | None = None
+    spendOrder: SpendOrderName | None = None
+    freeLifetimeDays: LifetimeDays | None = None
+    paidLifetimeDays: LifetimeDays | None = None
+
+
 class AssetOut(BaseModel):
     symbol: str
     name: str
     description: str
+    spendOrder: SpendOrderName
+    freeLifetimeDays: int | None
+    paidLifetimeDays: int | None
 
 
 class TransactionBase(BaseModel):
     transactionId: str
-    type: Literal["topup", "bonus", "spend", "transfer", "refund", "reversal"]
+    type: Literal["topup", "bonus", "spend", "transfer", "refund", "reversal", "expiry"]
     status: Literal["completed"]
     userId: str
     assetSymbol: str
     amount: int
+    paidAmount: int = Field(description="How much of `amount` is paid credits.")
+    freeAmount: int = Field(description="How much of `amount` is free credits.")
     balanceAfter: int = Field(
         description="The balance of the asset right after this transaction of the user whose "
         "list it is (a transfer's sender in the transfer's own response)."
@@ -294,6 +349,13 @@ class ReversalTransaction(TransactionBase):
     reason: str | None
 
 
+class ExpiryTransaction(TransactionBase):
+    """Credits past their expiry, moved out by the service: free to system:bonus_pool, paid to
+    system:revenue."""
+
+    type: Literal["expiry"]
+
+
 TRANSACTION_MODELS: tuple[type[TransactionBase], ...] = (
     TopupTransaction,
     BonusTransaction,
@@ -301,6 +363,7 @@ TRANSACTION_MODELS: tuple[type[TransactionBase], ...] = (
     TransferTransaction,
     RefundTransaction,
     ReversalTransaction,
+    ExpiryTransaction,
 )
 AnyTransaction = Annotated[
     TopupTransaction
@@ -308,7 +371,8 @@ AnyTransaction = Annotated[
     | SpendTransaction
     | TransferTransaction
     | RefundTransaction
-    | ReversalTransaction,
+    | ReversalTransaction
+    | ExpiryTransaction,
     Field(discriminator="type"),
 ]
 
@@ -319,8 +383,10 @@ class EntryOut(BaseModel):
     account: str
     assetSymbol: str
     direction: Literal["debit", "credit"]
+    kind: Literal["paid", "free"]
     amount: int
     balanceAfter: int
+    paidAfter: int = Field(description="The paid part of the account's balance after it.")
     createdAt: datetime
     chainHash: str = Field(
         description="This entry's link in its account's chain (docs/LEDGER.md, version 2)."
@@ -354,8 +420,18 @@ class ReversalDetail(ReversalTransaction):
     entries: Entries
 
 
+class ExpiryDetail(ExpiryTransaction):
+    entries: Entries
+
+
 AnyTransactionDetail = Annotated[
-    TopupDetail | BonusDetail | SpendDetail | TransferDetail | RefundDetail | ReversalDetail,
+    TopupDetail
+    | BonusDetail
+    | SpendDetail
+    | TransferDetail
+    | RefundDetail
+    | ReversalDetail
+    | ExpiryDetail,
     Field(discriminator="type"),
 ]
 
@@ -418,26 +494,51 @@ class EntryPage(BaseModel):
     nextCursor: str | None
 
 
+class NextExpiry(BaseModel):
+    amount: int
+    expiresAt: datetime
+
+
+class AssetBalance(BaseModel):
+    assetSymbol: str
+    balance: int = Field(description="paid + free.")
+    paid: int
+    free: int
+    held: int = Field(description="The sum of the user's active holds of the asset.")
+    available: int = Field(
+        description="balance - held - credits past their expiry not yet moved out: what a "
+        "spend, transfer or hold can use."
+    )
+    nextExpiry: NextExpiry | None = Field(description="The credits that expire next, if any.")
+
+
 class Balance(BaseModel):
     userId: str
     assetSymbol: str
-    balance: int
+    balance: int = Field(description="paid + free.")
+    paid: int
+    free: int
     held: int = Field(description="The sum of the user's active holds of the asset.")
-    available: int = Field(description="balance - held: what a spend, transfer or hold can use.")
+    available: int = Field(
+        description="balance - held - credits past their expiry not yet moved out."
+    )
+    nextExpiry: NextExpiry | None = Field(description="The credits that expire next, if any.")
+
+
+class AssetBalanceAt(BaseModel):
+    assetSymbol: str
+    balance: int = Field(description="The balance right after the last entry at or before `at`.")
+    paid: int
+    free: int
 
 
 class BalanceAt(BaseModel):
     userId: str
     assetSymbol: str
     balance: int = Field(description="The balance right after the last entry at or before `at`.")
+    paid: int
+    free: int
     at: datetime
-
-
-class AssetBalance(BaseModel):
-    assetSymbol: str
-    balance: int
-    held: int
-    available: int
 
 
 class Balances(BaseModel):
@@ -445,15 +546,37 @@ class Balances(BaseModel):
     balances: list[AssetBalance]
 
 
-class AssetBalanceAt(BaseModel):
-    assetSymbol: str
-    balance: int
-
-
 class BalancesAt(BaseModel):
     userId: str
     balances: list[AssetBalanceAt]
     at: datetime
+
+
+class Outstanding(BaseModel):
+    paid: int
+    free: int
+
+
+class LiabilityPeriod(BaseModel):
+    from_: datetime = Field(alias="from")
+    to: datetime
+    issuedPaid: int
+    issuedFree: int
+    spentPaid: int
+    spentFree: int
+    refundedPaid: int
+    refundedFree: int
+    reversedPaid: int
+    reversedFree: int
+    expiredPaid: int
+    expiredFree: int
+
+
+class Liabilities(BaseModel):
+    assetSymbol: str
+    at: datetime
+    outstanding: Outstanding = Field(description="What the platform owes its users at `at`.")
+    period: LiabilityPeriod = Field(description="What moved after `from`, up to `to`.")
 
 
 class Health(BaseModel):

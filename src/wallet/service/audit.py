@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from wallet.domain.ledger import GENESIS_LINK, link
 from wallet.store import audit
 from wallet.store.database import Database
+from wallet.store.ledger import as_utc
 
 Chain = tuple[str, str]  # (account, asset)
 
@@ -139,19 +140,44 @@ async def verify(
     pinned = {(c.account, c.asset_symbol): c for c in checkpoint.chains} if checkpoint else {}
     async with database.transaction(is_write=False, is_snapshot=True) as connection:
         sums = await audit.nonzero_asset_sums(connection)
+        # Taken once the snapshot is: a hold active now was active in everything it shows.
+        now = datetime.now(UTC)
+        kind_sums = await audit.nonzero_kind_sums(connection)
+        parts = await audit.user_parts_out_of_range(connection)
         off = await audit.balances_off_ledger(connection)
         orphans = await audit.entries_without_balance(connection)
         pairs = await audit.broken_pairs(connection)
         chains = await audit.broken_chains(connection)
+        paid_heads = await audit.paid_off_chain_heads(connection)
         links, unextended = await _walk_chains(connection, pinned)
         counts = await audit.miscounted_chains(connection)
         held = await audit.held_off_holds(connection)
+        hold_parts = await audit.holds_paid_out_of_range(connection)
+        overreserved = await audit.overreserved_parts(connection, now=now)
         overcaptured = await audit.overcaptured_holds(connection)
         unmatched = await audit.captures_without_their_spend(connection)
         stray_captures = await audit.captures_of_holds_not_captured(connection)
         refunds = await audit.refunds_off_originals(connection)
+        negative_lots = await audit.lots_below_zero(connection)
+        lot_sums = await audit.lots_off_balances(connection)
+        lot_parts = await audit.lots_above_their_part(connection)
+        lot_moves = await audit.lots_off_their_moves(connection)
+        expiries = await audit.expiries_off_lots(connection)
     checks = [
         Check("per-asset balances sum to zero", [f"{r.asset_symbol}: {r.total}" for r in sums]),
+        Check(
+            "balance = paid + free for every user and asset",
+            [
+                f"{r.asset_symbol}: {kind} parts sum to {total}"
+                for r in kind_sums
+                for kind, total in (("paid", r.paid), ("free", r.free))
+                if total != 0
+            ]
+            + [
+                f"{r.account_id} {r.asset_symbol}: paid {r.paid} of balance {r.balance}"
+                for r in parts
+            ],
+        ),
         Check(
             "balances equal their ledger replay",
             [
@@ -160,12 +186,21 @@ async def verify(
             ]
             + [f"{r.account_id} {r.asset_symbol}: entries without a balance" for r in orphans],
         ),
-        Check(  # of its amount and asset, between the accounts its type moves money between
+        Check(  # per kind it moves, of its amount and asset, between the accounts its type moves
             "each transaction has one debit and one credit", [f"transaction {r.id}" for r in pairs]
         ),
         Check(
             "balanceAfter chains replay",
-            [f"entry {r.id} ({r.account_id} {r.asset_symbol})" for r in chains],
+            [f"entry {r.id} ({r.account_id} {r.asset_symbol})" for r in chains if r.is_balance_off]
+            + [
+                f"entry {r.id} ({r.account_id} {r.asset_symbol}): paidAfter does not follow"
+                for r in chains
+                if r.is_paid_off
+            ]
+            + [
+                f"{r.account_id} {r.asset_symbol}: paid {r.paid}, newest paidAfter {r.paid_after}"
+                for r in paid_heads
+            ],
         ),
         Check("hash chains are unbroken", links),
         Check(
@@ -182,6 +217,12 @@ async def verify(
                 + ("no balance row" if r.held is None else f"held {r.held}")
                 + f", holds {r.holds}"
                 for r in held
+            ]
+            + [f"hold {r.id}: paidAmount {r.paid_amount} of {r.amount}" for r in hold_parts]
+            + [
+                f"{r.account_id} {r.asset_symbol}: active holds reserve {r.reserved_paid} paid "
+                f"of {r.paid} and {r.reserved_free} free of {r.free}"
+                for r in overreserved
             ],
         ),
         Check(
@@ -190,7 +231,8 @@ async def verify(
             + [
                 f"hold {r.id}: captured {r.captured_amount}, but "
                 + (
-                    "its transaction is not a spend of that amount by its user in its asset"
+                    "its transaction is not a spend of that amount by its user in its asset, "
+                    "of what it reserved"
                     if r.transactions == 1
                     else f"{r.transactions} transactions capture it"
                 )
@@ -205,15 +247,66 @@ async def verify(
         Check(
             "refunds stay within their originals",
             [
-                f"transaction {r.id}: amount {r.amount}, refundedAmount {r.refunded_amount}, "
-                f"refunds {r.refunds}"
+                f"transaction {r.id}: amount {r.amount} ({r.paid_amount} paid), refundedAmount "
+                f"{r.refunded_amount}, refunds {r.refunds} ({r.refunds_paid} paid)"
                 for r in refunds
+            ],
+        ),
+        Check(
+            "no lot below zero",
+            [f"{_lot(r)}: remaining {r.remaining}" for r in negative_lots],
+        ),
+        Check(
+            "lots add up to their balances",
+            [f"{r.account_id} {r.asset_symbol}: {_lot_sum(r)}" for r in lot_sums]
+            + [
+                f"{r.account_id} {r.asset_symbol}: {r.kind} lots {r.lots}, more than the "
+                f"{r.kind} part {r.part}"
+                for r in lot_parts
+            ],
+        ),
+        Check(
+            "lots replay their moves",
+            [
+                f"{_lot(r)}: "
+                + ("no lot" if r.remaining is None else f"remaining {r.remaining}")
+                + f", moves {r.moved}"
+                for r in lot_moves
+            ],
+        ),
+        Check(
+            "expiries match the lots they ended",
+            [
+                f"transaction {r.id}: moved {r.paid_amount} paid and {r.amount - r.paid_amount}"
+                f" free, took {r.paid_taken} paid and {r.free_taken} free from lots"
+                + (
+                    f", {r.strays} of its lot moves not taken from its user's lots expired by then"
+                    if r.strays
+                    else ""
+                )
+                for r in expiries
             ],
         ),
     ]
     if checkpoint is not None:
         checks.append(Check(f"the ledger extends checkpoint {checkpoint_name}", unextended))
     return checks
+
+
+def _lot_sum(row: Any) -> str:
+    """What is wrong with a balance's lots: no balance row, `expiring` is not their sum, or it
+    is more than the balance."""
+    if row.balance is None:
+        return f"lots {row.lots}, no balance row"
+    if row.expiring != row.lots:
+        return f"expiring {row.expiring}, lots {row.lots}"
+    return f"expiring {row.expiring}, more than the balance {row.balance}"
+
+
+def _lot(row: Any) -> str:
+    """A lot as findings name it: its user, asset, kind and moment of expiry."""
+    at = as_utc(row.expires_at).isoformat().replace("+00:00", "Z")
+    return f"{row.account_id} {row.asset_symbol} {row.kind} lot expiring {at}"
 
 
 async def _walk_chains(

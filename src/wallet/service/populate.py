@@ -1,6 +1,10 @@
 """The data `wallet bench` runs on: funded bench users for the load, or, for `--populate`, a large
-generated ledger that keeps every invariant (balances sum to zero per asset, users never below
-zero, each balanceAfter continues its account's chain), loaded in one transaction."""
+generated ledger that keeps every invariant (balances and their paid parts sum to zero per asset,
+users never below zero, each balanceAfter and paidAfter continues its account's chain, each
+transaction moves one kind), loaded in one transaction. Top-ups give paid credits, bonuses free
+ones, and a spend takes the first kind of its asset's spend order that the user holds, no more of
+it than they hold. The generated history is from before any lifetime applied: its credits never
+expire, so it makes no lots and every balance's `expiring` is 0."""
 
 import random
 import time
@@ -20,6 +24,8 @@ from wallet.domain.ledger import (
     Direction,
     Entry,
     Flow,
+    Kind,
+    SpendOrder,
     SystemAccount,
     Transaction,
     TransactionId,
@@ -30,12 +36,17 @@ from wallet.domain.ledger import (
 from wallet.service.posting import post
 from wallet.service.seed import seed
 from wallet.store import bulk, queries
-from wallet.store.bulk import Chunk, Plan, Row, TableSize
+from wallet.store.bulk import BalanceHead, Chunk, Plan, Row, TableSize
 from wallet.store.database import Database
 from wallet.store.migrate import migrate
 
-ASSET = "GOLD_COINS"  # the asset the load run moves
+ASSET = "GOLD_COINS"  # the asset the load run moves: bench users hold it as paid credits, no lots
 FUNDING = 10**12  # each bench user's opening balance: no spend of 1 ever runs out
+# The asset of the spends of expiring credits: bench users hold it as free credits only, in lots
+# (bonuses of FUNDING each, one lot per bonus), so each spend takes from a lot.
+EXPIRING_ASSET = "LOYALTY_POINTS"
+EXPIRING_LOTS = 3
+EXPIRES_IN_DAYS = 3650  # the most a bonus may ask: the bench data stays spendable for years
 USER_BATCH = 500
 SEED_USERS, SEED_TRANSACTIONS = 2, 6  # what `wallet seed` leaves: Alice and Bob, 3 top-ups each
 ASSETS = ("GOLD_COINS", "LOYALTY_POINTS", "DIAMONDS")
@@ -73,8 +84,9 @@ def bench_user(index: int) -> UserId:
     return UserId(f"bench-user-{index:06d}")
 
 
-async def prepare_users(database: Database, *, count: int) -> None:
-    """Migrate, seed, then create `count` bench users funded with FUNDING gold (idempotent)."""
+async def prepare_users(database: Database, *, count: int, funds_expiring: bool) -> None:
+    """Migrate, seed, then create `count` bench users funded with FUNDING gold and, if asked,
+    EXPIRING_LOTS lots of FUNDING free EXPIRING_ASSET credits (idempotent)."""
     await migrate(database)
     await seed(database)
     created_at = datetime.now(UTC)
@@ -100,6 +112,20 @@ async def prepare_users(database: Database, *, count: int) -> None:
             )
             for index in batch
         ]
+        if funds_expiring:
+            # Bonuses expiring on different days: each is a lot of its own.
+            commands += [
+                Command(
+                    action=Action.BONUS,
+                    user_id=bench_user(index),
+                    asset_symbol=EXPIRING_ASSET,
+                    amount=FUNDING,
+                    idempotency_key=f"bench-fund-expiring-{index}-{lot}",
+                    credit_expires_in_days=EXPIRES_IN_DAYS - lot,
+                )
+                for index in batch
+                for lot in range(EXPIRING_LOTS)
+            ]
         for outcome in await post(database, commands):
             if isinstance(outcome, WalletError):
                 raise PopulateRefused(f"funding the bench users failed: {outcome}")
@@ -135,8 +161,12 @@ async def load_ledger(
     async with database.transaction(is_write=True) as connection:
         # Writers wait until the load commits, so the system balances read here stay true.
         await bulk.lock_ledger(connection)
-        system_before = {(str(s), a): (0, GENESIS_LINK, 0) for s in SYSTEM for a in ASSETS}
+        system_before = {
+            (str(s), a): BalanceHead(0, 0, GENESIS_LINK, 0) for s in SYSTEM for a in ASSETS
+        }
         system_before.update(await bulk.balances_of_accounts(connection, [str(s) for s in SYSTEM]))
+        # A spend takes its first kind first: read how each asset orders them (free_first seeded).
+        orders = {a.symbol: a.spend_order for a in await queries.list_assets(connection)}
         latest = await bulk.latest_created_at(connection)
         span_us = users + transactions + 1000
         now_us = (datetime.now(UTC) - EPOCH) // timedelta(microseconds=1)
@@ -146,6 +176,7 @@ async def load_ledger(
             tag=uuid.uuid4().hex[:4],
             first_us=max(now_us - span_us, latest_us + 1000),
             system_balances=system_before,
+            spend_orders=tuple(orders[asset] for asset in ASSETS),
         )
         on_progress("users", 0, users)
         for start, stop in _slices(users, CHUNK_USERS):
@@ -165,9 +196,8 @@ async def load_ledger(
             connection,
             {
                 key: head
-                for key, balance in generator.system_balances.items()
-                if (head := (balance, generator.system_links[key], generator.system_counts[key]))
-                != system_before[key]
+                for key in generator.system_balances
+                if (head := generator.system_head(key)) != system_before[key]
             },
         )
     return Loaded(
@@ -212,10 +242,10 @@ def _uuid7(moment_us: int, tag: int, number: int) -> str:
 
 
 class LedgerGenerator:
-    """Makes users, then transactions that keep every invariant: users never go below zero, and
-    every balanceAfter and hash link continues its account's chains. Memory: one int64 and one
-    32-byte link per user and asset.
-    User i is created at first_us + i; the n-th transaction users + 1000 µs later, plus n."""
+    """Makes users, then transactions that keep every invariant: users never go below zero, in
+    all or in either kind, and every balanceAfter, paidAfter and hash link continues its
+    account's chains. Memory: two int64s (balance, paid part) and one 32-byte link per user and
+    asset. User i is created at first_us + i; the n-th transaction users + 1000 µs later, plus n."""
 
     def __init__(
         self,
@@ -223,7 +253,8 @@ class LedgerGenerator:
         users: int,
         tag: str,
         first_us: int,
-        system_balances: dict[tuple[str, str], tuple[int, str, int]],
+        system_balances: dict[tuple[str, str], BalanceHead],
+        spend_orders: tuple[SpendOrder, ...],  # of ASSETS, in their order
     ) -> None:
         self.users = users
         self.tag = tag
@@ -232,12 +263,15 @@ class LedgerGenerator:
         self.ledger_us = first_us + users + 1000
         self.stride = next(p for p in STRIDES if users % p)
         self.rng = random.Random(self.tag_bits)
+        self.spend_orders = spend_orders
         self.user_balances = array("q", [NO_ROW]) * (users * len(ASSETS))
+        self.user_paid = array("q", [0]) * (users * len(ASSETS))
         self.user_links = bytearray(32 * users * len(ASSETS))  # all zero: GENESIS_LINK
         self.user_counts = array("q", [0]) * (users * len(ASSETS))  # entries per user chain
-        self.system_balances = {key: balance for key, (balance, _, _) in system_balances.items()}
-        self.system_links = {key: link for key, (_, link, _) in system_balances.items()}
-        self.system_counts = {key: count for key, (_, _, count) in system_balances.items()}
+        self.system_balances = {key: head.balance for key, head in system_balances.items()}
+        self.system_paid = {key: head.paid for key, head in system_balances.items()}
+        self.system_links = {key: head.link for key, head in system_balances.items()}
+        self.system_counts = {key: head.entries for key, head in system_balances.items()}
         self.made = 0
 
     def user_id(self, index: int) -> str:
@@ -246,6 +280,15 @@ class LedgerGenerator:
     def user_of(self, number: int) -> int:
         """The user of the number-th transaction: the heavy user (0), or the next in stride."""
         return 0 if number % HEAVY_SHARE == 0 else number * self.stride % self.users
+
+    def system_head(self, key: tuple[str, str]) -> BalanceHead:
+        """A system account's balance row as the generated transactions leave it."""
+        return BalanceHead(
+            self.system_balances[key],
+            self.system_paid[key],
+            self.system_links[key],
+            self.system_counts[key],
+        )
 
     def account_rows(self, start: int, stop: int) -> list[Row]:
         """Account rows of users start..stop-1."""
@@ -267,7 +310,9 @@ class LedgerGenerator:
         entries: list[Row] = []
         rng = self.rng
         balances = self.user_balances
+        user_paid = self.user_paid
         system = self.system_balances
+        system_paid = self.system_paid
         for number in range(self.made, self.made + count):
             user = self.user_of(number)
             draw = rng.random()
@@ -275,29 +320,43 @@ class LedgerGenerator:
             asset = ASSETS[asset_index]
             slot = user * len(ASSETS) + asset_index
             held = max(balances[slot], 0)
+            paid = user_paid[slot]
             draw = rng.random()
             size = rng.random()
             if draw < 0.45 and held > 0:
-                flow, amount = Flow.SPEND, 1 + int(size * min(held, 500))
+                # The spend order takes its first kind first: a spend of no more than the user
+                # holds of the first kind they hold takes that kind alone.
+                parts = {Kind.PAID: paid, Kind.FREE: held - paid}
+                first, second = self.spend_orders[asset_index].kinds
+                kind = first if parts[first] > 0 else second
+                flow, amount = Flow.SPEND, 1 + int(size * min(parts[kind], 500))
             elif draw < 0.85:
-                flow, amount = Flow.TOPUP, 1 + int(size * 1000)
+                flow, kind, amount = Flow.TOPUP, Kind.PAID, 1 + int(size * 1000)
             else:
-                flow, amount = Flow.BONUS, 1 + int(size * 100)
+                flow, kind, amount = Flow.BONUS, Kind.FREE, 1 + int(size * 100)
+            paid_amount = amount if kind is Kind.PAID else 0
             user_id = self.user_id(user)
             if flow is Flow.SPEND:
                 debited, credited = user_id, str(SystemAccount.REVENUE)
-                user_after = held - amount
-                system[(credited, asset)] += amount
-                debited_after, credited_after = user_after, system[(credited, asset)]
+                user_after, user_paid_after = held - amount, paid - paid_amount
+                system_key = (credited, asset)
+                system[system_key] += amount
+                system_paid[system_key] += paid_amount
+                debited_after = (user_after, user_paid_after)
+                credited_after = (system[system_key], system_paid[system_key])
             else:
                 debited = str(
                     SystemAccount.TREASURY if flow is Flow.TOPUP else SystemAccount.BONUS_POOL
                 )
                 credited = user_id
-                user_after = held + amount
-                system[(debited, asset)] -= amount
-                debited_after, credited_after = system[(debited, asset)], user_after
+                user_after, user_paid_after = held + amount, paid + paid_amount
+                system_key = (debited, asset)
+                system[system_key] -= amount
+                system_paid[system_key] -= paid_amount
+                debited_after = (system[system_key], system_paid[system_key])
+                credited_after = (user_after, user_paid_after)
             balances[slot] = user_after
+            user_paid[slot] = user_paid_after
             moment_us = self.ledger_us + number
             created_at = EPOCH + timedelta(microseconds=moment_us)
             transaction_id = _uuid7(moment_us, self.tag_bits, number)
@@ -321,6 +380,7 @@ class LedgerGenerator:
                     key,
                     fingerprint,
                     created_at,
+                    paid_amount,
                 )
             )
             transaction = Transaction(
@@ -334,10 +394,11 @@ class LedgerGenerator:
                 note=None,
                 metadata=None,
                 created_at=created_at,
+                paid_amount=paid_amount,
             )
             debit_id = _uuid7(moment_us, self.tag_bits, 2 * number)
             credit_id = _uuid7(moment_us, self.tag_bits, 2 * number + 1)
-            for entry_id, account, direction, after in (
+            for entry_id, account, direction, (after, paid_after) in (
                 (debit_id, debited, Direction.DEBIT, debited_after),
                 (credit_id, credited, Direction.CREDIT, credited_after),
             ):
@@ -350,6 +411,8 @@ class LedgerGenerator:
                     amount=amount,
                     balance_after=after,
                     created_at=created_at,
+                    kind=kind,
+                    paid_after=paid_after,
                 )
                 entries.append(
                     (
@@ -362,6 +425,8 @@ class LedgerGenerator:
                         after,
                         created_at,
                         self._extend_chain(entry, transaction, slot),
+                        kind.value,
+                        paid_after,
                     )
                 )
         self.made += count
@@ -381,7 +446,8 @@ class LedgerGenerator:
         return new_link
 
     def user_balance_rows(self, start: int, stop: int) -> list[Row]:
-        """Balance rows of users start..stop-1 for every asset they ever held."""
+        """Balance rows of users start..stop-1 for every asset they ever held; no lots, so
+        nothing of them expires."""
         rows = []
         for user in range(start, stop):
             for asset_index, asset in enumerate(ASSETS):
@@ -389,5 +455,15 @@ class LedgerGenerator:
                 held = self.user_balances[slot]
                 if held != NO_ROW:
                     chain = self.user_links[32 * slot : 32 * slot + 32].hex()
-                    rows.append((self.user_id(user), asset, held, chain, self.user_counts[slot]))
+                    rows.append(
+                        (
+                            self.user_id(user),
+                            asset,
+                            held,
+                            self.user_paid[slot],
+                            0,
+                            chain,
+                            self.user_counts[slot],
+                        )
+                    )
         return rows

@@ -3,16 +3,18 @@ outcome per command, in order. A command that fails (unknown user, insufficient 
 key) fails alone; the others still apply. An atomic batch is one command: its operations all
 apply, in order, or none does.
 
-Every command takes its row locks in one step (`lock_balances`, in the global order); what holds
-and refunds change is read after that step, under those locks, so two commands racing for one
-hold, one original or one user's available coins are decided one after the other."""
+Every command takes its row locks in one step (`lock_balances`, in the global order); what holds,
+lots and refunds change is read after that step, under those locks, so two commands racing for
+one hold, one original, one lot or one user's available coins are decided one after the other."""
 
 import asyncio
+import contextlib
 import itertools
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
 import structlog
 import uuid_utils
@@ -23,7 +25,9 @@ from wallet.domain.errors import (
     DatabaseUnavailable,
     HoldNotActive,
     IdempotencyKeyReused,
+    InsufficientFunds,
     InvalidRequest,
+    NothingExpired,
     RefundExceedsOriginal,
     Refusal,
     UnknownAsset,
@@ -34,30 +38,41 @@ from wallet.domain.errors import (
 )
 from wallet.domain.ledger import (
     DEFAULT_HOLD_S,
+    MAX_AMOUNT,
     AccountId,
     Action,
+    Asset,
     BalanceKey,
     Book,
     Command,
-    Direction,
     Entry,
     Flow,
     Hold,
     HoldStatus,
+    Kind,
+    LotMove,
+    Portion,
     Posted,
     SystemAccount,
     Transaction,
     TransactionId,
     UserId,
+    check_amount,
+    expiry_account,
     flow_accounts,
+    is_system_account,
     link,
+    lot_expiry,
     refund_accounts,
+    returned,
+    taken_portions,
 )
 from wallet.store import ledger
 from wallet.store.database import Database, TransientConflict
 from wallet.store.ledger import LockedBalance
 
 Outcome = Posted | WalletError
+T = TypeVar("T")
 # Under SERIALIZABLE isolation contended transactions abort often (40001), so a transaction is
 # rerun, with jittered backoff, for this long before the caller hears 503.
 RETRY_FOR_S = 20.0  # 10 s starved one request in a CI run: 64 clients, one hot row, SERIALIZABLE
@@ -70,17 +85,26 @@ FLOWS = {
     Action.TRANSFER: Flow.TRANSFER,
 }
 REFERS_TO_HOLD = (Action.CAPTURE, Action.RELEASE)
+Legs = list[tuple[AccountId, AccountId, list[Portion]]]  # debited, credited, portions of one kind
 
 
 async def post(database: Database, commands: Sequence[Command]) -> list[Outcome]:
     """Apply `commands` in arrival order in one transaction; rerun it on a transient conflict."""
+    return await in_write_transaction(database, lambda connection: _apply(connection, commands))
+
+
+async def in_write_transaction(
+    database: Database, work: Callable[[AsyncConnection], Awaitable[T]]
+) -> T:
+    """Run `work` in a write transaction; rerun it on a transient conflict (a serialization
+    failure or deadlock) until RETRY_FOR_S, then answer that the database is unavailable."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + RETRY_FOR_S
     attempt = 0
     while True:
         try:
             async with database.transaction(is_write=True) as connection:
-                return await _apply(connection, commands)
+                return await work(connection)
         except TransientConflict as conflict:
             if loop.time() >= deadline:
                 raise DatabaseUnavailable(
@@ -105,17 +129,46 @@ async def expire_holds(database: Database, *, limit: int) -> int:
         return len(await ledger.mark_expired(connection, due, now=now))
 
 
-async def sweep_expired_holds(database: Database, *, every_s: float, limit: int) -> None:
-    """Run until cancelled: mark expired holds as they fall due, `limit` per transaction. Reads
-    and checks already ignore a hold past its expiry; marking makes `status` say so."""
-    while True:
-        try:
-            marked = await expire_holds(database, limit=limit)
-        except Exception as error:  # the sweeper outlives a database outage
-            log.warning("expired holds not marked", error=repr(error))
-            marked = 0
-        if marked < limit:
-            await asyncio.sleep(every_s)
+async def expire_credits(database: Database, *, limit: int) -> int:
+    """Move the expired credits of up to `limit` balances out, each with an expiry transaction
+    made by the engine under the same locks as every command: so several processes may run it
+    at once (the second finds nothing left to expire). Returns how many transactions it made."""
+    async with database.transaction(is_write=False) as connection:
+        due = await ledger.due_lots(connection, now=datetime.now(UTC), limit=limit)
+    if not due:
+        return 0
+    outcomes = await post(
+        database,
+        [
+            Command(
+                action=Action.EXPIRE,
+                idempotency_key=f"expiry:{uuid_utils.uuid7()}",
+                user_id=UserId(account),
+                asset_symbol=asset,
+            )
+            for account, asset in due
+        ],
+    )
+    return sum(isinstance(outcome, Posted) for outcome in outcomes)
+
+
+async def sweep_expired(
+    database: Database, *, every_s: float, limit: int, stop: asyncio.Event
+) -> None:
+    """Until `stop` is set: mark expired holds and move expired credits out as they fall due,
+    `limit` per transaction. Reads and checks already ignore both at once; the sweep makes a
+    hold's `status` say so, and the balance. A pass under way when `stop` is set finishes, so
+    shutting down never cuts a statement short."""
+    while not stop.is_set():
+        done = 0
+        for sweep in (expire_holds, expire_credits):
+            try:
+                done = max(done, await sweep(database, limit=limit))
+            except Exception as error:  # the sweeper outlives a database outage
+                log.warning("expired holds or credits not swept", error=repr(error))
+        if done < limit:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
 
 
 @dataclass(slots=True)
@@ -123,10 +176,13 @@ class _Draft:
     """What a database batch has done so far, kept in memory until it is written."""
 
     book: Book
+    assets: Mapping[str, Asset]
+    lots_taken: Mapping[TransactionId, list[Portion]]  # by the originals refunds name
     links: dict[BalanceKey, str]
     counts: dict[BalanceKey, int]
     transactions: list[tuple[str, Transaction]]
     entries: list[Entry]
+    lot_moves: list[LotMove]
     created_holds: list[tuple[str, Hold]]
     ended_holds: dict[str, tuple[Hold, str | None, str | None]]
     refunded: dict[TransactionId, int]  # originals refunded by this batch: their new total
@@ -134,10 +190,13 @@ class _Draft:
     def copy(self) -> "_Draft":
         return _Draft(
             self.book.copy(),
+            self.assets,
+            self.lots_taken,
             dict(self.links),
             dict(self.counts),
             list(self.transactions),
             list(self.entries),
+            list(self.lot_moves),
             list(self.created_holds),
             dict(self.ended_holds),
             dict(self.refunded),
@@ -148,11 +207,12 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
     outcomes: list[Outcome | None] = [None] * len(commands)
     hold_ids = {c.reference for c in commands if c.action in REFERS_TO_HOLD and c.reference}
     original_ids = {c.reference for c in commands if c.action is Action.REFUND and c.reference}
-    named_holds, originals = (
+    references = (
         await ledger.find_references(connection, hold_ids=hold_ids, transaction_ids=original_ids)
         if hold_ids or original_ids
-        else ({}, {})
+        else ledger.References({}, {}, {})
     )
+    named_holds, originals = references.holds, references.transactions
     resolved: list[Command] = []
     for index, command in enumerate(commands):
         try:
@@ -188,9 +248,10 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
     # Taken after the locks, so time follows the order of application; a hold counts until it.
     now = datetime.now(UTC)
     claimed = [c for _, c in valid if c.idempotency_key in lookup.claimed]
-    active_held, fresh_holds, refunded = await ledger.read_under_lock(
+    under_lock = await ledger.read_under_lock(
         connection,
         held_keys=[key for key, row in locked.items() if row.held > 0],
+        lot_keys=[key for key, row in locked.items() if row.expiring > 0],
         hold_ids={c.reference for c in claimed if c.action in REFERS_TO_HOLD and c.reference},
         originals={c.reference for c in claimed if c.action is Action.REFUND and c.reference},
         now=now,
@@ -198,15 +259,20 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
     draft = _Draft(
         Book(
             balances={key: row.balance for key, row in locked.items()},
+            paid={key: row.paid for key, row in locked.items()},
             held={key: row.held for key, row in locked.items()},
-            active_held=active_held,
-            holds=fresh_holds,
-            refunded=refunded,
+            active_held=under_lock.active_held,
+            lots=under_lock.lots,
+            holds=under_lock.holds,
+            refunded=under_lock.refunded,
         ),
+        assets=lookup.assets,
+        lots_taken=references.lots_taken,
         links={key: row.chain_hash for key, row in locked.items()},
         counts={key: row.entry_count for key, row in locked.items()},
         transactions=[],
         entries=[],
+        lot_moves=[],
         created_holds=[],
         ended_holds={},
         refunded={},
@@ -253,15 +319,18 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         kept.update(_keys(command))
         outcomes[index] = posted
 
+    book = draft.book
     changed = {
         key: row
         for key in locked
         if (
             row := LockedBalance(
-                draft.book.balances[key],
+                book.balances[key],
                 draft.links[key],
                 draft.counts[key],
-                draft.book.held[key],
+                book.held[key],
+                book.paid[key],
+                book.expiring(key),
             )
         )
         != locked[key]
@@ -273,6 +342,8 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         posted_entries=draft.entries,
         refused=refused,
         released=lookup.claimed - kept - refused.keys(),
+        lots_after={(key, lot): book.lots[key][lot] for key, lot in book.changed_lots},
+        moved_lots=draft.lot_moves,
         created_at=now,
     )
     await ledger.write_holds(connection, created=draft.created_holds, ended=draft.ended_holds)
@@ -335,6 +406,11 @@ def _balance_keys(command: Command, originals: Mapping[str, Transaction]) -> set
         match op.action:
             case Action.HOLD | Action.RELEASE:
                 keys.add((AccountId(op.user_id), asset))
+            case Action.EXPIRE:
+                keys.update(
+                    (AccountId(account), asset)
+                    for account in (op.user_id, SystemAccount.BONUS_POOL, SystemAccount.REVENUE)
+                )
             case Action.REFUND:
                 original = originals[op.reference or ""]
                 if original.flow in (Flow.TOPUP, Flow.BONUS, Flow.SPEND):
@@ -389,6 +465,8 @@ def _apply_one(
     raises; the engine gives every other command a copy."""
     book = draft.book
     user, asset = command.user_id or UserId(""), command.asset_symbol or ""
+    key = (AccountId(user), asset)
+    order = draft.assets[asset].spend_order if asset in draft.assets else None
     match command.action:
         case Action.BATCH:
             made = []
@@ -412,7 +490,8 @@ def _apply_one(
             return Posted(tuple(made), is_replay=False)
         case Action.HOLD:
             assert command.amount is not None
-            book.reserve((AccountId(user), asset), command.amount)
+            assert order is not None
+            paid = book.reserve(key, command.amount, order, now)
             hold = Hold(
                 id=str(uuid_utils.uuid7()),
                 user_id=user,
@@ -426,10 +505,12 @@ def _apply_one(
                 description=command.note,
                 created_by=command.created_by,
                 idempotency_key=command.idempotency_key,
+                paid_amount=paid,
             )
             draft.created_holds.append((fingerprint, hold))
             return Posted((), is_replay=False, hold=hold)
         case Action.CAPTURE | Action.RELEASE:
+            assert order is not None
             hold = _active_hold(book, command.reference or "", now)
             book.end_hold(hold)
             if command.action is Action.RELEASE:
@@ -445,12 +526,20 @@ def _apply_one(
             ended = replace(hold, status=HoldStatus.CAPTURED, captured_amount=amount, ended_at=now)
             book.holds[hold.id] = ended
             draft.ended_holds[hold.id] = (ended, None, None)
+            # What the hold reserved, in the spend order; it kept those credits from expiring.
+            legs: Legs = []
+            left = amount
+            for kind in order.kinds:
+                part = min(left, hold.reserved(kind))
+                left -= part
+                if part:
+                    portions = book.plan(key, kind, part, now, due_first=True)
+                    legs.append((AccountId(user), AccountId(SystemAccount.REVENUE), portions))
             transaction = _record(
                 draft,
                 replace(command, amount=amount),
                 Flow.SPEND,
-                AccountId(user),
-                AccountId(SystemAccount.REVENUE),
+                legs,
                 fingerprint,
                 now,
                 hold_id=hold.id,
@@ -459,27 +548,81 @@ def _apply_one(
         case Action.REFUND:
             original = originals[command.reference or ""]
             flow, debited, credited = refund_accounts(original)
-            left = original.amount - book.refunded[original.id]
+            before = book.refunded[original.id]
+            left = original.amount - before
             amount = left if command.amount is None else command.amount
             if amount > left or left == 0:
                 raise RefundExceedsOriginal(
                     f"transaction {original.id} has {left} of {original.amount} left to refund,"
                     f" less than the {amount} asked for"
                 )
+            legs = _refund_legs(draft, original, debited, credited, before, amount, now)
             book.refunded[original.id] += amount
             draft.refunded[original.id] = book.refunded[original.id]
             transaction = _record(
                 draft,
                 replace(command, amount=amount),
                 flow,
-                debited,
-                credited,
+                legs,
                 fingerprint,
                 now,
                 refund_of=original.id,
             )
             return Posted((transaction,), is_replay=False)
+        case Action.EXPIRE:
+            # At most the largest amount per transaction: the next sweep moves the rest.
+            legs = []
+            room = MAX_AMOUNT
+            for kind in Kind:
+                expired = min(book.expired(key, kind, now), room)
+                if expired:
+                    room -= expired
+                    portions = book.plan(key, kind, expired, now, due_first=True)
+                    legs.append((AccountId(user), expiry_account(kind), portions))
+            if not legs:
+                raise NothingExpired(f"{user} has no {asset} past its expiry")
+            total = sum(p.amount for _, _, portions in legs for p in portions)
+            transaction = _record(
+                draft, replace(command, amount=total), Flow.EXPIRY, legs, fingerprint, now
+            )
+            return Posted((transaction,), is_replay=False)
     return Posted((_move(draft, command, fingerprint, now),), is_replay=False)
+
+
+def _refund_legs(
+    draft: _Draft,
+    original: Transaction,
+    debited: AccountId,
+    credited: AccountId,
+    before: int,
+    amount: int,
+    now: datetime,
+) -> Legs:
+    """A refund of a spend gives back the kinds it took, paid first, into the lots they came
+    from; a reversal takes back the kind its top-up or bonus gave, of what is available."""
+    if original.flow is not Flow.SPEND:
+        kind = Kind.PAID if original.flow is Flow.TOPUP else Kind.FREE
+        key = (debited, original.asset_symbol)
+        available = draft.book.available(key, kind, now)
+        if amount > available:
+            raise InsufficientFunds(
+                f"available {kind.value} {original.asset_symbol} is {available},"
+                f" less than the {amount} asked for"
+            )
+        return [(debited, credited, draft.book.plan(key, kind, amount, now))]
+    paid_before = min(original.paid_amount, before)
+    paid = min(original.paid_amount - paid_before, amount)
+    taken = draft.lots_taken.get(original.id, [])
+    legs: Legs = []
+    for kind, part, part_before, kind_amount in (
+        (Kind.PAID, paid, paid_before, original.paid_amount),
+        (Kind.FREE, amount - paid, before - paid_before, original.free_amount),
+    ):
+        if part:
+            lots = [(p.expires_at, p.amount) for p in taken if p.kind is kind and p.expires_at]
+            portions = returned(taken_portions(kind, kind_amount, lots), part_before, part)
+            legs.append((debited, credited, portions))
+    return legs
 
 
 def _active_hold(book: Book, hold_id: str, now: datetime) -> Hold:
@@ -491,64 +634,109 @@ def _active_hold(book: Book, hold_id: str, now: datetime) -> Hold:
 
 
 def _move(draft: _Draft, command: Command, fingerprint: str, now: datetime) -> Transaction:
-    """A flow: top-up, bonus, spend or transfer."""
+    """A flow: top-up, bonus, spend or transfer, with the kinds and lots it moves."""
     assert command.user_id is not None
     assert command.amount is not None
+    assert command.asset_symbol is not None
     if command.to_user_id == command.user_id:
         raise InvalidRequest("a transfer needs two different users", field="toUserId")
     debited, credited = flow_accounts(command.action, command.user_id, command.to_user_id)
-    return _record(draft, command, FLOWS[command.action], debited, credited, fingerprint, now)
+    asset = draft.assets[command.asset_symbol]
+    if command.action in (Action.TOPUP, Action.BONUS):
+        check_amount(command.amount)
+        kind = Kind.PAID if command.action is Action.TOPUP else Kind.FREE
+        expires_at = _credit_expiry(command, asset, kind, now)
+        portions = [Portion(kind, expires_at, command.amount)]
+    else:
+        portions = draft.book.plan_in_order(
+            (debited, command.asset_symbol), command.amount, asset.spend_order, now
+        )
+    legs: Legs = [
+        (debited, credited, [p for p in portions if p.kind is kind])
+        for kind in dict.fromkeys(p.kind for p in portions)
+    ]
+    return _record(draft, command, FLOWS[command.action], legs, fingerprint, now)
+
+
+def _credit_expiry(command: Command, asset: Asset, kind: Kind, now: datetime) -> datetime | None:
+    """When the credits a top-up or bonus gives expire: as the bonus asks, else by the asset."""
+    if command.credit_expires_in_days is not None:
+        return now + timedelta(days=command.credit_expires_in_days)
+    if command.credit_expires_at is not None:
+        if command.credit_expires_at <= now:
+            raise InvalidRequest("expiresAt must be in the future", field="expiresAt")
+        return command.credit_expires_at
+    return lot_expiry(asset, kind, now)
 
 
 def _record(
     draft: _Draft,
     command: Command,
     flow: Flow,
-    debited: AccountId,
-    credited: AccountId,
+    legs: Legs,
     fingerprint: str,
     now: datetime,
     *,
     hold_id: str | None = None,
     refund_of: TransactionId | None = None,
 ) -> Transaction:
-    """Move the amount in the book, and make the transaction and its two entries; each entry
-    extends its account's chain."""
+    """Move each leg in the book, and make the transaction and its entries (a debit and a
+    credit per kind); each entry extends its account's chain, each lot portion is recorded."""
     assert command.user_id is not None
     assert command.asset_symbol is not None
     assert command.amount is not None
-    asset, amount = command.asset_symbol, command.amount
-    draft.book.move(debited, credited, asset, amount)
+    asset = command.asset_symbol
+    sides = draft.book.move(asset, legs)
     transaction = Transaction(
         id=TransactionId(str(uuid_utils.uuid7())),
         flow=flow,
         user_id=UserId(command.user_id),
         asset_symbol=asset,
-        amount=amount,
+        amount=command.amount,
         balance_after=draft.book.balances[(AccountId(command.user_id), asset)],
         idempotency_key=command.idempotency_key,
         note=command.note,
         metadata=command.metadata,
         created_at=now,
+        paid_amount=sum(p.amount for _, _, ps in legs for p in ps if p.kind is Kind.PAID),
         created_by=command.created_by,
         to_user_id=command.to_user_id,
         hold_id=hold_id,
         refund_of=refund_of,
     )
-    for account, direction in ((debited, Direction.DEBIT), (credited, Direction.CREDIT)):
-        key = (account, asset)
+    for side in sides:
+        key = (side.account, asset)
         unlinked = Entry(
             id=str(uuid_utils.uuid7()),
             transaction_id=transaction.id,
-            account_id=account,
+            account_id=side.account,
             asset_symbol=asset,
-            direction=direction,
-            amount=amount,
-            balance_after=draft.book.balances[key],
+            direction=side.direction,
+            amount=side.amount,
+            balance_after=side.balance_after,
             created_at=now,
+            kind=side.kind,
+            paid_after=side.paid_after,
         )
         draft.links[key] = link(draft.links[key], unlinked, transaction)
         draft.counts[key] += 1
         draft.entries.append(replace(unlinked, chain_hash=draft.links[key]))
+    for debited, credited, portions in legs:
+        for portion in portions:
+            if portion.expires_at is None:
+                continue
+            for account, sign in ((debited, -1), (credited, 1)):
+                if is_system_account(account):
+                    continue
+                draft.lot_moves.append(
+                    LotMove(
+                        transaction.id,
+                        account,
+                        asset,
+                        portion.kind,
+                        portion.expires_at,
+                        sign * portion.amount,
+                    )
+                )
     draft.transactions.append((fingerprint, transaction))
     return transaction

@@ -12,7 +12,12 @@ from wallet.store.database import Database
 ASSETS = (
     Asset("GOLD_COINS", "Gold Coins", "The main in-game currency."),
     Asset("DIAMONDS", "Diamonds", "The premium currency."),
-    Asset("LOYALTY_POINTS", "Loyalty Points", "Points earned by playing and buying."),
+    Asset(
+        "LOYALTY_POINTS",
+        "Loyalty Points",
+        "Points earned by playing and buying.",
+        free_lifetime_days=365,
+    ),
 )
 SYSTEM_ACCOUNTS: dict[str, str] = {
     SystemAccount.TREASURY: "Treasury",

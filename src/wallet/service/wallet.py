@@ -1,15 +1,18 @@
 """The wallet's use cases: the flows, holds, refunds, transfers and batches, users, and the
 reads the API serves."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import uuid_utils
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from wallet import metrics
 from wallet.domain.errors import (
+    AssetExists,
+    InvalidRequest,
     Refusal,
     UnknownAsset,
     UnknownHold,
@@ -18,19 +21,22 @@ from wallet.domain.errors import (
     UserExists,
 )
 from wallet.domain.ledger import (
+    EPOCH,
     Asset,
     Command,
     Entry,
     Flow,
     Hold,
     HoldStatus,
+    Kind,
     Posted,
     Standing,
+    SystemAccount,
     Transaction,
     User,
 )
 from wallet.service.batcher import Batcher
-from wallet.service.posting import post
+from wallet.service.posting import in_write_transaction, post
 from wallet.store import queries
 from wallet.store.database import Database
 
@@ -43,6 +49,40 @@ class PageRequest:
     limit: int = 50
     before: int | None = None
     offset: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Liabilities:
+    """What the platform owes its users of an asset at `at` (paid, free), and what moved after
+    `since` up to `until`: per type of transaction, paid and free credits."""
+
+    asset_symbol: str
+    at: datetime
+    outstanding: Mapping[Kind, int]
+    since: datetime
+    until: datetime
+    moved: Mapping[Flow, tuple[int, int]]
+
+
+def liabilities_body(report: Liabilities) -> dict[str, Any]:
+    """The report as the API and `wallet report liabilities` show it."""
+    period: dict[str, Any] = {"from": report.since, "to": report.until}
+    for name, flows in (
+        ("issued", (Flow.TOPUP, Flow.BONUS)),
+        ("spent", (Flow.SPEND,)),
+        ("refunded", (Flow.REFUND,)),
+        ("reversed", (Flow.REVERSAL,)),
+        ("expired", (Flow.EXPIRY,)),
+    ):
+        moved = [report.moved.get(flow, (0, 0)) for flow in flows]
+        period[f"{name}Paid"] = sum(paid for paid, _ in moved)
+        period[f"{name}Free"] = sum(free for _, free in moved)
+    return {
+        "assetSymbol": report.asset_symbol,
+        "at": report.at,
+        "outstanding": {kind.value: report.outstanding[kind] for kind in Kind},
+        "period": period,
+    }
 
 
 class Wallet:
@@ -75,6 +115,78 @@ class Wallet:
     async def assets(self) -> list[Asset]:
         async with self.database.transaction(is_write=False) as connection:
             return await queries.list_assets(connection)
+
+    async def create_asset(self, asset: Asset) -> Asset:
+        async with self.database.transaction(is_write=True) as connection:
+            if not await queries.insert_assets(connection, [asset]):
+                raise AssetExists(f"asset {asset.symbol} already exists")
+        return asset
+
+    async def change_asset(self, *, symbol: str, changes: Mapping[str, Any]) -> Asset:
+        """Change an asset's fields; its lifetimes apply to credits granted afterwards."""
+        changed = await in_write_transaction(
+            self.database,
+            lambda connection: queries.update_asset(connection, symbol=symbol, changes=changes),
+        )
+        if changed is None:
+            raise UnknownAsset(f"asset {symbol} does not exist")
+        return changed
+
+    async def liabilities(
+        self,
+        *,
+        asset_symbol: str,
+        at: datetime | None,
+        since: datetime | None,
+        until: datetime | None,
+    ) -> Liabilities:
+        """Computed from the ledger, without summing users or the bulk of transactions: per asset
+        and kind all balances sum to zero, so users hold what the system accounts are short of;
+        between two moments each system account's balance moved by what its flows moved, and
+        only refunds, reversals and expiries (which share accounts with the flows) are summed."""
+        at = datetime.now(UTC) if at is None else at.astimezone(UTC)
+        until = at if until is None else until.astimezone(UTC)
+        since = EPOCH if since is None else since.astimezone(UTC)
+        if since > until:
+            raise InvalidRequest("from must not be after to", field="from")
+        async with self.database.transaction(is_write=False, is_snapshot=True) as connection:
+            await _require_asset(connection, asset_symbol)
+            now = await queries.system_parts_at(connection, asset_symbol=asset_symbol, at=at)
+            start = await queries.system_parts_at(connection, asset_symbol=asset_symbol, at=since)
+            end = await queries.system_parts_at(connection, asset_symbol=asset_symbol, at=until)
+            returned = await queries.returned_between(
+                connection, asset_symbol=asset_symbol, after=since, until=until
+            )
+
+        def moved(account: SystemAccount, kind: Kind) -> int:
+            """How much the account's part of `kind` grew over the period."""
+            (balance_from, paid_from), (balance_to, paid_to) = start[account], end[account]
+            if kind is Kind.PAID:
+                return paid_to - paid_from
+            return (balance_to - paid_to) - (balance_from - paid_from)
+
+        refunded_paid, refunded_free = returned.get(Flow.REFUND, (0, 0))
+        reversed_paid, reversed_free = returned.get(Flow.REVERSAL, (0, 0))
+        expired_paid, expired_free = returned.get(Flow.EXPIRY, (0, 0))
+        # The treasury gives top-ups and takes their reversals; the bonus pool gives bonuses and
+        # takes theirs and free expiries; revenue takes spends and paid expiries, gives refunds.
+        flows = {
+            Flow.TOPUP: (reversed_paid - moved(SystemAccount.TREASURY, Kind.PAID), 0),
+            Flow.BONUS: (
+                0,
+                reversed_free + expired_free - moved(SystemAccount.BONUS_POOL, Kind.FREE),
+            ),
+            Flow.SPEND: (
+                moved(SystemAccount.REVENUE, Kind.PAID) - expired_paid + refunded_paid,
+                moved(SystemAccount.REVENUE, Kind.FREE) + refunded_free,
+            ),
+            **returned,
+        }
+        outstanding = {
+            Kind.PAID: -sum(paid for _, paid in now.values()),
+            Kind.FREE: -sum(balance - paid for balance, paid in now.values()),
+        }
+        return Liabilities(asset_symbol, at, outstanding, since, until, flows)
 
     async def create_user(self, *, user_id: str | None, email: str, name: str) -> User:
         async with self.database.transaction(is_write=True) as connection:
@@ -119,8 +231,9 @@ class Wallet:
 
     async def balances_at(
         self, *, user_id: str, at: datetime, asset_symbol: str | None = None
-    ) -> list[tuple[str, int]]:
-        """The user's balance of every asset (or of `asset_symbol`) as it was at `at`."""
+    ) -> list[tuple[str, int, int]]:
+        """The user's balance of every asset (or of `asset_symbol`) and its paid part, as they
+        were at `at`."""
         async with self.database.transaction(is_write=False) as connection:
             await _require_user(connection, user_id)
             if asset_symbol is not None:

@@ -2,6 +2,7 @@
 Sums are compared in SQL, exactly (integers; PostgreSQL's numeric sums), never as floats."""
 
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -10,24 +11,34 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from wallet.domain.ledger import (
     EPOCH,
     GENESIS_LINK,
+    SYSTEM_PREFIX,
     AccountId,
     Action,
     Direction,
     Entry,
     Flow,
+    Kind,
     Transaction,
     TransactionId,
     UserId,
+    expiry_account,
     flow_accounts,
     refund_accounts,
 )
 from wallet.store.ledger import as_utc, to_transaction
-from wallet.store.tables import balances, entries, holds, transactions
+from wallet.store.tables import balances, entries, holds, lot_moves, lots, transactions
 
 STREAM_ROWS = 2000  # rows fetched per round trip when streaming: memory stays flat
 signed_amount = sa.case(
     (entries.c.direction == "credit", entries.c.amount), else_=-entries.c.amount
 )
+signed_paid_amount = sa.case((entries.c.kind == Kind.PAID.value, signed_amount), else_=0)
+# The one kind a top-up or a bonus gives, and so the one its reversal takes back.
+ISSUED_KIND = {Flow.TOPUP: Kind.PAID, Flow.BONUS: Kind.FREE}
+
+
+def _is_user(account: sa.ColumnElement[str]) -> sa.ColumnElement[bool]:
+    return sa.func.substr(account, 1, len(SYSTEM_PREFIX)) != SYSTEM_PREFIX
 
 
 async def nonzero_asset_sums(connection: AsyncConnection) -> list[sa.Row[Any]]:
@@ -38,6 +49,33 @@ async def nonzero_asset_sums(connection: AsyncConnection) -> list[sa.Row[Any]]:
             sa.select(balances.c.asset_symbol, total.label("total"))
             .group_by(balances.c.asset_symbol)
             .having(total != 0)
+        )
+    )
+
+
+async def nonzero_kind_sums(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """Assets whose paid parts, or free parts, system accounts included, do not sum to zero."""
+    paid = sa.func.sum(balances.c.paid)
+    free = sa.func.sum(balances.c.balance - balances.c.paid)
+    return list(
+        await connection.execute(
+            sa.select(balances.c.asset_symbol, paid.label("paid"), free.label("free"))
+            .group_by(balances.c.asset_symbol)
+            .having(sa.or_(paid != 0, free != 0))
+        )
+    )
+
+
+async def user_parts_out_of_range(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """User balances whose paid part is below zero or above the balance (so the free part is)."""
+    return list(
+        await connection.execute(
+            sa.select(
+                balances.c.account_id, balances.c.asset_symbol, balances.c.balance, balances.c.paid
+            ).where(
+                _is_user(balances.c.account_id),
+                sa.or_(balances.c.paid < 0, balances.c.paid > balances.c.balance),
+            )
         )
     )
 
@@ -91,18 +129,21 @@ async def entries_without_balance(connection: AsyncConnection) -> list[sa.Row[An
 
 # Stand-ins for a transaction's user and receiver, to read the domain's account rules as SQL.
 _USER, _RECEIVER = "\0user", "\0receiver"
+Rule = tuple[sa.ColumnElement[bool], AccountId, AccountId]
 
 
-def _account_rules(
-    original: sa.FromClause,
-) -> list[tuple[sa.ColumnElement[bool], AccountId, AccountId]]:
-    """Per type (and, for a refund or reversal, per type of the original): the condition, and
-    the accounts the domain says it debits and credits, with _USER and _RECEIVER standing in."""
-    rules: list[tuple[sa.ColumnElement[bool], AccountId, AccountId]] = []
+def _account_rules(original: sa.FromClause, kind: Kind) -> list[Rule]:
+    """Per type (for a refund or reversal, per type of the original): the condition, and the
+    accounts the domain says it debits and credits credits of `kind` between, with _USER and
+    _RECEIVER standing in. A type that never moves `kind` has no rule for it."""
+    rules: list[Rule] = []
     for flow in (Flow.TOPUP, Flow.BONUS, Flow.SPEND, Flow.TRANSFER):
-        debited, credited = flow_accounts(Action(flow.value), UserId(_USER), UserId(_RECEIVER))
-        rules.append((transactions.c.type == flow.value, debited, credited))
+        if ISSUED_KIND.get(flow, kind) is kind:
+            debited, credited = flow_accounts(Action(flow.value), UserId(_USER), UserId(_RECEIVER))
+            rules.append((transactions.c.type == flow.value, debited, credited))
     for refunded in (Flow.TOPUP, Flow.BONUS, Flow.SPEND):
+        if ISSUED_KIND.get(refunded, kind) is not kind:
+            continue
         stand_in = Transaction(
             id=TransactionId(""),
             flow=refunded,
@@ -114,10 +155,12 @@ def _account_rules(
             note=None,
             metadata=None,
             created_at=EPOCH,
+            paid_amount=0,
         )
         flow, debited, credited = refund_accounts(stand_in)
         condition = sa.and_(transactions.c.type == flow.value, original.c.type == refunded.value)
         rules.append((condition, debited, credited))
+    rules.append((transactions.c.type == Flow.EXPIRY.value, AccountId(_USER), expiry_account(kind)))
     return rules
 
 
@@ -129,80 +172,150 @@ def _account_expression(account: AccountId) -> sa.ColumnElement[Any]:
     return sa.literal(str(account))
 
 
-async def broken_pairs(connection: AsyncConnection) -> list[sa.Row[Any]]:
-    """Transactions without exactly one debit and one credit of their amount and asset, between
-    the accounts their type moves money between (a refund's, by the type of its original), or
-    whose `balance_after` is not their user's entry's."""
-    debit = entries.alias("debit")
-    credit = entries.alias("credit")
-    original = transactions.alias("original")
-    rules = _account_rules(original)
-    expected_debit = sa.case(
-        *((condition, _account_expression(d)) for condition, d, _ in rules), else_=None
-    )
-    expected_credit = sa.case(
-        *((condition, _account_expression(c)) for condition, _, c in rules), else_=None
-    )
-    user_entry_balance = sa.case(
-        *(
-            (condition, debit.c.balance_after if d == _USER else credit.c.balance_after)
-            for condition, d, _ in rules
+def _is_broken_pair(
+    original: sa.FromClause, kind: Kind, debit: sa.FromClause, credit: sa.FromClause
+) -> sa.ColumnElement[bool]:
+    """Whether a transaction's debit and credit entries of `kind` (either may be missing) are
+    not a pair of one amount in its asset between the accounts its type moves that kind
+    between, when it has either."""
+    rules = _account_rules(original, kind)
+    debited = sa.case(*((condition, _account_expression(d)) for condition, d, _ in rules))
+    credited = sa.case(*((condition, _account_expression(c)) for condition, _, c in rules))
+    return sa.or_(
+        sa.and_(debit.c.id.is_(None), credit.c.id.is_not(None)),
+        sa.and_(
+            debit.c.id.is_not(None),
+            sa.or_(
+                credit.c.id.is_(None),
+                debit.c.amount != credit.c.amount,
+                debit.c.asset_symbol != transactions.c.asset_symbol,
+                credit.c.asset_symbol != transactions.c.asset_symbol,
+                debit.c.account_id.is_distinct_from(debited),
+                credit.c.account_id.is_distinct_from(credited),
+            ),
         ),
-        else_=None,
+    )
+
+
+async def broken_pairs(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """Transactions that do not move, of each kind they move, one debit and one credit entry of
+    one amount in their asset, between the accounts their type moves that kind between (a
+    refund's or reversal's by the type of its original); whose amount is not the sum over the
+    kinds, or whose `paid_amount` not the paid kind's; or whose `balance_after` is not that of
+    their user's entry that comes last in the user's chain. One pass: each kind's debit and
+    credit are joined by the unique (transaction, kind, direction)."""
+    original = transactions.alias("original")
+    joined: sa.FromClause = transactions.outerjoin(
+        original, original.c.id == transactions.c.refund_of
+    )
+    broken: list[sa.ColumnElement[bool]] = []
+    moved: dict[Kind, sa.ColumnElement[Any]] = {}
+    users: dict[Kind, tuple[sa.ColumnElement[Any], sa.ColumnElement[Any]]] = {}
+    for kind in Kind:
+        debit, credit = entries.alias(f"{kind.value}_debit"), entries.alias(f"{kind.value}_credit")
+        for side, direction in ((debit, Direction.DEBIT), (credit, Direction.CREDIT)):
+            joined = joined.outerjoin(
+                side,
+                sa.and_(
+                    side.c.transaction_id == transactions.c.id,
+                    side.c.kind == kind.value,
+                    side.c.direction == direction.value,
+                ),
+            )
+        broken.append(_is_broken_pair(original, kind, debit, credit))
+        moved[kind] = sa.func.coalesce(debit.c.amount, 0)
+        # The user's entry of this kind (its account is checked above), null without one.
+        is_debit_users = debit.c.account_id == transactions.c.user_id
+        is_credit_users = credit.c.account_id == transactions.c.user_id
+        users[kind] = (
+            sa.case((is_debit_users, debit.c.seq), (is_credit_users, credit.c.seq)),
+            sa.case(
+                (is_debit_users, debit.c.balance_after),
+                (is_credit_users, credit.c.balance_after),
+            ),
+        )
+    (paid_seq, paid_balance), (free_seq, free_balance) = users[Kind.PAID], users[Kind.FREE]
+    last_balance = sa.case(
+        (free_seq.is_(None), paid_balance),
+        (paid_seq.is_(None), free_balance),
+        (paid_seq > free_seq, paid_balance),
+        else_=free_balance,
     )
     return list(
         await connection.execute(
             sa.select(transactions.c.id)
-            .select_from(
-                transactions.outerjoin(
-                    debit,
-                    sa.and_(
-                        debit.c.transaction_id == transactions.c.id, debit.c.direction == "debit"
-                    ),
-                )
-                .outerjoin(
-                    credit,
-                    sa.and_(
-                        credit.c.transaction_id == transactions.c.id, credit.c.direction == "credit"
-                    ),
-                )
-                .outerjoin(original, original.c.id == transactions.c.refund_of)
-            )
+            .select_from(joined)
             .where(
                 sa.or_(
-                    debit.c.id.is_(None),
-                    credit.c.id.is_(None),
-                    debit.c.amount != transactions.c.amount,
-                    credit.c.amount != transactions.c.amount,
-                    debit.c.asset_symbol != transactions.c.asset_symbol,
-                    credit.c.asset_symbol != transactions.c.asset_symbol,
-                    debit.c.account_id.is_distinct_from(expected_debit),
-                    credit.c.account_id.is_distinct_from(expected_credit),
-                    user_entry_balance.is_distinct_from(transactions.c.balance_after),
+                    *broken,
+                    transactions.c.amount != moved[Kind.PAID] + moved[Kind.FREE],
+                    transactions.c.paid_amount != moved[Kind.PAID],
+                    last_balance.is_distinct_from(transactions.c.balance_after),
                 )
             )
+            .distinct()
         )
     )
 
 
 async def broken_chains(connection: AsyncConnection) -> list[sa.Row[Any]]:
     """Entries whose `balance_after` is not the previous entry's (of the same account and asset,
-    in order of application) plus this entry's signed amount."""
+    in order of application) plus this entry's signed amount, or whose `paid_after` is not the
+    previous one's plus its signed amount if it is of paid credits (both from 0)."""
+
+    def in_chain(column: sa.ColumnElement[int]) -> sa.ColumnElement[int]:
+        return sa.func.lag(column, 1, 0).over(
+            partition_by=(entries.c.account_id, entries.c.asset_symbol), order_by=entries.c.seq
+        )
+
     chain = sa.select(
         entries.c.id,
         entries.c.account_id,
         entries.c.asset_symbol,
         entries.c.balance_after,
+        entries.c.paid_after,
         signed_amount.label("delta"),
-        sa.func.lag(entries.c.balance_after, 1, 0)
-        .over(partition_by=(entries.c.account_id, entries.c.asset_symbol), order_by=entries.c.seq)
-        .label("previous"),
+        signed_paid_amount.label("paid_delta"),
+        in_chain(entries.c.balance_after).label("previous"),
+        in_chain(entries.c.paid_after).label("previous_paid"),
     ).subquery()
+    balance_off = chain.c.previous + chain.c.delta != chain.c.balance_after
+    paid_off = chain.c.previous_paid + chain.c.paid_delta != chain.c.paid_after
     return list(
         await connection.execute(
-            sa.select(chain.c.id, chain.c.account_id, chain.c.asset_symbol).where(
-                chain.c.previous + chain.c.delta != chain.c.balance_after
-            )
+            sa.select(
+                chain.c.id,
+                chain.c.account_id,
+                chain.c.asset_symbol,
+                balance_off.label("is_balance_off"),
+                paid_off.label("is_paid_off"),
+            ).where(sa.or_(balance_off, paid_off))
+        )
+    )
+
+
+async def paid_off_chain_heads(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """Balance rows whose `paid` is not their newest entry's `paid_after` (0 without entries);
+    one index look-up per balance row."""
+    newest = sa.func.coalesce(
+        sa.select(entries.c.paid_after)
+        .where(
+            entries.c.account_id == balances.c.account_id,
+            entries.c.asset_symbol == balances.c.asset_symbol,
+        )
+        .order_by(entries.c.seq.desc())
+        .limit(1)
+        .scalar_subquery(),
+        0,
+    )
+    return list(
+        await connection.execute(
+            sa.select(
+                balances.c.account_id,
+                balances.c.asset_symbol,
+                balances.c.paid,
+                newest.label("paid_after"),
+            ).where(balances.c.paid != newest)
         )
     )
 
@@ -250,6 +363,8 @@ def _entry(row: sa.Row[Any]) -> Entry:
         amount=row.entry_amount,
         balance_after=row.entry_balance_after,
         created_at=as_utc(row.entry_created_at),
+        kind=Kind(row.entry_kind),
+        paid_after=row.entry_paid_after,
         chain_hash=row.entry_chain_hash,
     )
 
@@ -327,6 +442,57 @@ async def held_off_holds(connection: AsyncConnection) -> list[sa.Row[Any]]:
     return [*off, *homeless]
 
 
+async def holds_paid_out_of_range(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """Holds that reserve less than none, or more than their amount, of paid credits."""
+    return list(
+        await connection.execute(
+            sa.select(holds.c.id, holds.c.amount, holds.c.paid_amount).where(
+                sa.or_(holds.c.paid_amount < 0, holds.c.paid_amount > holds.c.amount)
+            )
+        )
+    )
+
+
+async def overreserved_parts(connection: AsyncConnection, *, now: datetime) -> list[sa.Row[Any]]:
+    """User balances whose holds active at `now` reserve more of a kind than the balance's part
+    of that kind (the credits a hold reserved are kept from every other move while it lasts).
+    `now` must be no earlier than the read's snapshot: a hold active then was active in it."""
+    reserved = (
+        sa.select(
+            holds.c.user_id,
+            holds.c.asset_symbol,
+            sa.func.sum(holds.c.paid_amount).label("paid"),
+            sa.func.sum(holds.c.amount - holds.c.paid_amount).label("free"),
+        )
+        .where(holds.c.status == "held", holds.c.expires_at > now)
+        .group_by(holds.c.user_id, holds.c.asset_symbol)
+        .subquery()
+    )
+    free_part = balances.c.balance - balances.c.paid
+    return list(
+        await connection.execute(
+            sa.select(
+                balances.c.account_id,
+                balances.c.asset_symbol,
+                balances.c.paid,
+                free_part.label("free"),
+                reserved.c.paid.label("reserved_paid"),
+                reserved.c.free.label("reserved_free"),
+            )
+            .select_from(
+                balances.join(
+                    reserved,
+                    sa.and_(
+                        reserved.c.user_id == balances.c.account_id,
+                        reserved.c.asset_symbol == balances.c.asset_symbol,
+                    ),
+                )
+            )
+            .where(sa.or_(reserved.c.paid > balances.c.paid, reserved.c.free > free_part))
+        )
+    )
+
+
 async def overcaptured_holds(connection: AsyncConnection) -> list[sa.Row[Any]]:
     """Holds captured for more than their amount."""
     return list(
@@ -340,12 +506,14 @@ async def overcaptured_holds(connection: AsyncConnection) -> list[sa.Row[Any]]:
 
 async def captures_without_their_spend(connection: AsyncConnection) -> list[sa.Row[Any]]:
     """Captured holds without exactly one transaction naming them, a spend of the captured
-    amount by the hold's user in the hold's asset."""
+    amount by the hold's user in the hold's asset, of no more of each kind than it reserved."""
     matching = sa.and_(
         transactions.c.type == "spend",
         transactions.c.amount == holds.c.captured_amount,
         transactions.c.user_id == holds.c.user_id,
         transactions.c.asset_symbol == holds.c.asset_symbol,
+        transactions.c.paid_amount <= holds.c.paid_amount,
+        transactions.c.amount - transactions.c.paid_amount <= holds.c.amount - holds.c.paid_amount,
     )
     found = sa.func.count(transactions.c.id)
     matched = sa.func.coalesce(sa.func.sum(sa.case((matching, 1), else_=0)), 0)
@@ -376,22 +544,34 @@ async def captures_of_holds_not_captured(connection: AsyncConnection) -> list[sa
 
 async def refunds_off_originals(connection: AsyncConnection) -> list[sa.Row[Any]]:
     """Transactions refunded for more than their amount (by `refunded_amount` or by the sum of
-    their refunds and reversals), or whose `refunded_amount` is not that sum."""
+    their refunds and reversals), or whose `refunded_amount` is not that sum, or whose refunds
+    did not give back paid credits first: their paid amounts sum to the original's paid amount,
+    or to all they gave back if less."""
     refund = transactions.alias("refund")
     refunds = (
-        sa.select(refund.c.refund_of, sa.func.sum(refund.c.amount).label("refunds"))
+        sa.select(
+            refund.c.refund_of,
+            sa.func.sum(refund.c.amount).label("refunds"),
+            sa.func.sum(refund.c.paid_amount).label("refunds_paid"),
+        )
         .where(refund.c.refund_of.is_not(None))
         .group_by(refund.c.refund_of)
         .subquery()
     )
     total = sa.func.coalesce(refunds.c.refunds, 0)
+    total_paid = sa.func.coalesce(refunds.c.refunds_paid, 0)
+    paid_first = sa.case(
+        (transactions.c.paid_amount < total, transactions.c.paid_amount), else_=total
+    )
     return list(
         await connection.execute(
             sa.select(
                 transactions.c.id,
                 transactions.c.amount,
+                transactions.c.paid_amount,
                 transactions.c.refunded_amount,
                 total.label("refunds"),
+                total_paid.label("refunds_paid"),
             )
             .select_from(transactions.outerjoin(refunds, refunds.c.refund_of == transactions.c.id))
             .where(
@@ -399,6 +579,191 @@ async def refunds_off_originals(connection: AsyncConnection) -> list[sa.Row[Any]
                     transactions.c.refunded_amount > transactions.c.amount,
                     transactions.c.refunded_amount != total,
                     total > transactions.c.amount,
+                    total_paid != paid_first,
+                )
+            )
+        )
+    )
+
+
+async def lots_below_zero(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """Lots that hold less than nothing."""
+    return list(await connection.execute(sa.select(lots).where(lots.c.remaining < 0)))
+
+
+async def lots_off_balances(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """Balance rows whose `expiring` is not the sum of their lots, or (a user's) is more than
+    the balance; and lots of a user and asset without a balance row (`balance` null)."""
+    summed = (
+        sa.select(
+            lots.c.account_id, lots.c.asset_symbol, sa.func.sum(lots.c.remaining).label("lots")
+        )
+        .group_by(lots.c.account_id, lots.c.asset_symbol)
+        .subquery()
+    )
+    total = sa.func.coalesce(summed.c.lots, 0)
+    same_key = sa.and_(
+        summed.c.account_id == balances.c.account_id,
+        summed.c.asset_symbol == balances.c.asset_symbol,
+    )
+    off = await connection.execute(
+        sa.select(
+            balances.c.account_id,
+            balances.c.asset_symbol,
+            balances.c.balance,
+            balances.c.expiring,
+            total.label("lots"),
+        )
+        .select_from(balances.outerjoin(summed, same_key))
+        .where(
+            sa.or_(
+                balances.c.expiring != total,
+                sa.and_(_is_user(balances.c.account_id), balances.c.expiring > balances.c.balance),
+            )
+        )
+    )
+    homeless = await connection.execute(
+        sa.select(
+            summed.c.account_id,
+            summed.c.asset_symbol,
+            sa.null().label("balance"),
+            sa.null().label("expiring"),
+            summed.c.lots,
+        ).where(~sa.exists().where(same_key))
+    )
+    return [*off, *homeless]
+
+
+async def lots_above_their_part(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """Balances whose lots of a kind hold more than the balance's part of that kind."""
+    summed = (
+        sa.select(
+            lots.c.account_id,
+            lots.c.asset_symbol,
+            lots.c.kind,
+            sa.func.sum(lots.c.remaining).label("lots"),
+        )
+        .group_by(lots.c.account_id, lots.c.asset_symbol, lots.c.kind)
+        .subquery()
+    )
+    part = sa.case(
+        (summed.c.kind == Kind.PAID.value, balances.c.paid),
+        else_=balances.c.balance - balances.c.paid,
+    )
+    return list(
+        await connection.execute(
+            sa.select(
+                summed.c.account_id,
+                summed.c.asset_symbol,
+                summed.c.kind,
+                summed.c.lots,
+                part.label("part"),
+            )
+            .select_from(
+                summed.join(
+                    balances,
+                    sa.and_(
+                        balances.c.account_id == summed.c.account_id,
+                        balances.c.asset_symbol == summed.c.asset_symbol,
+                    ),
+                )
+            )
+            .where(summed.c.lots > part)
+        )
+    )
+
+
+def _lot_key(table: sa.FromClause, other: sa.FromClause) -> sa.ColumnElement[bool]:
+    return sa.and_(
+        *(
+            table.c[name] == other.c[name]
+            for name in ("account_id", "asset_symbol", "kind", "expires_at")
+        )
+    )
+
+
+async def lots_off_their_moves(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """Lots whose `remaining` is not the sum of what transactions gave to and took from them,
+    and moves of a lot that does not exist (`remaining` null)."""
+    moved = (
+        sa.select(
+            lot_moves.c.account_id,
+            lot_moves.c.asset_symbol,
+            lot_moves.c.kind,
+            lot_moves.c.expires_at,
+            sa.func.sum(lot_moves.c.amount).label("moved"),
+        )
+        .group_by(
+            lot_moves.c.account_id,
+            lot_moves.c.asset_symbol,
+            lot_moves.c.kind,
+            lot_moves.c.expires_at,
+        )
+        .subquery()
+    )
+    total = sa.func.coalesce(moved.c.moved, 0)
+    off = await connection.execute(
+        sa.select(
+            lots.c.account_id,
+            lots.c.asset_symbol,
+            lots.c.kind,
+            lots.c.expires_at,
+            lots.c.remaining,
+            total.label("moved"),
+        )
+        .select_from(lots.outerjoin(moved, _lot_key(moved, lots)))
+        .where(lots.c.remaining != total)
+    )
+    homeless = await connection.execute(
+        sa.select(
+            moved.c.account_id,
+            moved.c.asset_symbol,
+            moved.c.kind,
+            moved.c.expires_at,
+            sa.null().label("remaining"),
+            moved.c.moved,
+        ).where(~sa.exists().where(_lot_key(moved, lots)))
+    )
+    return [*off, *homeless]
+
+
+async def expiries_off_lots(connection: AsyncConnection) -> list[sa.Row[Any]]:
+    """Expiry transactions that do not match the lots they ended: each of their lot moves takes
+    from a lot of their user that expired at or before them, and per kind the moves take what
+    they moved of that kind. `strays` counts the moves that break the first rule."""
+    taken_of = {
+        kind: sa.func.coalesce(
+            sa.func.sum(sa.case((lot_moves.c.kind == kind.value, -lot_moves.c.amount), else_=0)),
+            0,
+        )
+        for kind in Kind
+    }
+    stray = sa.or_(
+        lot_moves.c.account_id != transactions.c.user_id,
+        lot_moves.c.amount >= 0,
+        lot_moves.c.expires_at > transactions.c.created_at,
+    )
+    strays = sa.func.coalesce(sa.func.sum(sa.case((stray, 1), else_=0)), 0)
+    return list(
+        await connection.execute(
+            sa.select(
+                transactions.c.id,
+                transactions.c.amount,
+                transactions.c.paid_amount,
+                taken_of[Kind.PAID].label("paid_taken"),
+                taken_of[Kind.FREE].label("free_taken"),
+                strays.label("strays"),
+            )
+            .select_from(
+                transactions.outerjoin(lot_moves, lot_moves.c.transaction_id == transactions.c.id)
+            )
+            .where(transactions.c.type == Flow.EXPIRY.value)
+            .group_by(transactions.c.id, transactions.c.amount, transactions.c.paid_amount)
+            .having(
+                sa.or_(
+                    strays != 0,
+                    taken_of[Kind.PAID] != transactions.c.paid_amount,
+                    taken_of[Kind.FREE] != transactions.c.amount - transactions.c.paid_amount,
                 )
             )
         )

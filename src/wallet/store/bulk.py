@@ -24,7 +24,15 @@ LEDGER_TABLES = ", ".join(
     t.name for t in (accounts, balances, idempotency_keys, transactions, entries)
 )
 ACCOUNT_COLUMNS = ("id", "is_system", "email", "name", "created_at")
-BALANCE_COLUMNS = ("account_id", "asset_symbol", "balance", "chain_hash", "entry_count")
+BALANCE_COLUMNS = (
+    "account_id",
+    "asset_symbol",
+    "balance",
+    "paid",
+    "expiring",
+    "chain_hash",
+    "entry_count",
+)
 KEY_COLUMNS = ("key",)
 TRANSACTION_COLUMNS = (
     "id",
@@ -36,6 +44,7 @@ TRANSACTION_COLUMNS = (
     "idempotency_key",
     "request_fingerprint",
     "created_at",
+    "paid_amount",
 )
 ENTRY_COLUMNS = (
     "id",
@@ -47,6 +56,8 @@ ENTRY_COLUMNS = (
     "balance_after",
     "created_at",
     "chain_hash",
+    "kind",
+    "paid_after",
 )
 TABLE_SIZE = sa.text(
     "SELECT reltuples::bigint, pg_size_pretty(pg_total_relation_size(oid)) FROM pg_class "
@@ -61,6 +72,17 @@ class Chunk:
     keys: list[Row]
     transactions: list[Row]
     entries: list[Row]
+
+
+@dataclass(frozen=True, slots=True)
+class BalanceHead:
+    """What a balance row records of its chain: the balance and its paid part after the newest
+    entry, that entry's link, and how many entries the chain has."""
+
+    balance: int
+    paid: int
+    link: str
+    entries: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,20 +116,21 @@ async def lock_ledger(connection: AsyncConnection) -> None:
 
 async def balances_of_accounts(
     connection: AsyncConnection, account_ids: Sequence[str]
-) -> dict[tuple[str, str], tuple[int, str, int]]:
-    """The stored balance, newest chain link and chain length of each (account, asset) of these
-    accounts."""
+) -> dict[tuple[str, str], BalanceHead]:
+    """The stored head of each (account, asset) of these accounts."""
     rows = await connection.execute(
         sa.select(
             balances.c.account_id,
             balances.c.asset_symbol,
             balances.c.balance,
+            balances.c.paid,
             balances.c.chain_hash,
             balances.c.entry_count,
         ).where(balances.c.account_id.in_(account_ids))
     )
     return {
-        (account, asset): (balance, link, count) for account, asset, balance, link, count in rows
+        (account, asset): BalanceHead(balance, paid, link, count)
+        for account, asset, balance, paid, link, count in rows
     }
 
 
@@ -140,9 +163,9 @@ async def copy_balances(connection: AsyncConnection, rows: Sequence[Row]) -> Non
 
 
 async def upsert_balances(
-    connection: AsyncConnection, new_balances: Mapping[tuple[str, str], tuple[int, str, int]]
+    connection: AsyncConnection, new_balances: Mapping[tuple[str, str], BalanceHead]
 ) -> None:
-    """Set the balance, newest chain link and chain length of each (account, asset), creating
+    """Set the head of each (account, asset) of system accounts (they hold no lots), creating
     missing rows."""
     if not new_balances:
         return
@@ -152,6 +175,7 @@ async def upsert_balances(
             index_elements=[balances.c.account_id, balances.c.asset_symbol],
             set_={
                 "balance": insert.excluded.balance,
+                "paid": insert.excluded.paid,
                 "chain_hash": insert.excluded.chain_hash,
                 "entry_count": insert.excluded.entry_count,
             },
@@ -160,11 +184,12 @@ async def upsert_balances(
             {
                 "account_id": account,
                 "asset_symbol": asset,
-                "balance": balance,
-                "chain_hash": link,
-                "entry_count": count,
+                "balance": head.balance,
+                "paid": head.paid,
+                "chain_hash": head.link,
+                "entry_count": head.entries,
             }
-            for (account, asset), (balance, link, count) in new_balances.items()
+            for (account, asset), head in new_balances.items()
         ],
     )
 

@@ -18,12 +18,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from wallet.domain.errors import REFUSALS, Refusal
 from wallet.domain.ledger import (
     AccountId,
+    Asset,
     BalanceKey,
     Entry,
     Flow,
     Hold,
     HoldStatus,
+    Kind,
+    LotKey,
+    LotMove,
+    Portion,
     Posted,
+    SpendOrder,
     Transaction,
     TransactionId,
     UserId,
@@ -35,6 +41,8 @@ from wallet.store.tables import (
     entries,
     holds,
     idempotency_keys,
+    lot_moves,
+    lots,
     transactions,
 )
 
@@ -45,6 +53,8 @@ class LockedBalance:
     chain_hash: str  # the newest link of the chain
     entry_count: int  # the entries of the chain
     held: int  # the sum of the holds in status held, expired or not
+    paid: int  # the paid part of the balance
+    expiring: int  # what its lots hold
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +62,7 @@ class Lookup:
     """What a batch found before taking any lock."""
 
     users: set[str]
-    assets: set[str]
+    assets: dict[str, Asset]
     claimed: set[str]  # keys this transaction now holds
     balance_rows: set[BalanceKey]  # balance rows that already exist
 
@@ -74,13 +84,17 @@ WITH claimed AS (
     ON CONFLICT DO NOTHING
     RETURNING key
 )
-SELECT 'claimed' AS kind, key AS id, NULL AS asset FROM claimed
+SELECT 'claimed' AS kind, key AS id, NULL AS asset, CAST(NULL AS integer) AS free_days,
+    CAST(NULL AS integer) AS paid_days
+FROM claimed
 UNION ALL
-SELECT 'user', id, NULL FROM accounts WHERE id = ANY(CAST(:users AS text[])) AND NOT is_system
+SELECT 'user', id, NULL, NULL, NULL FROM accounts
+WHERE id = ANY(CAST(:users AS text[])) AND NOT is_system
 UNION ALL
-SELECT 'asset', symbol, NULL FROM assets WHERE symbol = ANY(CAST(:assets AS text[]))
+SELECT 'asset', symbol, spend_order, free_lifetime_days, paid_lifetime_days FROM assets
+WHERE symbol = ANY(CAST(:assets AS text[]))
 UNION ALL
-SELECT 'balance', account_id, asset_symbol FROM balances
+SELECT 'balance', account_id, asset_symbol, NULL, NULL FROM balances
 WHERE (account_id, asset_symbol) IN (
     SELECT * FROM unnest(CAST(:accounts AS text[]), CAST(:symbols AS text[]))
 )""")
@@ -112,20 +126,25 @@ async def look_up_and_claim(
                 "symbols": [symbol for _, symbol in wanted_rows],
             },
         )
-        found: dict[str, set[Any]] = {"claimed": set(), "user": set(), "asset": set()}
+        found: dict[str, set[Any]] = {"claimed": set(), "user": set()}
+        found_assets: dict[str, Asset] = {}
         balance_rows: set[BalanceKey] = set()
-        for kind, found_id, asset in rows:
+        for kind, found_id, asset, free_days, paid_days in rows:
             if kind == "balance":
                 balance_rows.add((AccountId(found_id), asset))
+            elif kind == "asset":
+                found_assets[found_id] = Asset(
+                    found_id, "", "", SpendOrder(asset), free_days, paid_days
+                )
             else:
                 found[kind].add(found_id)
-        return Lookup(found["user"], found["asset"], found["claimed"], balance_rows)
+        return Lookup(found["user"], found_assets, found["claimed"], balance_rows)
 
     users = await connection.execute(
         sa.select(accounts.c.id).where(accounts.c.id.in_(set(user_ids)), ~accounts.c.is_system)
     )
-    found_assets = await connection.execute(
-        sa.select(assets.c.symbol).where(assets.c.symbol.in_(set(symbols)))
+    asset_rows = await connection.execute(
+        sa.select(assets).where(assets.c.symbol.in_(set(symbols)))
     )
     claimed: set[str] = set()
     if ordered_keys:
@@ -144,20 +163,31 @@ async def look_up_and_claim(
     )
     return Lookup(
         set(users.scalars()),
-        set(found_assets.scalars()),
+        {row.symbol: to_asset(row) for row in asset_rows},
         claimed,
         {(AccountId(a), s) for a, s in existing},
     )
 
 
+@dataclass(frozen=True, slots=True)
+class References:
+    """The holds and transactions that captures, releases and refunds name, and what each
+    named transaction took from its user's lots (a refund gives that back)."""
+
+    holds: dict[str, Hold]
+    transactions: dict[str, Transaction]
+    lots_taken: dict[TransactionId, list[Portion]]
+
+
 async def find_references(
     connection: AsyncConnection, *, hold_ids: Iterable[str], transaction_ids: Iterable[str]
-) -> tuple[dict[str, Hold], dict[str, Transaction]]:
-    """The holds and transactions that captures, releases and refunds name. What is read here
-    before any lock (who, which asset, how much) never changes; their state is read again
-    under the lock (`read_under_lock`)."""
+) -> References:
+    """What captures, releases and refunds name. What is read here before any lock (who, which
+    asset, how much, what it took) never changes; their state is read again under the lock
+    (`read_under_lock`)."""
     found_holds: dict[str, Hold] = {}
     found_transactions: dict[str, Transaction] = {}
+    taken: dict[TransactionId, list[Portion]] = {}
     if hold_ids := set(hold_ids):
         rows = await connection.execute(sa.select(holds).where(holds.c.id.in_(hold_ids)))
         found_holds = {row.id: to_hold(row) for row in rows}
@@ -166,7 +196,20 @@ async def find_references(
             sa.select(transactions).where(transactions.c.id.in_(transaction_ids))
         )
         found_transactions = {row.id: to_transaction(row) for row in rows}
-    return found_holds, found_transactions
+        moves = await connection.execute(
+            sa.select(lot_moves)
+            .join(transactions, transactions.c.id == lot_moves.c.transaction_id)
+            .where(
+                lot_moves.c.transaction_id.in_(transaction_ids),
+                lot_moves.c.account_id == transactions.c.user_id,
+                lot_moves.c.amount < 0,
+            )
+        )
+        for move in moves:
+            taken.setdefault(TransactionId(move.transaction_id), []).append(
+                Portion(Kind(move.kind), as_utc(move.expires_at), -move.amount)
+            )
+    return References(found_holds, found_transactions, taken)
 
 
 async def stored_requests(
@@ -242,7 +285,8 @@ async def create_balances(connection: AsyncConnection, keys: Iterable[BalanceKey
 
 
 LOCK_BALANCES = sa.text("""
-SELECT account_id, asset_symbol, balance, chain_hash, entry_count, held FROM balances
+SELECT account_id, asset_symbol, balance, chain_hash, entry_count, held, paid, expiring
+FROM balances
 WHERE (account_id, asset_symbol) IN (
     SELECT * FROM unnest(CAST(:accounts AS text[]), CAST(:symbols AS text[]))
 )
@@ -274,31 +318,46 @@ async def lock_balances(
                 balances.c.chain_hash,
                 balances.c.entry_count,
                 balances.c.held,
+                balances.c.paid,
+                balances.c.expiring,
             ).where(sa.tuple_(balances.c.account_id, balances.c.asset_symbol).in_(ordered))
         )
-    return {
-        (AccountId(account), symbol): LockedBalance(balance, chain_hash, entry_count, held)
-        for account, symbol, balance, chain_hash, entry_count, held in rows
-    }
+    return {(AccountId(row[0]), row[1]): LockedBalance(*row[2:]) for row in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class UnderLock:
+    """What holds, lots and refunds change, as the locks found it."""
+
+    active_held: dict[BalanceKey, dict[Kind, int]]  # per balance: what holds counting now reserve
+    holds: dict[str, Hold]  # the named holds
+    lots: dict[BalanceKey, dict[LotKey, int]]  # the lots of balances that have any
+    refunded: dict[TransactionId, int]  # per named original: refunded so far
 
 
 async def read_under_lock(
     connection: AsyncConnection,
     *,
     held_keys: Iterable[BalanceKey],
+    lot_keys: Iterable[BalanceKey],
     hold_ids: Iterable[str],
     originals: Iterable[str],
     now: datetime,
-) -> tuple[dict[BalanceKey, int], dict[str, Hold], dict[TransactionId, int]]:
-    """What holds and refunds change, read after the balance rows that guard it are locked, so
-    a new statement sees what every earlier holder of those locks committed: the holds that
-    count now per balance, the named holds, and what the named originals have had refunded."""
-    active_held: dict[BalanceKey, int] = {}
+) -> UnderLock:
+    """What holds, lots and refunds change, read after the balance rows that guard it are
+    locked, so a new statement sees what every earlier holder of those locks committed."""
+    active_held: dict[BalanceKey, dict[Kind, int]] = {}
     found_holds: dict[str, Hold] = {}
+    found_lots: dict[BalanceKey, dict[LotKey, int]] = {}
     refunded: dict[TransactionId, int] = {}
     if held_keys := sorted(set(held_keys)):
         rows = await connection.execute(
-            sa.select(holds.c.user_id, holds.c.asset_symbol, sa.func.sum(holds.c.amount))
+            sa.select(
+                holds.c.user_id,
+                holds.c.asset_symbol,
+                sa.func.sum(holds.c.amount),
+                sa.func.sum(holds.c.paid_amount),
+            )
             .where(
                 holds.c.status == HoldStatus.HELD.value,
                 holds.c.expires_at > now,
@@ -306,7 +365,20 @@ async def read_under_lock(
             )
             .group_by(holds.c.user_id, holds.c.asset_symbol)
         )
-        active_held = {(AccountId(user), asset): int(total) for user, asset, total in rows}
+        active_held = {
+            (AccountId(user), asset): {Kind.PAID: int(paid), Kind.FREE: int(total) - int(paid)}
+            for user, asset, total, paid in rows
+        }
+    if lot_keys := sorted(set(lot_keys)):
+        rows = await connection.execute(
+            sa.select(lots).where(
+                lots.c.remaining > 0,
+                sa.tuple_(lots.c.account_id, lots.c.asset_symbol).in_(lot_keys),
+            )
+        )
+        for row in rows:
+            key = (AccountId(row.account_id), row.asset_symbol)
+            found_lots.setdefault(key, {})[(Kind(row.kind), as_utc(row.expires_at))] = row.remaining
     if hold_ids := set(hold_ids):
         rows = await connection.execute(sa.select(holds).where(holds.c.id.in_(hold_ids)))
         found_holds = {row.id: to_hold(row) for row in rows}
@@ -317,18 +389,19 @@ async def read_under_lock(
             )
         )
         refunded = {TransactionId(row.id): row.refunded_amount for row in rows}
-    return active_held, found_holds, refunded
+    return UnderLock(active_held, found_holds, found_lots, refunded)
 
 
 WRITE_POSTINGS = sa.text("""
 WITH moved AS (
     UPDATE balances AS b
     SET balance = v.balance, chain_hash = v.chain_hash, entry_count = v.entry_count,
-        held = v.held
+        held = v.held, paid = v.paid, expiring = v.expiring
     FROM unnest(
         CAST(:b_accounts AS text[]), CAST(:b_symbols AS text[]), CAST(:b_balances AS bigint[]),
-        CAST(:b_links AS text[]), CAST(:b_counts AS bigint[]), CAST(:b_held AS bigint[])
-    ) AS v(account_id, asset_symbol, balance, chain_hash, entry_count, held)
+        CAST(:b_links AS text[]), CAST(:b_counts AS bigint[]), CAST(:b_held AS bigint[]),
+        CAST(:b_paid AS bigint[]), CAST(:b_expiring AS bigint[])
+    ) AS v(account_id, asset_symbol, balance, chain_hash, entry_count, held, paid, expiring)
     WHERE b.account_id = v.account_id AND b.asset_symbol = v.asset_symbol
 ), released AS (
     DELETE FROM idempotency_keys WHERE key = ANY(CAST(:released AS text[]))
@@ -344,37 +417,53 @@ WITH moved AS (
     INSERT INTO transactions (
         id, type, user_id, asset_symbol, amount, balance_after, idempotency_key,
         request_fingerprint, note, metadata, created_at, created_by, to_user_id, hold_id,
-        refund_of
+        refund_of, paid_amount
     )
     SELECT t.id, t.type, t.user_id, t.asset_symbol, t.amount, t.balance_after, t.key,
         t.fingerprint, t.note, CAST(t.metadata AS json), :created_at, t.created_by,
-        t.to_user_id, t.hold_id, t.refund_of
+        t.to_user_id, t.hold_id, t.refund_of, t.paid_amount
     FROM unnest(
         CAST(:t_ids AS text[]), CAST(:t_types AS text[]), CAST(:t_users AS text[]),
         CAST(:t_symbols AS text[]), CAST(:t_amounts AS bigint[]),
         CAST(:t_balances AS bigint[]), CAST(:t_keys AS text[]),
         CAST(:t_fingerprints AS text[]), CAST(:t_notes AS text[]), CAST(:t_metadata AS text[]),
         CAST(:t_created_by AS text[]), CAST(:t_to_users AS text[]), CAST(:t_holds AS text[]),
-        CAST(:t_refund_of AS text[])
+        CAST(:t_refund_of AS text[]), CAST(:t_paid AS bigint[])
     ) WITH ORDINALITY AS t(
         id, type, user_id, asset_symbol, amount, balance_after, key, fingerprint, note,
-        metadata, created_by, to_user_id, hold_id, refund_of, position
+        metadata, created_by, to_user_id, hold_id, refund_of, paid_amount, position
     )
     ORDER BY t.position
+), lots_after AS (
+    INSERT INTO lots (account_id, asset_symbol, kind, expires_at, remaining)
+    SELECT * FROM unnest(
+        CAST(:l_accounts AS text[]), CAST(:l_symbols AS text[]), CAST(:l_kinds AS text[]),
+        CAST(:l_expires AS timestamptz[]), CAST(:l_remaining AS bigint[])
+    )
+    ON CONFLICT (account_id, asset_symbol, kind, expires_at)
+    DO UPDATE SET remaining = EXCLUDED.remaining
+), moved_lots AS (
+    INSERT INTO lot_moves (transaction_id, account_id, asset_symbol, kind, expires_at, amount)
+    SELECT * FROM unnest(
+        CAST(:m_transactions AS text[]), CAST(:m_accounts AS text[]),
+        CAST(:m_symbols AS text[]), CAST(:m_kinds AS text[]),
+        CAST(:m_expires AS timestamptz[]), CAST(:m_amounts AS bigint[])
+    )
 )
 INSERT INTO entries (
     id, transaction_id, account_id, asset_symbol, direction, amount, balance_after, created_at,
-    chain_hash
+    chain_hash, kind, paid_after
 )
 SELECT e.id, e.transaction_id, e.account_id, e.asset_symbol, e.direction, e.amount,
-    e.balance_after, :created_at, e.chain_hash
+    e.balance_after, :created_at, e.chain_hash, e.kind, e.paid_after
 FROM unnest(
     CAST(:e_ids AS text[]), CAST(:e_transactions AS text[]), CAST(:e_accounts AS text[]),
     CAST(:e_symbols AS text[]), CAST(:e_directions AS text[]), CAST(:e_amounts AS bigint[]),
-    CAST(:e_balances AS bigint[]), CAST(:e_links AS text[])
+    CAST(:e_balances AS bigint[]), CAST(:e_links AS text[]), CAST(:e_kinds AS text[]),
+    CAST(:e_paid AS bigint[])
 ) WITH ORDINALITY AS e(
     id, transaction_id, account_id, asset_symbol, direction, amount, balance_after, chain_hash,
-    position
+    kind, paid_after, position
 )
 ORDER BY e.position""")
 
@@ -387,12 +476,15 @@ async def write_postings(
     posted_entries: Sequence[Entry],
     refused: Mapping[str, tuple[str, Refusal]],
     released: Iterable[str],
+    lots_after: Mapping[tuple[BalanceKey, LotKey], int],
+    moved_lots: Sequence[LotMove],
     created_at: datetime,
 ) -> None:
     """Write each changed balance (with its chain's newest link, length and held sum) once,
     insert the transactions (with their request fingerprints) and entries in application order,
-    so their `seq` follows it, keep each refusal under its key, and forget the claims of commands
-    that failed otherwise: such a request records nothing."""
+    so their `seq` follows it, keep each refusal under its key, forget the claims of commands that
+    failed otherwise (such a request records nothing), and write what lots hold now and what each
+    transaction took from or gave to them."""
     released = sorted(set(released))
     if not (changed or posted or refused or released):
         return
@@ -406,6 +498,8 @@ async def write_postings(
                 "b_links": [row.chain_hash for row in changed.values()],
                 "b_counts": [row.entry_count for row in changed.values()],
                 "b_held": [row.held for row in changed.values()],
+                "b_paid": [row.paid for row in changed.values()],
+                "b_expiring": [row.expiring for row in changed.values()],
                 "released": released,
                 "r_keys": list(refused),
                 "r_fingerprints": [fingerprint for fingerprint, _ in refused.values()],
@@ -428,6 +522,18 @@ async def write_postings(
                 "t_to_users": [t.to_user_id for _, t in posted],
                 "t_holds": [t.hold_id for _, t in posted],
                 "t_refund_of": [t.refund_of for _, t in posted],
+                "t_paid": [t.paid_amount for _, t in posted],
+                "l_accounts": [account for (account, _), _ in lots_after],
+                "l_symbols": [asset for (_, asset), _ in lots_after],
+                "l_kinds": [kind.value for _, (kind, _) in lots_after],
+                "l_expires": [expires_at for _, (_, expires_at) in lots_after],
+                "l_remaining": list(lots_after.values()),
+                "m_transactions": [m.transaction_id for m in moved_lots],
+                "m_accounts": [m.account_id for m in moved_lots],
+                "m_symbols": [m.asset_symbol for m in moved_lots],
+                "m_kinds": [m.kind.value for m in moved_lots],
+                "m_expires": [m.expires_at for m in moved_lots],
+                "m_amounts": [m.amount for m in moved_lots],
                 "e_ids": [e.id for e in posted_entries],
                 "e_transactions": [e.transaction_id for e in posted_entries],
                 "e_accounts": [e.account_id for e in posted_entries],
@@ -436,6 +542,8 @@ async def write_postings(
                 "e_amounts": [e.amount for e in posted_entries],
                 "e_balances": [e.balance_after for e in posted_entries],
                 "e_links": [e.chain_hash for e in posted_entries],
+                "e_kinds": [e.kind.value for e in posted_entries],
+                "e_paid": [e.paid_after for e in posted_entries],
             },
         )
         return
@@ -451,6 +559,8 @@ async def write_postings(
                 chain_hash=sa.bindparam("new_link"),
                 entry_count=sa.bindparam("new_count"),
                 held=sa.bindparam("new_held"),
+                paid=sa.bindparam("new_paid"),
+                expiring=sa.bindparam("new_expiring"),
             ),
             [
                 {
@@ -460,6 +570,8 @@ async def write_postings(
                     "new_link": row.chain_hash,
                     "new_count": row.entry_count,
                     "new_held": row.held,
+                    "new_paid": row.paid,
+                    "new_expiring": row.expiring,
                 }
                 for (account, asset), row in changed.items()
             ],
@@ -507,6 +619,7 @@ async def write_postings(
                     "to_user_id": t.to_user_id,
                     "hold_id": t.hold_id,
                     "refund_of": t.refund_of,
+                    "paid_amount": t.paid_amount,
                 }
                 for fingerprint, t in posted
             ],
@@ -524,8 +637,44 @@ async def write_postings(
                     "balance_after": e.balance_after,
                     "created_at": created_at,
                     "chain_hash": e.chain_hash,
+                    "kind": e.kind.value,
+                    "paid_after": e.paid_after,
                 }
                 for e in posted_entries
+            ],
+        )
+    if lots_after:
+        upsert = insert_on_conflict(connection, lots).values(
+            [
+                {
+                    "account_id": account,
+                    "asset_symbol": asset,
+                    "kind": kind.value,
+                    "expires_at": expires_at,
+                    "remaining": remaining,
+                }
+                for ((account, asset), (kind, expires_at)), remaining in lots_after.items()
+            ]
+        )
+        await connection.execute(
+            upsert.on_conflict_do_update(
+                index_elements=["account_id", "asset_symbol", "kind", "expires_at"],
+                set_={"remaining": upsert.excluded.remaining},
+            )
+        )
+    if moved_lots:
+        await connection.execute(
+            sa.insert(lot_moves),
+            [
+                {
+                    "transaction_id": m.transaction_id,
+                    "account_id": m.account_id,
+                    "asset_symbol": m.asset_symbol,
+                    "kind": m.kind.value,
+                    "expires_at": m.expires_at,
+                    "amount": m.amount,
+                }
+                for m in moved_lots
             ],
         )
 
@@ -556,6 +705,7 @@ async def write_holds(
                     "created_by": h.created_by,
                     "idempotency_key": h.idempotency_key,
                     "request_fingerprint": fingerprint,
+                    "paid_amount": h.paid_amount,
                 }
                 for fingerprint, h in created
             ],
@@ -594,6 +744,29 @@ async def due_holds(connection: AsyncConnection, *, now: datetime, limit: int) -
         .limit(limit)
     )
     return [to_hold(row) for row in rows]
+
+
+async def due_lots(connection: AsyncConnection, *, now: datetime, limit: int) -> list[BalanceKey]:
+    """Up to `limit` balances with credits past their expiry, soonest expired first; a balance
+    with an active hold is left until the hold ends (it may keep some of those credits)."""
+    active_hold = (
+        sa.select(holds.c.id)
+        .where(
+            holds.c.user_id == lots.c.account_id,
+            holds.c.asset_symbol == lots.c.asset_symbol,
+            holds.c.status == HoldStatus.HELD.value,
+            holds.c.expires_at > now,
+        )
+        .exists()
+    )
+    rows = await connection.execute(
+        sa.select(lots.c.account_id, lots.c.asset_symbol)
+        .where(lots.c.remaining > 0, lots.c.expires_at <= now, ~active_hold)
+        .group_by(lots.c.account_id, lots.c.asset_symbol)
+        .order_by(sa.func.min(lots.c.expires_at))
+        .limit(limit)
+    )
+    return [(AccountId(account), asset) for account, asset in rows]
 
 
 async def mark_expired(
@@ -663,6 +836,7 @@ def to_transaction(row: sa.Row[Any]) -> Transaction:
         hold_id=row.hold_id,
         refund_of=None if row.refund_of is None else TransactionId(row.refund_of),
         refunded_amount=row.refunded_amount,
+        paid_amount=row.paid_amount,
     )
 
 
@@ -680,6 +854,18 @@ def to_hold(row: Any) -> Hold:
         description=row.description,
         created_by=row.created_by,
         idempotency_key=row.idempotency_key,
+        paid_amount=row.paid_amount,
+    )
+
+
+def to_asset(row: Any) -> Asset:
+    return Asset(
+        row.symbol,
+        row.name,
+        row.description,
+        SpendOrder(row.spend_order),
+        row.free_lifetime_days,
+        row.paid_lifetime_days,
     )
 
 

@@ -18,20 +18,25 @@ from wallet.domain.ledger import (
     Flow,
     Hold,
     HoldStatus,
+    Kind,
     Standing,
+    SystemAccount,
     Transaction,
     TransactionId,
     User,
     UserId,
+    standing,
 )
-from wallet.store.ledger import as_utc, insert_on_conflict, to_hold, to_transaction
+from wallet.store.ledger import as_utc, insert_on_conflict, to_asset, to_hold, to_transaction
 from wallet.store.tables import (
+    RETURNS,
     accounts,
     api_keys,
     assets,
     balances,
     entries,
     holds,
+    lots,
     transactions,
 )
 
@@ -40,7 +45,37 @@ T = TypeVar("T")
 
 async def list_assets(connection: AsyncConnection) -> list[Asset]:
     rows = await connection.execute(sa.select(assets).order_by(assets.c.symbol))
-    return [Asset(r.symbol, r.name, r.description) for r in rows]
+    return [to_asset(row) for row in rows]
+
+
+async def update_asset(
+    connection: AsyncConnection, *, symbol: str, changes: Mapping[str, Any]
+) -> Asset | None:
+    """Set the fields in `changes` (named as Asset's, which are its columns) of an asset, in one
+    statement, so a change of other fields made meanwhile stays; returns the asset as it is
+    now, or None if there is none."""
+    statement: sa.Executable = sa.select(assets).where(assets.c.symbol == symbol)
+    if changes:
+        row_values = _asset_row(replace(Asset(symbol, "", ""), **changes))
+        statement = (
+            sa.update(assets)
+            .where(assets.c.symbol == symbol)
+            .values({name: row_values[name] for name in changes})
+            .returning(assets)
+        )
+    row = (await connection.execute(statement)).first()
+    return None if row is None else to_asset(row)
+
+
+def _asset_row(asset: Asset) -> dict[str, Any]:
+    return {
+        "symbol": asset.symbol,
+        "name": asset.name,
+        "description": asset.description,
+        "spend_order": asset.spend_order.value,
+        "free_lifetime_days": asset.free_lifetime_days,
+        "paid_lifetime_days": asset.paid_lifetime_days,
+    }
 
 
 async def asset_exists(connection: AsyncConnection, symbol: str) -> bool:
@@ -87,14 +122,15 @@ async def insert_system_accounts(
     )
 
 
-async def insert_assets(connection: AsyncConnection, new_assets: Sequence[Asset]) -> None:
-    await connection.execute(
+async def insert_assets(connection: AsyncConnection, new_assets: Sequence[Asset]) -> set[str]:
+    """Insert the assets whose symbols are free; returns the symbols it inserted."""
+    inserted = await connection.scalars(
         insert_on_conflict(connection, assets)
-        .values(
-            [{"symbol": a.symbol, "name": a.name, "description": a.description} for a in new_assets]
-        )
+        .values([_asset_row(asset) for asset in new_assets])
         .on_conflict_do_nothing(index_elements=["symbol"])
+        .returning(assets.c.symbol)
     )
+    return set(inserted)
 
 
 async def list_users(
@@ -107,20 +143,14 @@ async def list_users(
 async def standings(
     connection: AsyncConnection, *, user_id: str, now: datetime, only: str | None = None
 ) -> list[Standing]:
-    """Every asset (or `only` that one) with the user's balance of it and what their holds that
-    count at `now` reserve, zeros where the user never held it."""
-    held = (
-        sa.select(sa.func.coalesce(sa.func.sum(holds.c.amount), 0))
-        .where(
-            holds.c.user_id == user_id,
-            holds.c.asset_symbol == assets.c.symbol,
-            holds.c.status == HoldStatus.HELD.value,
-            holds.c.expires_at > now,
-        )
-        .scalar_subquery()
-    )
+    """Every asset (or `only` that one) with the user's balance of it, its paid part, what their
+    holds that count at `now` reserve, their lots; zeros where the user never held it."""
     query = (
-        sa.select(assets.c.symbol, sa.func.coalesce(balances.c.balance, 0), held)
+        sa.select(
+            assets.c.symbol,
+            sa.func.coalesce(balances.c.balance, 0),
+            sa.func.coalesce(balances.c.paid, 0),
+        )
         .select_from(
             assets.outerjoin(
                 balances,
@@ -131,32 +161,122 @@ async def standings(
         )
         .order_by(assets.c.symbol)
     )
+    held_query = (
+        sa.select(
+            holds.c.asset_symbol, sa.func.sum(holds.c.amount), sa.func.sum(holds.c.paid_amount)
+        )
+        .where(
+            holds.c.user_id == user_id,
+            holds.c.status == HoldStatus.HELD.value,
+            holds.c.expires_at > now,
+        )
+        .group_by(holds.c.asset_symbol)
+    )
+    lots_query = sa.select(lots).where(lots.c.account_id == user_id, lots.c.remaining > 0)
     if only is not None:
         query = query.where(assets.c.symbol == only)
-    rows = await connection.execute(query)
-    return [Standing(symbol, balance, held_now) for symbol, balance, held_now in rows]
+        held_query = held_query.where(holds.c.asset_symbol == only)
+        lots_query = lots_query.where(lots.c.asset_symbol == only)
+    held = {
+        symbol: {Kind.PAID: int(paid), Kind.FREE: int(total) - int(paid)}
+        for symbol, total, paid in await connection.execute(held_query)
+    }
+    found_lots: dict[str, list[tuple[Kind, datetime, int]]] = {}
+    for row in await connection.execute(lots_query):
+        found_lots.setdefault(row.asset_symbol, []).append(
+            (Kind(row.kind), as_utc(row.expires_at), row.remaining)
+        )
+    return [
+        standing(symbol, balance, paid, held.get(symbol, {}), found_lots.get(symbol, []), now)
+        for symbol, balance, paid in await connection.execute(query)
+    ]
 
 
 async def balances_at(
     connection: AsyncConnection, *, user_id: str, at: datetime, only: str | None = None
-) -> list[tuple[str, int]]:
-    """Every asset (or `only` that one) with the user's balance right after their last entry at
-    or before `at`: one index look-up per asset, never a sum over history."""
-    balance_after = (
-        sa.select(entries.c.balance_after)
-        .where(
-            entries.c.account_id == user_id,
-            entries.c.asset_symbol == assets.c.symbol,
-            entries.c.created_at <= at,
+) -> list[tuple[str, int, int]]:
+    """Every asset (or `only` that one) with the user's balance and its paid part right after
+    their last entry at or before `at`: one index look-up per asset, never a sum over history."""
+
+    def newest(column: sa.ColumnElement[int]) -> sa.ScalarSelect[int]:
+        return (
+            sa.select(column)
+            .where(
+                entries.c.account_id == user_id,
+                entries.c.asset_symbol == assets.c.symbol,
+                entries.c.created_at <= at,
+            )
+            .order_by(entries.c.created_at.desc(), entries.c.seq.desc())
+            .limit(1)
+            .scalar_subquery()
         )
-        .order_by(entries.c.created_at.desc(), entries.c.seq.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    query = sa.select(assets.c.symbol, sa.func.coalesce(balance_after, 0)).order_by(assets.c.symbol)
+
+    query = sa.select(
+        assets.c.symbol,
+        sa.func.coalesce(newest(entries.c.balance_after), 0),
+        sa.func.coalesce(newest(entries.c.paid_after), 0),
+    ).order_by(assets.c.symbol)
     if only is not None:
         query = query.where(assets.c.symbol == only)
-    return [(symbol, balance) for symbol, balance in await connection.execute(query)]
+    return [(symbol, balance, paid) for symbol, balance, paid in await connection.execute(query)]
+
+
+async def system_parts_at(
+    connection: AsyncConnection, *, asset_symbol: str, at: datetime
+) -> dict[SystemAccount, tuple[int, int]]:
+    """Each system account's balance of the asset and its paid part right after its last entry
+    at or before `at`: one index look-up per account."""
+    found = {}
+    for account in SystemAccount:
+        row = (
+            await connection.execute(
+                sa.select(entries.c.balance_after, entries.c.paid_after)
+                .where(
+                    entries.c.account_id == account.value,
+                    entries.c.asset_symbol == asset_symbol,
+                    entries.c.created_at <= at,
+                )
+                .order_by(entries.c.created_at.desc(), entries.c.seq.desc())
+                .limit(1)
+            )
+        ).first()
+        found[account] = (0, 0) if row is None else (row.balance_after, row.paid_after)
+    return found
+
+
+# Sums of amounts are taken in two parts, so that no database sum leaves 64 bits (SQLite's
+# sum() fails past them): the high bits and the low ones, put together in Python.
+_LOW_BITS = 1 << 20
+
+
+def _exact_sum(column: sa.ColumnElement[int]) -> list[sa.ColumnElement[Any]]:
+    return [sa.func.sum(column // _LOW_BITS), sa.func.sum(column % _LOW_BITS)]
+
+
+async def returned_between(
+    connection: AsyncConnection, *, asset_symbol: str, after: datetime, until: datetime
+) -> dict[Flow, tuple[int, int]]:
+    """Per type of refund, reversal and expiry, the paid and free credits of the asset they moved
+    after `after` and up to `until`: one range scan of a partial index that holds what it sums."""
+    paid = transactions.c.paid_amount
+    free = transactions.c.amount - transactions.c.paid_amount
+    rows = await connection.execute(
+        sa.select(transactions.c.type, *_exact_sum(paid), *_exact_sum(free))
+        .where(
+            RETURNS,
+            transactions.c.asset_symbol == asset_symbol,
+            transactions.c.created_at > after,
+            transactions.c.created_at <= until,
+        )
+        .group_by(transactions.c.type)
+    )
+    return {
+        Flow(flow): (
+            int(paid_high) * _LOW_BITS + int(paid_low),
+            int(free_high) * _LOW_BITS + int(free_low),
+        )
+        for flow, paid_high, paid_low, free_high, free_low in rows
+    }
 
 
 # A user's transactions are found through their entries, so a transfer is in both users' lists,
@@ -165,6 +285,20 @@ _SEEN_BY_USER = [c for c in transactions.c if c.name not in ("seq", "balance_aft
     entries.c.seq,
     entries.c.balance_after,
 ]
+_later_entry = entries.alias("later_entry")
+# A transaction that moves two kinds has two entries in each account: the later one says the
+# balance after it. A user is on one side of a transaction (debited or credited), so its later
+# entry is the later one of the same direction. (Matching the account instead lets PostgreSQL's
+# generic plan read every entry of the user for each row.)
+_last_entry_of_its_user = ~(
+    sa.select(_later_entry.c.seq)
+    .where(
+        _later_entry.c.transaction_id == entries.c.transaction_id,
+        _later_entry.c.direction == entries.c.direction,
+        _later_entry.c.seq > entries.c.seq,
+    )
+    .exists()
+)
 
 
 async def list_transactions(
@@ -182,7 +316,7 @@ async def list_transactions(
     query = (
         sa.select(*_SEEN_BY_USER)
         .select_from(entries.join(transactions, transactions.c.id == entries.c.transaction_id))
-        .where(entries.c.account_id == user_id)
+        .where(entries.c.account_id == user_id, _last_entry_of_its_user)
     )
     if flow is not None:
         query = query.where(transactions.c.type == flow.value)
@@ -205,7 +339,11 @@ async def find_transaction(
         await connection.execute(
             sa.select(*_SEEN_BY_USER)
             .select_from(entries.join(transactions, transactions.c.id == entries.c.transaction_id))
-            .where(transactions.c.id == transaction_id, entries.c.account_id == user_id)
+            .where(
+                transactions.c.id == transaction_id,
+                entries.c.account_id == user_id,
+                _last_entry_of_its_user,
+            )
         )
     ).first()
     if row is None:
@@ -374,5 +512,7 @@ def to_entry(row: sa.Row[Any]) -> Entry:
         amount=row.amount,
         balance_after=row.balance_after,
         created_at=as_utc(row.created_at),
+        kind=Kind(row.kind),
+        paid_after=row.paid_after,
         chain_hash=row.chain_hash,
     )

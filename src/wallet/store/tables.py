@@ -1,7 +1,9 @@
 """The schema. The database enforces the ledger's invariants too: amounts are positive, user
-balances never negative, each transaction has one debit and one credit entry, keys are unique,
-refunds never exceed what they refund, a hold is captured at most once and for at most its amount.
-Each entry carries its hash-chain link; each balance row, the newest link of its chain."""
+balances (and their paid parts) never negative, each transaction has at most one debit and one
+credit entry per kind, its paid and free amounts add up to its amount, keys are unique, refunds
+never exceed what they refund, a hold is captured at most once and for at most its amount, no lot
+goes below zero. Each entry carries its hash-chain link; each balance row, the newest link of its
+chain."""
 
 import sqlalchemy as sa
 
@@ -22,6 +24,7 @@ Timestamp = sa.DateTime(timezone=True)
 MAX_AMOUNT_SQL = "1000000000000000"
 # 128 for a client's key, and ":99" for the transactions of an atomic batch.
 KEY_LENGTH = 132
+RETURNS = sa.text("type IN ('refund', 'reversal', 'expiry')")
 
 assets = sa.Table(
     "assets",
@@ -29,6 +32,14 @@ assets = sa.Table(
     sa.Column("symbol", sa.String(32), primary_key=True),
     sa.Column("name", sa.String(100), nullable=False),
     sa.Column("description", sa.String(500), nullable=False),
+    sa.Column("spend_order", sa.String(10), nullable=False, server_default="free_first"),
+    sa.Column("free_lifetime_days", sa.Integer()),
+    sa.Column("paid_lifetime_days", sa.Integer()),
+    sa.CheckConstraint("spend_order IN ('free_first', 'paid_first')", name="spend_order"),
+    sa.CheckConstraint(
+        "free_lifetime_days BETWEEN 1 AND 3650 AND paid_lifetime_days BETWEEN 1 AND 3650",
+        name="lifetimes",
+    ),
 )
 
 accounts = sa.Table(
@@ -57,8 +68,16 @@ balances = sa.Table(
     sa.Column("entry_count", sa.BigInteger(), nullable=False, server_default="0"),
     # The sum of the holds in status held, expired or not (reads subtract the expired ones).
     sa.Column("held", sa.BigInteger(), nullable=False, server_default="0"),
+    # The paid part of the balance (the rest is free), and what its lots hold (credits that expire).
+    sa.Column("paid", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("expiring", sa.BigInteger(), nullable=False, server_default="0"),
     sa.CheckConstraint(
         "balance >= 0 OR substr(account_id, 1, 7) = 'system:'", name="user_not_negative"
+    ),
+    sa.CheckConstraint(
+        "(paid BETWEEN 0 AND balance AND expiring BETWEEN 0 AND balance)"
+        " OR (substr(account_id, 1, 7) = 'system:' AND expiring = 0)",
+        name="user_parts_within_balance",
     ),
     sa.CheckConstraint("entry_count >= 0", name="entry_count_not_negative"),
     sa.CheckConstraint("held >= 0", name="held_not_negative"),
@@ -127,8 +146,15 @@ transactions = sa.Table(
     sa.Column("hold_id", sa.String(36), sa.ForeignKey("holds.id"), unique=True),  # a capture's
     sa.Column("refund_of", sa.String(36), sa.ForeignKey("transactions.id")),
     sa.Column("refunded_amount", sa.BigInteger(), nullable=False, server_default="0"),
+    sa.Column("paid_amount", sa.BigInteger(), nullable=False),  # of `amount`; the rest is free
     sa.CheckConstraint(
-        "type IN ('topup', 'bonus', 'spend', 'transfer', 'refund', 'reversal')", name="type"
+        "type IN ('topup', 'bonus', 'spend', 'transfer', 'refund', 'reversal', 'expiry')",
+        name="type",
+    ),
+    sa.CheckConstraint("paid_amount BETWEEN 0 AND amount", name="paid_within_amount"),
+    sa.CheckConstraint(
+        "(type <> 'topup' OR paid_amount = amount) AND (type <> 'bonus' OR paid_amount = 0)",
+        name="issued_kind",
     ),
     sa.CheckConstraint(f"amount BETWEEN 1 AND {MAX_AMOUNT_SQL}", name="amount_range"),
     sa.CheckConstraint("balance_after >= 0", name="user_not_negative"),
@@ -148,6 +174,16 @@ transactions = sa.Table(
     sa.Index("ix_transactions_user_seq", "user_id", "seq"),
     sa.Index("ix_transactions_user_asset_seq", "user_id", "asset_symbol", "seq"),
     sa.Index("ix_transactions_refund_of", "refund_of"),
+    # The liability report's period: what refunds, reversals and expiries (the types no system
+    # account's balance tells apart) moved of an asset between two moments, index only.
+    sa.Index(
+        "ix_transactions_returns_asset_created_at",
+        "asset_symbol",
+        "created_at",
+        postgresql_include=["type", "amount", "paid_amount"],
+        postgresql_where=RETURNS,
+        sqlite_where=RETURNS,
+    ),
 )
 
 holds = sa.Table(
@@ -178,7 +214,9 @@ holds = sa.Table(
         "release_key", sa.String(KEY_LENGTH), sa.ForeignKey("idempotency_keys.key"), unique=True
     ),
     sa.Column("release_fingerprint", sa.String(64)),
+    sa.Column("paid_amount", sa.BigInteger(), nullable=False),  # reserved of paid credits
     sa.CheckConstraint(f"amount BETWEEN 1 AND {MAX_AMOUNT_SQL}", name="amount_range"),
+    sa.CheckConstraint("paid_amount BETWEEN 0 AND amount", name="paid_within_amount"),
     sa.CheckConstraint("status IN ('held', 'captured', 'released', 'expired')", name="status"),
     sa.CheckConstraint("(status = 'held') = (ended_at IS NULL)", name="ended_when_not_held"),
     sa.CheckConstraint(
@@ -223,17 +261,70 @@ entries = sa.Table(
     sa.Column("balance_after", sa.BigInteger(), nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
     sa.Column("chain_hash", sa.String(64), nullable=False),
+    sa.Column("kind", sa.String(4), nullable=False),
+    sa.Column("paid_after", sa.BigInteger(), nullable=False),  # the account's paid part after it
     sa.CheckConstraint("direction IN ('debit', 'credit')", name="direction"),
+    sa.CheckConstraint("kind IN ('paid', 'free')", name="kind"),
+    sa.CheckConstraint(
+        "paid_after BETWEEN 0 AND balance_after OR substr(account_id, 1, 7) = 'system:'",
+        name="user_paid_within_balance",
+    ),
     sa.CheckConstraint(f"amount BETWEEN 1 AND {MAX_AMOUNT_SQL}", name="amount_range"),
     sa.CheckConstraint(
         "balance_after >= 0 OR substr(account_id, 1, 7) = 'system:'", name="user_not_negative"
     ),
-    # One debit and one credit per transaction, no more.
-    sa.UniqueConstraint("transaction_id", "direction"),
+    # One debit and one credit of each kind per transaction, no more.
+    sa.UniqueConstraint("transaction_id", "kind", "direction"),
     sa.Index("ix_entries_account_seq", "account_id", "seq"),
     sa.Index("ix_entries_account_asset_seq", "account_id", "asset_symbol", "seq"),
     # Balance at a time: one look-up of the newest entry at or before it.
     sa.Index(
         "ix_entries_account_asset_created_at", "account_id", "asset_symbol", "created_at", "seq"
     ),
+)
+
+lots = sa.Table(
+    "lots",
+    metadata,
+    # What remains of a user's credits of one asset and kind that expire at one moment.
+    sa.Column("account_id", sa.String(64), sa.ForeignKey("accounts.id"), primary_key=True),
+    sa.Column("asset_symbol", sa.String(32), sa.ForeignKey("assets.symbol"), primary_key=True),
+    sa.Column("kind", sa.String(4), primary_key=True),
+    sa.Column("expires_at", Timestamp, primary_key=True),
+    sa.Column("remaining", sa.BigInteger(), nullable=False),
+    sa.CheckConstraint("kind IN ('paid', 'free')", name="kind"),
+    sa.CheckConstraint("remaining >= 0", name="remaining_not_negative"),
+    sa.CheckConstraint("substr(account_id, 1, 7) <> 'system:'", name="user_not_system"),
+    # The expiry sweeper's: lots past their expiry that still hold credits.
+    sa.Index(
+        "ix_lots_due",
+        "expires_at",
+        postgresql_where=sa.text("remaining > 0"),
+        sqlite_where=sa.text("remaining > 0"),
+    ),
+)
+
+lot_moves = sa.Table(
+    "lot_moves",
+    metadata,
+    # What each transaction took from (negative) or gave to (positive) a lot: a refund gives back
+    # what its spend took, and `wallet verify` checks lots and expiries against these.
+    sa.Column("seq", Sequence, primary_key=True, autoincrement=True),
+    sa.Column("transaction_id", sa.String(36), sa.ForeignKey("transactions.id"), nullable=False),
+    sa.Column("account_id", sa.String(64), sa.ForeignKey("accounts.id"), nullable=False),
+    sa.Column("asset_symbol", sa.String(32), sa.ForeignKey("assets.symbol"), nullable=False),
+    sa.Column("kind", sa.String(4), nullable=False),
+    sa.Column("expires_at", Timestamp, nullable=False),
+    sa.Column("amount", sa.BigInteger(), nullable=False),
+    sa.CheckConstraint("kind IN ('paid', 'free')", name="kind"),
+    sa.CheckConstraint(
+        f"amount <> 0 AND amount BETWEEN -{MAX_AMOUNT_SQL} AND {MAX_AMOUNT_SQL}",
+        name="amount_range",
+    ),
+    sa.ForeignKeyConstraint(
+        ["account_id", "asset_symbol", "kind", "expires_at"],
+        ["lots.account_id", "lots.asset_symbol", "lots.kind", "lots.expires_at"],
+        name="fk_lot_moves_lot_lots",
+    ),
+    sa.Index("ix_lot_moves_transaction_id", "transaction_id"),
 )
