@@ -764,7 +764,7 @@ async def test_the_service_moves_expired_credits_out_by_itself(client: httpx.Asy
 
 @pytest.mark.parametrize(
     ("ending", "captured", "expired"),
-    [("capture", 60, 40), ("release", 0, 100), ("its own expiry", 0, 100)],
+    [("capture", 60, 20), ("release", 0, 80), ("its own expiry", 0, 80)],
 )
 async def test_an_active_hold_keeps_the_credits_it_reserved_from_expiring_until_it_ends(
     clocked: httpx.AsyncClient,
@@ -774,7 +774,8 @@ async def test_an_active_hold_keeps_the_credits_it_reserved_from_expiring_until_
     captured: int,
     expired: int,
 ) -> None:
-    """100 free credits expire in 10 minutes; a hold of 80 (free first) lasts 15."""
+    """100 free credits expire in 10 minutes; a hold of 80 (free first) lasts 15: the 20 it did
+    not reserve expire at once, the rest of the 80 when the hold ends."""
     carol = await new_user(clocked)
     expiry = clock.moment + 10 * MINUTE
     await post_ok(clocked, "bonus", user_id=carol, amount=100, expiresAt=rfc3339(expiry))
@@ -782,8 +783,10 @@ async def test_an_active_hold_keeps_the_credits_it_reserved_from_expiring_until_
     hold = await create_hold(clocked, user_id=carol, amount=80)
     clock.moment = expiry
 
-    kept = await position(clocked, carol, "GOLD_COINS")
+    at_expiry = await position(clocked, carol, "GOLD_COINS")
     swept_while_held = await sweep(database)
+    kept = await position(clocked, carol, "GOLD_COINS")
+    swept_again_while_held = await sweep(database)
     if ending == "capture":
         assert split_of(await capture_ok(clocked, hold["holdId"], amount=60)) == (
             "spend",
@@ -798,19 +801,23 @@ async def test_an_active_hold_keeps_the_credits_it_reserved_from_expiring_until_
         clock.advance(5 * MINUTE)
     ended = await position(clocked, carol, "GOLD_COINS")
 
-    assert kept == shown(50, 100, held=80, expired=20)  # 80 kept, 20 expired
-    assert swept_while_held == 0
-    assert ended == shown(50, 100 - captured, expired=expired)
+    assert at_expiry == shown(50, 100, held=80, expired=20)  # 80 kept, 20 expired
+    assert (swept_while_held, swept_again_while_held) == (1, 0)
+    assert kept == shown(50, 80, held=80)
+    assert ended == shown(50, 80 - captured, expired=expired)
     assert await sweep(database) == 1
-    assert (await splits_of(clocked, carol))[0] == ("expiry", expired, 0, expired)
+    assert [split for split in await splits_of(clocked, carol) if split[0] == "expiry"] == [
+        ("expiry", expired, 0, expired),
+        ("expiry", 20, 0, 20),
+    ]
     assert await position(clocked, carol, "GOLD_COINS") == shown(50, 0)
 
 
 async def test_a_hold_keeps_only_the_kind_it_reserved_from_expiring(
     clocked: httpx.AsyncClient, clock: Clock, database: Database
 ) -> None:
-    """A paid_first hold of 80 of 100 paid keeps no free credits: 50 that expire do, though the
-    sweep leaves the balance alone until the hold ends."""
+    """A paid_first hold of 80 of 100 paid keeps no free credits: 50 that expire go out while
+    the hold lasts."""
     asset, carol = await new_asset(clocked, spendOrder="paid_first"), await new_user(clocked)
     expiry = clock.moment + MINUTE
     await post_ok(clocked, "topup", user_id=carol, asset=asset, amount=100)
@@ -822,13 +829,16 @@ async def test_a_hold_keeps_only_the_kind_it_reserved_from_expiring(
 
     while_held = await position(clocked, carol, asset)
     swept_while_held = await sweep(database)
+    after_sweep = await position(clocked, carol, asset)
+    swept = (await splits_of(clocked, carol))[0]
     capture = await capture_ok(clocked, hold["holdId"])
 
     assert while_held == shown(100, 50, held=80, expired=50)
-    assert swept_while_held == 0
+    assert swept_while_held == 1
+    assert swept == ("expiry", 50, 0, 50)
+    assert after_sweep == shown(100, 0, held=80)
     assert split_of(capture) == ("spend", 80, 80, 0)
-    assert await sweep(database) == 1
-    assert (await splits_of(clocked, carol))[0] == ("expiry", 50, 0, 50)
+    assert await sweep(database) == 0
     assert await position(clocked, carol, asset) == shown(20, 0)
 
 

@@ -6,7 +6,9 @@ entries back, relinks them with version 2, and refuses while lots or expiries ex
 Self-contained on purpose: the ledgers are written as plain rows in 0005's shape (there is no
 0005-era code left to post them), linked by a frozen copy of version 2, and the results are
 checked against hand-computed kinds and a frozen copy of version 3 (docs/LEDGER.md's records,
-through json.dumps), not against the posting engine or `wallet verify`."""
+through json.dumps), not against the posting engine or `wallet verify` (but for one history
+0005 allowed and the service no longer makes, which both must still accept as the upgrade
+recorded it)."""
 
 import hashlib
 import json
@@ -22,6 +24,9 @@ from alembic import command
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection
 
+from wallet.domain.ledger import Flow, Kind
+from wallet.service.audit import verify
+from wallet.service.wallet import Wallet
 from wallet.settings import Settings
 from wallet.store.database import Database, create_engine
 from wallet.store.migrate import alembic_config
@@ -513,7 +518,7 @@ def check_kinded_ledger(ledger: dict[str, Any]) -> None:
         es = by_transaction[tid]
         kinds = [e["kind"] for e in es]
         assert kinds in (["free", "free"], ["paid", "paid"], ["free"] * 2 + ["paid"] * 2) or (
-            t["type"] == "refund" and kinds == ["paid"] * 2 + ["free"] * 2
+            t["type"] in ("refund", "reversal") and kinds == ["paid"] * 2 + ["free"] * 2
         ), (tid, kinds)
         assert [e["direction"] for e in es] == ["debit", "credit"] * (len(es) // 2), tid
         for debit, credit in zip(es[::2], es[1::2], strict=True):
@@ -735,12 +740,12 @@ async def test_the_upgrade_refuses_a_tampered_version_2_ledger(
     assert await on_connection(url, snapshot_0005, schema=False) == before  # nothing rewritten
 
 
-async def test_the_upgrade_refuses_a_history_whose_kinds_it_cannot_tell(
+async def test_a_reversal_of_more_than_its_kind_left_takes_the_rest_of_the_other_kind(
     empty_database_url: str,
 ) -> None:
-    """At 0005 a top-up could be reversed from whatever the user had; once kinds exist a
-    reversal takes back paid credits only, and here they were spent: the replay stops, naming
-    the transaction, rather than invent a history."""
+    """At 0005 a top-up could be reversed from whatever the user had: here 70 of its 100 paid
+    credits were left, and 50 free. The replay takes back the 70 paid, then 30 free, into the
+    treasury; `wallet verify` accepts it, and the liability report counts both as reversed."""
     url = empty_database_url
     history = History()
     history.topup("t1", 1, ALICE, 100)
@@ -749,9 +754,32 @@ async def test_the_upgrade_refuses_a_history_whose_kinds_it_cannot_tell(
     history.refund("t4", 4, "t1", 100)  # 0005 allowed it: 120 were available
     await at_0005(url, history)
 
-    with pytest.raises(RuntimeError, match=r"reversal t4 .* takes back 100 GOLD_COINS of .*paid"):
-        await on_connection(url, step("0006"))
-    assert await on_connection(url, revision) == "0005"
+    assert await on_connection(url, step("0006")) == "0006"
+
+    ledger = await on_connection(url, read_ledger, schema=False)
+    check_kinded_ledger(ledger)
+    assert kinds_by_transaction(ledger)["t4"] == [
+        (ALICE, "debit", "paid", 70, 50, 0),
+        ("system:treasury", "credit", "paid", 70, -30, -30),
+        (ALICE, "debit", "free", 30, 20, 0),
+        ("system:treasury", "credit", "free", 30, 0, -30),
+    ]
+    database = Database(create_engine(Settings(database_url=url)))
+    try:
+        failed = [check.failures for check in await verify(database) if not check.is_clean]
+        report = await Wallet(database).liabilities(
+            asset_symbol="GOLD_COINS", at=None, since=None, until=None
+        )
+    finally:
+        await database.close()
+    assert failed == []
+    assert report.outstanding == {Kind.PAID: 0, Kind.FREE: 20}
+    assert {flow: report.moved[flow] for flow in (Flow.TOPUP, Flow.BONUS, Flow.SPEND)} == {
+        Flow.TOPUP: (100, 0),
+        Flow.BONUS: (0, 50),
+        Flow.SPEND: (30, 0),
+    }
+    assert report.moved[Flow.REVERSAL] == (70, 30)
 
 
 async def test_holds_and_transactions_of_one_moment_replay_as_the_service_allowed_them(

@@ -542,10 +542,10 @@ class Model:
 
     def due_balances(self) -> dict[tuple[str, str], datetime]:
         """The balances the credit sweeper moves expired credits out of, each with its soonest
-        lot past its expiry: those with no active hold."""
+        lot past its expiry of a kind that has credits expired (beyond what holds keep)."""
         due: dict[tuple[str, str], datetime] = {}
-        for (user_id, asset, _, at), left in self.lots.items():
-            if left > 0 and at <= self.now and not self.active_holds(user_id, asset):
+        for (user_id, asset, kind, at), left in self.lots.items():
+            if left > 0 and at <= self.now and self.expired(user_id, asset, kind) > 0:
                 due[(user_id, asset)] = min(at, due.get((user_id, asset), at))
         return due
 
@@ -1833,8 +1833,8 @@ class WalletMachine(RuleBasedStateMachine):
     @rule(limit=st.sampled_from([1, 2, 100]))
     def sweep_expired_credits(self, limit: int) -> None:
         """One pass of the credit sweeper: an expiry transaction for each of the `limit`
-        balances whose credits expired soonest (any of those at one moment, at the cut),
-        skipping balances an active hold may keep some of."""
+        balances whose credits expired soonest (any of those at one moment, at the cut); credits
+        an active hold reserved stay until it ends."""
         self.step()
         due = self.model.due_balances()
         made = self.run(expire_credits(self.database, limit=limit))

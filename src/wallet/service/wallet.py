@@ -168,13 +168,15 @@ class Wallet:
         refunded_paid, refunded_free = returned.get(Flow.REFUND, (0, 0))
         reversed_paid, reversed_free = returned.get(Flow.REVERSAL, (0, 0))
         expired_paid, expired_free = returned.get(Flow.EXPIRY, (0, 0))
-        # The treasury gives top-ups and takes their reversals; the bonus pool gives bonuses and
-        # takes theirs and free expiries; revenue takes spends and paid expiries, gives refunds.
+        # The treasury gives top-ups, the bonus pool bonuses, and they take back reversals (a
+        # reversal stored before 1.3 may have taken both kinds) and, the bonus pool, free
+        # expiries; revenue takes spends and paid expiries and gives refunds.
+        issuers = (SystemAccount.TREASURY, SystemAccount.BONUS_POOL)
         flows = {
-            Flow.TOPUP: (reversed_paid - moved(SystemAccount.TREASURY, Kind.PAID), 0),
+            Flow.TOPUP: (reversed_paid - sum(moved(a, Kind.PAID) for a in issuers), 0),
             Flow.BONUS: (
                 0,
-                reversed_free + expired_free - moved(SystemAccount.BONUS_POOL, Kind.FREE),
+                reversed_free + expired_free - sum(moved(a, Kind.FREE) for a in issuers),
             ),
             Flow.SPEND: (
                 moved(SystemAccount.REVENUE, Kind.PAID) - expired_paid + refunded_paid,

@@ -33,7 +33,7 @@ signed_amount = sa.case(
     (entries.c.direction == "credit", entries.c.amount), else_=-entries.c.amount
 )
 signed_paid_amount = sa.case((entries.c.kind == Kind.PAID.value, signed_amount), else_=0)
-# The one kind a top-up or a bonus gives, and so the one its reversal takes back.
+# The one kind a top-up or a bonus gives.
 ISSUED_KIND = {Flow.TOPUP: Kind.PAID, Flow.BONUS: Kind.FREE}
 
 
@@ -135,15 +135,15 @@ Rule = tuple[sa.ColumnElement[bool], AccountId, AccountId]
 def _account_rules(original: sa.FromClause, kind: Kind) -> list[Rule]:
     """Per type (for a refund or reversal, per type of the original): the condition, and the
     accounts the domain says it debits and credits credits of `kind` between, with _USER and
-    _RECEIVER standing in. A type that never moves `kind` has no rule for it."""
+    _RECEIVER standing in. A type that never moves `kind` has no rule for it. A reversal has one
+    for both kinds: the service's take back the kind their original gave, but one stored before
+    version 1.3 may have taken back the other kind too (docs/LEDGER.md, migration 0006)."""
     rules: list[Rule] = []
     for flow in (Flow.TOPUP, Flow.BONUS, Flow.SPEND, Flow.TRANSFER):
         if ISSUED_KIND.get(flow, kind) is kind:
             debited, credited = flow_accounts(Action(flow.value), UserId(_USER), UserId(_RECEIVER))
             rules.append((transactions.c.type == flow.value, debited, credited))
     for refunded in (Flow.TOPUP, Flow.BONUS, Flow.SPEND):
-        if ISSUED_KIND.get(refunded, kind) is not kind:
-            continue
         stand_in = Transaction(
             id=TransactionId(""),
             flow=refunded,
@@ -544,9 +544,10 @@ async def captures_of_holds_not_captured(connection: AsyncConnection) -> list[sa
 
 async def refunds_off_originals(connection: AsyncConnection) -> list[sa.Row[Any]]:
     """Transactions refunded for more than their amount (by `refunded_amount` or by the sum of
-    their refunds and reversals), or whose `refunded_amount` is not that sum, or whose refunds
-    did not give back paid credits first: their paid amounts sum to the original's paid amount,
-    or to all they gave back if less."""
+    their refunds and reversals), or whose `refunded_amount` is not that sum, or (spends) whose
+    refunds did not give back paid credits first: their paid amounts sum to the original's paid
+    amount, or to all they gave back if less. (A reversal stored before version 1.3 may have
+    taken back more of the other kind than the service's do, so reversals are not held to it.)"""
     refund = transactions.alias("refund")
     refunds = (
         sa.select(
@@ -579,7 +580,7 @@ async def refunds_off_originals(connection: AsyncConnection) -> list[sa.Row[Any]
                     transactions.c.refunded_amount > transactions.c.amount,
                     transactions.c.refunded_amount != total,
                     total > transactions.c.amount,
-                    total_paid != paid_first,
+                    sa.and_(transactions.c.type == Flow.SPEND.value, total_paid != paid_first),
                 )
             )
         )

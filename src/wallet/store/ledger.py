@@ -747,23 +747,46 @@ async def due_holds(connection: AsyncConnection, *, now: datetime, limit: int) -
 
 
 async def due_lots(connection: AsyncConnection, *, now: datetime, limit: int) -> list[BalanceKey]:
-    """Up to `limit` balances with credits past their expiry, soonest expired first; a balance
-    with an active hold is left until the hold ends (it may keep some of those credits)."""
-    active_hold = (
-        sa.select(holds.c.id)
+    """Up to `limit` balances with credits that have expired, soonest expired first: of a kind,
+    those in lots past their expiry beyond what the balance's active holds reserved of that kind
+    (a hold keeps what it reserved until it ends; the rest expire now)."""
+    due = (
+        sa.select(
+            lots.c.account_id,
+            lots.c.asset_symbol,
+            lots.c.kind,
+            sa.func.sum(lots.c.remaining).label("due"),
+            sa.func.min(lots.c.expires_at).label("soonest"),
+        )
+        .where(lots.c.remaining > 0, lots.c.expires_at <= now)
+        .group_by(lots.c.account_id, lots.c.asset_symbol, lots.c.kind)
+        .subquery()
+    )
+    reserved = (
+        sa.select(
+            sa.func.coalesce(
+                sa.func.sum(
+                    sa.case(
+                        (due.c.kind == Kind.PAID.value, holds.c.paid_amount),
+                        else_=holds.c.amount - holds.c.paid_amount,
+                    )
+                ),
+                0,
+            )
+        )
         .where(
-            holds.c.user_id == lots.c.account_id,
-            holds.c.asset_symbol == lots.c.asset_symbol,
+            holds.c.user_id == due.c.account_id,
+            holds.c.asset_symbol == due.c.asset_symbol,
             holds.c.status == HoldStatus.HELD.value,
             holds.c.expires_at > now,
         )
-        .exists()
+        .scalar_subquery()
     )
     rows = await connection.execute(
-        sa.select(lots.c.account_id, lots.c.asset_symbol)
-        .where(lots.c.remaining > 0, lots.c.expires_at <= now, ~active_hold)
-        .group_by(lots.c.account_id, lots.c.asset_symbol)
-        .order_by(sa.func.min(lots.c.expires_at))
+        sa.select(due.c.account_id, due.c.asset_symbol)
+        .where(due.c.due > reserved)
+        .group_by(due.c.account_id, due.c.asset_symbol)
+        .order_by(sa.func.min(due.c.soonest))
         .limit(limit)
     )
     return [(AccountId(account), asset) for account, asset in rows]

@@ -5,7 +5,8 @@ The history already stored gets its kinds by a replay, oldest transaction first 
 the holds made, captured, released and expired in between by time: a top-up gives paid credits, a
 bonus free ones, a spend, transfer or hold takes free first, then paid (the only spend order there
 was), a capture what its hold reserved, a refund gives back paid first what its spend took, a
-reversal takes back the kind its original gave. A transaction that moves both kinds gets four
+reversal takes back the kind its original gave first, then the other (version 1.2 took it from
+the whole balance; the service's reversals take back one kind). A transaction that moves both kinds gets four
 entries where it had two, so the entries are written again, in order, into a scratch table and
 swapped in; the first kind's entries keep the stored ids. Before anything is rewritten each chain's
 stored links are checked with version 2: a chain already broken (an entry edited, deleted or
@@ -568,17 +569,20 @@ class _Replay:
                 return self._take(t, debited_chain)
             case "refund":
                 return self._give_back(t)
+        # Version 1.2 took a reversal from the whole balance: the kind its original gave first,
+        # then, for what the user no longer had of it, the other kind.
         kind = PAID if credited == TREASURY else FREE
-        available = debited_chain.available(kind)
-        if amount > available:
+        other = FREE if kind == PAID else PAID
+        available, other_available = debited_chain.available(kind), debited_chain.available(other)
+        own = min(amount, max(available, 0))
+        if amount - own > other_available:
             raise RuntimeError(
                 f"reversal {t.id} of {t.created_at:%Y-%m-%d %H:%M:%S} takes back {amount} "
-                f"{t.asset_symbol} of {user}'s {kind} credits (what its "
-                f"{'top-up' if kind == PAID else 'bonus'} gave), but the replay finds only "
-                f"{available} {kind} credits available to them then (the rest of what they "
-                f"had was {'free' if kind == PAID else 'paid'}): {UNTOLD}"
+                f"{t.asset_symbol} of {user}, more than the {available} {kind} and "
+                f"{other_available} {other} credits the replay finds available to them then: "
+                f"{UNTOLD}"
             )
-        return [(kind, amount)]
+        return _moved((kind, own), (other, amount - own))
 
     def _take(self, t: Any, chain: _Chain) -> list[tuple[str, int]]:
         """A spend's or transfer's kinds: free first, then paid, of what is available."""
