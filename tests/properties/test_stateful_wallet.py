@@ -1073,19 +1073,21 @@ class Model:
             self.decided[key] = Decision(command, Posted((transaction,), is_replay=False))
 
     def check_expiry(self, transaction: Transaction) -> None:
-        """An expiry the sweeper made: the balance's credits past their expiry (it has no active
-        hold), soonest first, paid then free, up to the largest amount (the next sweep takes
-        the rest), free back to the bonus pool and paid to revenue, under a key of its own."""
+        """An expiry the sweeper made: of each kind, the balance's credits past their expiry
+        less what its active holds reserved of that kind, from the lots soonest first, paid
+        then free, up to the largest amount (the next sweep takes the rest), free back to the
+        bonus pool and paid to revenue, under a key of its own."""
         user_id, asset = transaction.user_id, transaction.asset_symbol
-        assert not self.active_holds(user_id, asset), f"{user_id} {asset} expired under a hold"
         legs = []
         room = MAX_AMOUNT
         for kind in (Kind.PAID, Kind.FREE):
             pieces = []
+            left_to_take = min(self.expired(user_id, asset, kind), room)
+            room -= left_to_take
             for at, left in self.lots_of(user_id, asset, kind):
-                if at <= self.now and room > 0:
-                    pieces.append(Piece(at, min(left, room)))
-                    room -= pieces[-1].amount
+                if at <= self.now and left_to_take > 0:
+                    pieces.append(Piece(at, min(left, left_to_take)))
+                    left_to_take -= pieces[-1].amount
             if pieces:
                 account = REVENUE if kind is Kind.PAID else BONUS_POOL
                 legs.append(ModelLeg(user_id, account, kind, tuple(pieces)))
@@ -1639,7 +1641,7 @@ class WalletMachine(RuleBasedStateMachine):
     def hold_credits_past_their_expiry(self, data: st.DataObject) -> Any:
         """A hold that lasts past the expiry of some of the balance's credits; the clock to
         that expiry: what the hold reserved of each kind stays the hold's (neither available
-        nor expired), and the credit sweeper leaves the balance alone; then the hold is
+        nor expired), and the credit sweeper moves out only the rest; then the hold is
         captured (lots past their expiry first), released or runs out, and what it kept
         expires at once, and is swept."""
         self.step()
