@@ -26,11 +26,13 @@ def record_batches(monkeypatch: pytest.MonkeyPatch, *, poison: str | None = None
     `poison` fails as the database would fail it on a constraint."""
     sizes: list[int] = []
 
-    async def recording_post(database: Database, commands: Sequence[Command]) -> list[Outcome]:
+    async def recording_post(
+        database: Database, commands: Sequence[Command], *, deadline: float | None = None
+    ) -> list[Outcome]:
         sizes.append(len(commands))
         if any(c.idempotency_key == poison for c in commands):
             raise Conflict("refused by a constraint")
-        return await post(database, commands)
+        return await post(database, commands, deadline=deadline)
 
     monkeypatch.setattr(batcher_module, "post", recording_post)
     return sizes
@@ -115,7 +117,9 @@ async def test_when_the_database_is_unavailable_every_caller_of_the_batch_hears_
     ledger_state: ReadState,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async def unavailable(_database: Database, _commands: Sequence[Command]) -> list[Outcome]:
+    async def unavailable(
+        _database: Database, _commands: Sequence[Command], *, deadline: float | None = None
+    ) -> list[Outcome]:
         raise DatabaseUnavailable("the database cannot be reached")
 
     monkeypatch.setattr(batcher_module, "post", unavailable)

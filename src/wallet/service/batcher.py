@@ -3,7 +3,12 @@
 Every flow moves a system account, so one transaction per request makes all requests queue on
 that row's lock and on each commit's flush. The batcher hands the posting engine up to
 `max_size` commands at once, gathered for at most `max_wait_s` after the first one arrives;
-each caller gets its own outcome, and only after the batch has committed."""
+each caller gets its own outcome, and only after the batch has committed.
+
+Every caller is answered: with its outcome, or with DatabaseUnavailable (503) when its batch
+could not finish, the batch cancelled or the batcher's task failed (a failed task starts again
+with the next command). As for any 503, a retry with the same idempotency key gives the
+definite answer."""
 
 import asyncio
 import contextlib
@@ -11,11 +16,15 @@ import contextvars
 import time
 from dataclasses import dataclass
 
+import structlog
+
 from wallet import metrics
 from wallet.domain.errors import DatabaseUnavailable, WalletError
 from wallet.domain.ledger import Command, Posted
-from wallet.service.posting import Outcome, post
+from wallet.service.posting import Outcome, post, retry_deadline
 from wallet.store.database import Database
+
+log = structlog.get_logger()
 
 
 @dataclass(slots=True)
@@ -43,7 +52,7 @@ class Batcher:
         """Queue `command` and wait for its outcome; raises what failed its whole batch."""
         if self._is_closing:
             raise DatabaseUnavailable("the service is shutting down")
-        if self._task is None:
+        if self._task is None or self._task.done():  # first command, or the task failed
             self._task = asyncio.create_task(self._run(), name="wallet-batcher")
         pending = _Pending(
             command, asyncio.get_running_loop().create_future(), contextvars.copy_context()
@@ -61,25 +70,44 @@ class Batcher:
         self._arrived.set()
         self._filled.set()  # no more waiting for a batch to fill
         if self._task is not None:
-            await self._task
+            # Not `await self._task`: cancelling close() (a shutdown that stops waiting) would
+            # cancel the task, and the batch in flight with it.
+            await asyncio.wait([self._task])
 
     async def _run(self) -> None:
-        while self._waiting or not self._is_closing:
-            batch = await self._gather()
-            if batch:
-                # In the context of the request that opened the batch, so its trace holds the
-                # batch's database spans.
-                await asyncio.create_task(self._post(batch), context=batch[0].context)
+        batch: list[_Pending] = []
+        try:
+            while self._waiting or not self._is_closing:
+                batch = await self._gather()
+                if batch:
+                    # In the context of the request that opened the batch, so its trace holds
+                    # the batch's database spans.
+                    await asyncio.create_task(self._post(batch), context=batch[0].context)
+        except Exception:
+            log.exception("the batcher failed; the next command starts it again")
+        finally:
+            # Cancelled or failed, the task leaves no caller waiting: not for its batch, nor in
+            # a queue nobody drains any more.
+            stopped = DatabaseUnavailable(
+                "the request's batch was interrupted; a retry with the same idempotency key "
+                "gives the definite answer"
+            )
+            for pending in [*batch, *self._waiting]:
+                _settle(pending, stopped)
+            self._waiting = []
 
     async def _post(self, batch: list[_Pending]) -> None:
+        """Post `batch` in one transaction. If the database refuses it (a constraint, a defect),
+        post each command alone, in arrival order, so one refused command does not fail the
+        others. The batch and its fallback share one retry deadline: a command that fails with
+        a non-transient error fails at once, transient conflicts are rerun until the deadline
+        the batch started with, and past it each remaining command gets one attempt. So a
+        refused command costs the others RETRY_FOR_S at most in all, not RETRY_FOR_S each."""
         metrics.BATCH_SIZE.observe(len(batch))
         started = time.perf_counter()
+        deadline = retry_deadline()
         try:
-            outcomes = await post(self.database, [p.command for p in batch])
-        except asyncio.CancelledError:
-            for pending in batch:
-                pending.outcome.cancel()
-            raise
+            outcomes = await post(self.database, [p.command for p in batch], deadline=deadline)
         except DatabaseUnavailable as error:  # no command could apply: every caller hears so
             for pending in batch:
                 _settle(pending, error)
@@ -88,17 +116,17 @@ class Batcher:
             if len(batch) == 1:
                 _settle(batch[0], error)
                 return
-            # One command the database refused must not fail the others: post each alone.
             for pending in batch:
-                await self._post_alone(pending)
+                if not pending.outcome.done():  # a caller gone before its turn is not applied
+                    await self._post_alone(pending, deadline)
             return
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         for pending, outcome in zip(batch, outcomes, strict=True):
             _settle(pending, outcome)
 
-    async def _post_alone(self, pending: _Pending) -> None:
+    async def _post_alone(self, pending: _Pending, deadline: float) -> None:
         try:
-            (outcome,) = await post(self.database, [pending.command])
+            (outcome,) = await post(self.database, [pending.command], deadline=deadline)
         except Exception as error:
             _settle(pending, error)
         else:

@@ -88,18 +88,34 @@ REFERS_TO_HOLD = (Action.CAPTURE, Action.RELEASE)
 Legs = list[tuple[AccountId, AccountId, list[Portion]]]  # debited, credited, portions of one kind
 
 
-async def post(database: Database, commands: Sequence[Command]) -> list[Outcome]:
-    """Apply `commands` in arrival order in one transaction; rerun it on a transient conflict."""
-    return await in_write_transaction(database, lambda connection: _apply(connection, commands))
+async def post(
+    database: Database, commands: Sequence[Command], *, deadline: float | None = None
+) -> list[Outcome]:
+    """Apply `commands` in arrival order in one transaction; rerun it on a transient conflict
+    until `deadline` (see `in_write_transaction`)."""
+    return await in_write_transaction(
+        database, lambda connection: _apply(connection, commands), deadline=deadline
+    )
+
+
+def retry_deadline() -> float:
+    """When a transaction first tried now stops being rerun: RETRY_FOR_S on the loop's clock."""
+    return asyncio.get_running_loop().time() + RETRY_FOR_S
 
 
 async def in_write_transaction(
-    database: Database, work: Callable[[AsyncConnection], Awaitable[T]]
+    database: Database,
+    work: Callable[[AsyncConnection], Awaitable[T]],
+    *,
+    deadline: float | None = None,
 ) -> T:
     """Run `work` in a write transaction; rerun it on a transient conflict (a serialization
-    failure or deadlock) until RETRY_FOR_S, then answer that the database is unavailable."""
+    failure or deadlock) until `deadline` (`retry_deadline()` unless given: several
+    transactions may share one), then answer that the database is unavailable. Past the
+    deadline it is tried once."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + RETRY_FOR_S
+    if deadline is None:
+        deadline = retry_deadline()
     attempt = 0
     while True:
         try:
