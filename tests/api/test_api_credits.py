@@ -1354,6 +1354,22 @@ async def test_a_bad_asset_change_is_a_validation_error_and_changes_nothing(
     assert await assets_listed(client) == before
 
 
+async def test_a_null_name_description_or_spend_order_in_a_change_is_refused_as_a_new_asset_is(
+    client: httpx.AsyncClient,
+) -> None:
+    before = await assets_listed(client)
+
+    for field in ("name", "description", "spendOrder"):
+        patched = await client.patch(f"{API}/assets/GOLD_COINS", json={field: None})
+        posted = await client.post(
+            f"{API}/assets", json={"symbol": "NEW_ONE", "name": "New one", field: None}
+        )
+
+        refused = assert_validation_error(patched, field)
+        assert refused["errors"] == assert_validation_error(posted, field)["errors"]
+    assert await assets_listed(client) == before
+
+
 async def test_a_changed_free_lifetime_applies_to_bonuses_granted_afterwards_only(
     clocked: httpx.AsyncClient, clock: Clock, database: Database
 ) -> None:

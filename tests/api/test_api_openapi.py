@@ -447,6 +447,20 @@ async def test_openapi_describes_the_asset_endpoints_and_the_liability_report_as
     assert set(schemas["LiabilityPeriod"]["properties"]) == LIABILITY_PERIOD_FIELDS
 
 
+async def test_openapi_asset_change_admits_null_only_for_the_lifetimes(
+    openapi: dict[str, Any],
+) -> None:
+    def admits_null(schema: dict[str, Any]) -> bool:
+        return schema.get("type") == "null" or any(map(admits_null, schema.get("anyOf", [])))
+
+    properties = openapi["components"]["schemas"]["AssetChange"]["properties"]
+
+    nullable = {name for name, schema in properties.items() if admits_null(schema)}
+    assert nullable == {"freeLifetimeDays", "paidLifetimeDays"}
+    # A field left out is left as it is: no field has a default.
+    assert not [name for name, schema in properties.items() if "default" in schema]
+
+
 def test_every_status_and_error_code_the_contract_names_is_one_the_service_answers() -> None:
     answered = {(status, error.code) for error, status in STATUS_OF.items()}
     named: set[tuple[int, str]] = set()

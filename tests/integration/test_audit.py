@@ -400,3 +400,30 @@ async def test_only_the_hash_chain_catches_an_edit_that_keeps_every_sum_consiste
             ]
         ),
     }
+
+
+async def test_verify_sums_balances_exactly_past_64_bits(
+    database: Database, wallet: Wallet, sql: Sql
+) -> None:
+    """Two users holding the most a balance can (2^63 - 1), one of paid credits and one of
+    free: their balances add up past 64 bits, and the per-asset sums must still be exact (the
+    rows, written without entries, fail only the replay)."""
+    await wallet.create_asset(Asset("HUGE", "Huge", ""))
+    most = 2**63 - 1
+    treasury, bonus_pool = SystemAccount.TREASURY.value, SystemAccount.BONUS_POOL.value
+    rows = [(ALICE, most, most), (BOB, most, 0), (treasury, -most, -most), (bonus_pool, -most, 0)]
+    for account, balance, paid in rows:
+        await sql(
+            "INSERT INTO balances (account_id, asset_symbol, balance, paid)"
+            " VALUES (:account, 'HUGE', :balance, :paid)",
+            account=account,
+            balance=balance,
+            paid=paid,
+        )
+
+    found = await failures(database)
+
+    assert set(found) == {REPLAY}
+    assert found[REPLAY] == sorted(
+        f"{account} HUGE: balance {balance}, ledger 0" for account, balance, _ in rows
+    )

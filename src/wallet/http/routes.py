@@ -285,11 +285,9 @@ async def create_asset(request: Request, body: schemas.NewAsset) -> Any:
 )
 async def change_asset(request: Request, symbol: AssetPath, body: schemas.AssetChange) -> Any:
     """Change the fields given; lifetimes apply to credits granted afterwards."""
-    changes = {_ASSET_FIELDS[name]: getattr(body, name) for name in body.model_fields_set}
-    for required in ("name", "description", "spend_order"):
-        if required in changes and changes[required] is None:
-            name = _FIELD_NAMES[required]
-            raise InvalidRequest(f"{name} cannot be null", field=name)
+    changes = {
+        _ASSET_FIELDS[name]: value for name, value in body.model_dump(exclude_unset=True).items()
+    }
     if "spend_order" in changes:
         changes["spend_order"] = SpendOrder(changes["spend_order"])
     return _asset_body(await _wallet(request).change_asset(symbol=symbol, changes=changes))
@@ -302,7 +300,6 @@ _ASSET_FIELDS = {
     "freeLifetimeDays": "free_lifetime_days",
     "paidLifetimeDays": "paid_lifetime_days",
 }
-_FIELD_NAMES = {field: name for name, field in _ASSET_FIELDS.items()}
 
 
 @router.get(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import (
+    MISSING,
     AfterValidator,
     BaseModel,
     BeforeValidator,
@@ -266,11 +267,11 @@ class NewAsset(Strict):
 class AssetChange(Strict):
     """Only the fields given change; a lifetime of null means none."""
 
-    name: AssetName | None = None
-    description: FreeText | None = None
-    spendOrder: SpendOrderName | None = None
-    freeLifetimeDays: LifetimeDays | None = None
-    paidLifetimeDays: LifetimeDays | None = None
+    name: AssetName | MISSING = MISSING
+    description: FreeText | MISSING = MISSING
+    spendOrder: SpendOrderName | MISSING = MISSING
+    freeLifetimeDays: LifetimeDays | MISSING | None = MISSING
+    paidLifetimeDays: LifetimeDays | MISSING | None = MISSING
 
 
 class AssetOut(BaseModel):

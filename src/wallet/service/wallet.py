@@ -152,8 +152,17 @@ class Wallet:
         async with self.database.transaction(is_write=False, is_snapshot=True) as connection:
             await _require_asset(connection, asset_symbol)
             now = await queries.system_parts_at(connection, asset_symbol=asset_symbol, at=at)
-            start = await queries.system_parts_at(connection, asset_symbol=asset_symbol, at=since)
-            end = await queries.system_parts_at(connection, asset_symbol=asset_symbol, at=until)
+            # Nothing is stored at or before the epoch (the default `from`); `to` defaults to `at`.
+            start = (
+                dict.fromkeys(SystemAccount, (0, 0))
+                if since == EPOCH
+                else await queries.system_parts_at(connection, asset_symbol=asset_symbol, at=since)
+            )
+            end = (
+                now
+                if until == at
+                else await queries.system_parts_at(connection, asset_symbol=asset_symbol, at=until)
+            )
             returned = await queries.returned_between(
                 connection, asset_symbol=asset_symbol, after=since, until=until
             )

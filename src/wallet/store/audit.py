@@ -3,7 +3,7 @@ Sums are compared in SQL, exactly (integers; PostgreSQL's numeric sums), never a
 
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -26,6 +26,7 @@ from wallet.domain.ledger import (
     refund_accounts,
 )
 from wallet.store.ledger import as_utc, to_transaction
+from wallet.store.queries import exact_sum, joined
 from wallet.store.tables import balances, entries, holds, lot_moves, lots, transactions
 
 STREAM_ROWS = 2000  # rows fetched per round trip when streaming: memory stays flat
@@ -41,29 +42,28 @@ def _is_user(account: sa.ColumnElement[str]) -> sa.ColumnElement[bool]:
     return sa.func.substr(account, 1, len(SYSTEM_PREFIX)) != SYSTEM_PREFIX
 
 
-async def nonzero_asset_sums(connection: AsyncConnection) -> list[sa.Row[Any]]:
-    """Assets whose balances, system accounts included, do not sum to zero."""
-    total = sa.func.sum(balances.c.balance)
-    return list(
-        await connection.execute(
-            sa.select(balances.c.asset_symbol, total.label("total"))
-            .group_by(balances.c.asset_symbol)
-            .having(total != 0)
-        )
-    )
+class AssetSum(NamedTuple):
+    asset_symbol: str
+    total: int
+    paid: int
+    free: int
 
 
-async def nonzero_kind_sums(connection: AsyncConnection) -> list[sa.Row[Any]]:
-    """Assets whose paid parts, or free parts, system accounts included, do not sum to zero."""
-    paid = sa.func.sum(balances.c.paid)
-    free = sa.func.sum(balances.c.balance - balances.c.paid)
-    return list(
-        await connection.execute(
-            sa.select(balances.c.asset_symbol, paid.label("paid"), free.label("free"))
-            .group_by(balances.c.asset_symbol)
-            .having(sa.or_(paid != 0, free != 0))
-        )
+async def asset_sums(connection: AsyncConnection) -> list[AssetSum]:
+    """Per asset, the sums of all balances, system accounts included, and of their paid and
+    free parts; exact, since users' balances may add up past 64 bits."""
+    rows = await connection.execute(
+        sa.select(
+            balances.c.asset_symbol,
+            *exact_sum(balances.c.balance),
+            *exact_sum(balances.c.paid),
+        ).group_by(balances.c.asset_symbol)
     )
+    sums = []
+    for asset, total_high, total_low, paid_high, paid_low in rows:
+        total, paid = joined(total_high, total_low), joined(paid_high, paid_low)
+        sums.append(AssetSum(asset, total, paid, total - paid))
+    return sums
 
 
 async def user_parts_out_of_range(connection: AsyncConnection) -> list[sa.Row[Any]]:

@@ -225,23 +225,29 @@ async def system_parts_at(
     connection: AsyncConnection, *, asset_symbol: str, at: datetime
 ) -> dict[SystemAccount, tuple[int, int]]:
     """Each system account's balance of the asset and its paid part right after its last entry
-    at or before `at`: one index look-up per account."""
-    found = {}
-    for account in SystemAccount:
-        row = (
-            await connection.execute(
-                sa.select(entries.c.balance_after, entries.c.paid_after)
-                .where(
-                    entries.c.account_id == account.value,
-                    entries.c.asset_symbol == asset_symbol,
-                    entries.c.created_at <= at,
-                )
-                .order_by(entries.c.created_at.desc(), entries.c.seq.desc())
-                .limit(1)
+    at or before `at`: one statement, which finds each account's entry by one index look-up."""
+
+    def newest_seq(account: SystemAccount) -> sa.ScalarSelect[int]:
+        return (
+            sa.select(entries.c.seq)
+            .where(
+                entries.c.account_id == account.value,
+                entries.c.asset_symbol == asset_symbol,
+                entries.c.created_at <= at,
             )
-        ).first()
-        found[account] = (0, 0) if row is None else (row.balance_after, row.paid_after)
-    return found
+            .order_by(entries.c.created_at.desc(), entries.c.seq.desc())
+            .limit(1)
+            .scalar_subquery()
+        )
+
+    newest = entries.alias("newest")
+    rows = await connection.execute(
+        sa.select(newest.c.account_id, newest.c.balance_after, newest.c.paid_after).where(
+            newest.c.seq.in_([newest_seq(account) for account in SystemAccount])
+        )
+    )
+    found = {SystemAccount(account): (balance, paid) for account, balance, paid in rows}
+    return {account: found.get(account, (0, 0)) for account in SystemAccount}
 
 
 # Sums of amounts are taken in two parts, so that no database sum leaves 64 bits (SQLite's
@@ -249,8 +255,13 @@ async def system_parts_at(
 _LOW_BITS = 1 << 20
 
 
-def _exact_sum(column: sa.ColumnElement[int]) -> list[sa.ColumnElement[Any]]:
+def exact_sum(column: sa.ColumnElement[int]) -> list[sa.ColumnElement[Any]]:
+    """The sum of `column` as two sums (high bits, low bits): put them together with `joined`."""
     return [sa.func.sum(column // _LOW_BITS), sa.func.sum(column % _LOW_BITS)]
+
+
+def joined(high: int | None, low: int | None) -> int:
+    return int(high or 0) * _LOW_BITS + int(low or 0)
 
 
 async def returned_between(
@@ -261,7 +272,7 @@ async def returned_between(
     paid = transactions.c.paid_amount
     free = transactions.c.amount - transactions.c.paid_amount
     rows = await connection.execute(
-        sa.select(transactions.c.type, *_exact_sum(paid), *_exact_sum(free))
+        sa.select(transactions.c.type, *exact_sum(paid), *exact_sum(free))
         .where(
             RETURNS,
             transactions.c.asset_symbol == asset_symbol,
@@ -271,10 +282,7 @@ async def returned_between(
         .group_by(transactions.c.type)
     )
     return {
-        Flow(flow): (
-            int(paid_high) * _LOW_BITS + int(paid_low),
-            int(free_high) * _LOW_BITS + int(free_low),
-        )
+        Flow(flow): (joined(paid_high, paid_low), joined(free_high, free_low))
         for flow, paid_high, paid_low, free_high, free_low in rows
     }
 
