@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from wallet.bench import (
+from wallet.bench.plan import (
     BenchRefused,
     Configuration,
     Load,
@@ -27,6 +27,8 @@ from wallet.bench import (
     load_plan,
     parse_configuration,
 )
+from wallet.bench.report import per_request
+from wallet.bench.server import CLOCK_TICKS, CpuUse
 from wallet.domain.ledger import Flow
 
 pytestmark = pytest.mark.timeout(120)
@@ -96,6 +98,19 @@ def test_bench_drives_the_single_flows_spends_of_expiring_credits_and_the_mixed_
         _plan_of(flows="mixed", users=1)
 
 
+def test_cpu_per_request_is_shown_no_finer_than_the_clock_ticks_read_allow() -> None:
+    assert CLOCK_TICKS == 100  # /proc counts CPU in ticks of 10 ms: each process may be one off
+    # 2 processes over 1,000 requests: 20 µs a request unknown, so to the hundred
+    assert per_request(CpuUse(1.234, 2), 1000) == "1,200"
+    # 1 process over 2,000 requests: 5 µs, so to the ten
+    assert per_request(CpuUse(1.2345, 1), 2000) == "620"
+    # over 50,000: 0.2 µs, so whole µs; over 1,000,000: 0.01 µs, so one decimal
+    assert per_request(CpuUse(1.2345, 1), 50_000) == "25"
+    assert per_request(CpuUse(1.2345, 1), 1_000_000) == "1.2"
+    assert per_request(None, 1000) == "–"  # not watched
+    assert per_request(CpuUse(1.0, 1), 0) == "–"
+
+
 @pytest.mark.postgres_only
 async def test_bench_prints_a_row_per_cell_and_configuration_then_verifies(
     postgres_database_url: str,
@@ -122,6 +137,7 @@ async def test_bench_prints_a_row_per_cell_and_configuration_then_verifies(
     ], output
     for heading in ("req/s", "p50 ms", "p99 ms", "wrk CPU%"):
         assert all(r[heading] for r in rows), f"no {heading!r} column:\n{output}"
+    _check_cpu_per_request_and_the_share_of_the_bare_app(output, rows)
     assert all(
         ("×" in r["vs batching off"]) == (r["configuration"] == "batching on") for r in rows
     ), output
@@ -142,16 +158,38 @@ async def test_bench_prints_a_row_per_cell_and_configuration_then_verifies(
     await _check_only_the_spends_of_expiring_credits_took_from_lots(postgres_database_url)
 
 
-def _result_rows(output: str) -> list[dict[str, str]]:
-    """The rows of the results table, each cell by its column's heading."""
+def _result_rows(output: str, configuration: str = "batching") -> list[dict[str, str]]:
+    """The rows of the results table whose configuration starts so, each cell by its column's
+    heading."""
     lines = output.splitlines()
     heading = next(line for line in lines if line.startswith("┃ configuration"))
     names = [name.strip() for name in heading.strip("┃").split("┃")]
     return [
         dict(zip(names, (cell.strip() for cell in line.strip("│").split("│")), strict=True))
         for line in lines
-        if line.startswith("│ batching")
+        if line.startswith(f"│ {configuration}")
     ]
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", "").removesuffix("%"))
+
+
+def _check_cpu_per_request_and_the_share_of_the_bare_app(
+    output: str, rows: list[dict[str, str]]
+) -> None:
+    """The bare ASGI app was loaded at each clients count, without errors; each wallet row gives
+    its rate as a share of the bare app's at the same clients, and the CPU microseconds per
+    request of the server, of PostgreSQL (on this machine) and of both."""
+    assert "\ncalibration: bare ASGI" in output, output
+    bare = {r["clients"]: r for r in _result_rows(output, "bare ASGI")}
+    assert sorted(bare) == ["1", "4"], output
+    assert all(r["errors"] == "0" and _number(r["req/s"]) > 0 for r in bare.values()), output
+    for row in rows:
+        expected = 100 * _number(row["req/s"]) / _number(bare[row["clients"]]["req/s"])
+        assert abs(_number(row["of bare ASGI"]) - expected) <= 0.05 * expected + 0.1, row
+        for heading in ("server µs/req", "db µs/req", "server+db µs/req"):
+            assert _number(row[heading]) >= 0, f"{heading}: {row}"
 
 
 async def _check_the_load_used_its_own_rate_limited_key(database_url: str, output: str) -> None:

@@ -1,17 +1,18 @@
 """The data `wallet bench` runs on: funded bench users for the load, or, for `--populate`, a large
-generated ledger that keeps every invariant (balances and their paid parts sum to zero per asset,
-users never below zero, each balanceAfter and paidAfter continues its account's chain, each
-transaction moves one kind), loaded in one transaction. Top-ups give paid credits, bonuses free
-ones, and a spend takes the first kind of its asset's spend order that the user holds, no more of
-it than they hold. The generated history is from before any lifetime applied: its credits never
-expire, so it makes no lots and every balance's `expiring` is 0."""
+generated ledger loaded in one transaction. Its transactions are made by the posting engine's own
+moves (the spend order, the balances and paid parts they leave, the entries and their hash links),
+on drafts of the accounts each chunk touches, so they keep every invariant the engine keeps.
+Top-ups give paid credits, bonuses free ones, and a spend takes the first kind of its asset's spend
+order that the user holds, no more of it than they hold. The generated history is from before any
+lifetime applied: its credits never expire, so it makes no lots and every balance's `expiring` is
+0."""
 
 import random
 import time
 import uuid
 from array import array
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from wallet.domain.errors import WalletError
@@ -20,20 +21,14 @@ from wallet.domain.ledger import (
     GENESIS_LINK,
     AccountId,
     Action,
+    Asset,
+    BalanceKey,
+    Book,
     Command,
-    Direction,
-    Entry,
-    Flow,
-    Kind,
-    SpendOrder,
     SystemAccount,
-    Transaction,
-    TransactionId,
     UserId,
-    is_system_account,
-    link,
 )
-from wallet.service.posting import post
+from wallet.service.posting import Draft, apply_flow, post
 from wallet.service.seed import seed
 from wallet.store import bulk, queries
 from wallet.store.bulk import BalanceHead, Chunk, Plan, Row, TableSize
@@ -162,11 +157,11 @@ async def load_ledger(
         # Writers wait until the load commits, so the system balances read here stay true.
         await bulk.lock_ledger(connection)
         system_before = {
-            (str(s), a): BalanceHead(0, 0, GENESIS_LINK, 0) for s in SYSTEM for a in ASSETS
+            (AccountId(s), a): BalanceHead(0, 0, GENESIS_LINK, 0) for s in SYSTEM for a in ASSETS
         }
-        system_before.update(await bulk.balances_of_accounts(connection, [str(s) for s in SYSTEM]))
-        # A spend takes its first kind first: read how each asset orders them (free_first seeded).
-        orders = {a.symbol: a.spend_order for a in await queries.list_assets(connection)}
+        stored = await bulk.balances_of_accounts(connection, [str(s) for s in SYSTEM])
+        system_before.update({(AccountId(a), symbol): head for (a, symbol), head in stored.items()})
+        assets = {asset.symbol: asset for asset in await queries.list_assets(connection)}
         latest = await bulk.latest_created_at(connection)
         span_us = users + transactions + 1000
         now_us = (datetime.now(UTC) - EPOCH) // timedelta(microseconds=1)
@@ -176,7 +171,7 @@ async def load_ledger(
             tag=uuid.uuid4().hex[:4],
             first_us=max(now_us - span_us, latest_us + 1000),
             system_balances=system_before,
-            spend_orders=tuple(orders[asset] for asset in ASSETS),
+            assets=assets,
         )
         on_progress("users", 0, users)
         for start, stop in _slices(users, CHUNK_USERS):
@@ -194,11 +189,7 @@ async def load_ledger(
             on_progress("user balances", stop, users)
         await bulk.upsert_balances(
             connection,
-            {
-                key: head
-                for key in generator.system_balances
-                if (head := generator.system_head(key)) != system_before[key]
-            },
+            {key: head for key, head in generator.system.items() if head != system_before[key]},
         )
     return Loaded(
         users=users,
@@ -232,20 +223,12 @@ def _slices(total: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(total, start + size)) for start in range(0, total, size)]
 
 
-def _uuid7(moment_us: int, tag: int, number: int) -> str:
-    """A UUIDv7 string whose time is `moment_us` and whose random bits are `tag` and `number`."""
-    ms = moment_us // 1000
-    return (
-        f"{ms >> 16:08x}-{ms & 0xFFFF:04x}-7{tag & 0xFFF:03x}-"
-        f"{0x8000 | (number >> 48) & 0x3FFF:04x}-{number & 0xFFFFFFFFFFFF:012x}"
-    )
-
-
 class LedgerGenerator:
-    """Makes users, then transactions that keep every invariant: users never go below zero, in
-    all or in either kind, and every balanceAfter, paidAfter and hash link continues its
-    account's chains. Memory: two int64s (balance, paid part) and one 32-byte link per user and
-    asset. User i is created at first_us + i; the n-th transaction users + 1000 µs later, plus n."""
+    """Makes users, then transactions that keep every invariant: each is the posting engine's
+    move of a top-up, bonus or spend (never one the user cannot pay), on a draft of the accounts
+    its chunk touches. Between chunks, memory holds two int64s (balance, paid part), one 32-byte
+    link and an entry count per user and asset. User i is created at first_us + i; the n-th
+    transaction users + 1000 µs later, plus n."""
 
     def __init__(
         self,
@@ -253,25 +236,25 @@ class LedgerGenerator:
         users: int,
         tag: str,
         first_us: int,
-        system_balances: dict[tuple[str, str], BalanceHead],
-        spend_orders: tuple[SpendOrder, ...],  # of ASSETS, in their order
+        system_balances: Mapping[BalanceKey, BalanceHead],
+        assets: Mapping[str, Asset],
     ) -> None:
         self.users = users
         self.tag = tag
-        self.tag_bits = int(tag, 16)
         self.first_us = first_us
         self.ledger_us = first_us + users + 1000
         self.stride = next(p for p in STRIDES if users % p)
-        self.rng = random.Random(self.tag_bits)
-        self.spend_orders = spend_orders
+        self.rng = random.Random(int(tag, 16))
+        # History from before any lifetime applied: its credits never expire, so make no lots.
+        self.assets = {
+            symbol: replace(asset, free_lifetime_days=None, paid_lifetime_days=None)
+            for symbol, asset in assets.items()
+        }
         self.user_balances = array("q", [NO_ROW]) * (users * len(ASSETS))
         self.user_paid = array("q", [0]) * (users * len(ASSETS))
         self.user_links = bytearray(32 * users * len(ASSETS))  # all zero: GENESIS_LINK
         self.user_counts = array("q", [0]) * (users * len(ASSETS))  # entries per user chain
-        self.system_balances = {key: head.balance for key, head in system_balances.items()}
-        self.system_paid = {key: head.paid for key, head in system_balances.items()}
-        self.system_links = {key: head.link for key, head in system_balances.items()}
-        self.system_counts = {key: head.entries for key, head in system_balances.items()}
+        self.system = dict(system_balances)
         self.made = 0
 
     def user_id(self, index: int) -> str:
@@ -280,15 +263,6 @@ class LedgerGenerator:
     def user_of(self, number: int) -> int:
         """The user of the number-th transaction: the heavy user (0), or the next in stride."""
         return 0 if number % HEAVY_SHARE == 0 else number * self.stride % self.users
-
-    def system_head(self, key: tuple[str, str]) -> BalanceHead:
-        """A system account's balance row as the generated transactions leave it."""
-        return BalanceHead(
-            self.system_balances[key],
-            self.system_paid[key],
-            self.system_links[key],
-            self.system_counts[key],
-        )
 
     def account_rows(self, start: int, stop: int) -> list[Row]:
         """Account rows of users start..stop-1."""
@@ -305,145 +279,110 @@ class LedgerGenerator:
 
     def chunk(self, count: int) -> Chunk:
         """The next `count` transactions, with their keys and entries."""
-        keys: list[Row] = []
-        transactions: list[Row] = []
-        entries: list[Row] = []
+        draft = Draft(
+            Book(balances={}, paid={}, held={}, active_held={}, lots={}, holds={}, refunded={}),
+            assets=self.assets,
+            lots_taken={},
+            links={},
+            counts={},
+            transactions=[],
+            entries=[],
+            lot_moves=[],
+            created_holds=[],
+            ended_holds={},
+            refunded={},
+        )
+        for key, head in self.system.items():
+            _put(draft, key, head)
+        slots: dict[BalanceKey, int] = {}  # the user balances in the draft, by their slot
+        book = draft.book
         rng = self.rng
-        balances = self.user_balances
-        user_paid = self.user_paid
-        system = self.system_balances
-        system_paid = self.system_paid
         for number in range(self.made, self.made + count):
             user = self.user_of(number)
             draw = rng.random()
             asset_index = 0 if draw < 0.6 else 1 if draw < 0.85 else 2
             asset = ASSETS[asset_index]
-            slot = user * len(ASSETS) + asset_index
-            held = max(balances[slot], 0)
-            paid = user_paid[slot]
+            key = (AccountId(self.user_id(user)), asset)
+            if key not in slots:
+                slots[key] = user * len(ASSETS) + asset_index
+                _put(draft, key, self._user_head(slots[key]))
             draw = rng.random()
             size = rng.random()
-            if draw < 0.45 and held > 0:
-                # The spend order takes its first kind first: a spend of no more than the user
-                # holds of the first kind they hold takes that kind alone.
-                parts = {Kind.PAID: paid, Kind.FREE: held - paid}
-                first, second = self.spend_orders[asset_index].kinds
-                kind = first if parts[first] > 0 else second
-                flow, amount = Flow.SPEND, 1 + int(size * min(parts[kind], 500))
+            if draw < 0.45 and book.balances[key] > 0:
+                # No more than the user holds of the first kind the spend order takes: a spend
+                # of one kind, so every transaction has two entries.
+                first = next(
+                    kind
+                    for kind in self.assets[asset].spend_order.kinds
+                    if book.sub_balance(key, kind) > 0
+                )
+                action, amount = (
+                    Action.SPEND,
+                    1 + int(size * min(book.sub_balance(key, first), 500)),
+                )
             elif draw < 0.85:
-                flow, kind, amount = Flow.TOPUP, Kind.PAID, 1 + int(size * 1000)
+                action, amount = Action.TOPUP, 1 + int(size * 1000)
             else:
-                flow, kind, amount = Flow.BONUS, Kind.FREE, 1 + int(size * 100)
-            paid_amount = amount if kind is Kind.PAID else 0
-            user_id = self.user_id(user)
-            if flow is Flow.SPEND:
-                debited, credited = user_id, str(SystemAccount.REVENUE)
-                user_after, user_paid_after = held - amount, paid - paid_amount
-                system_key = (credited, asset)
-                system[system_key] += amount
-                system_paid[system_key] += paid_amount
-                debited_after = (user_after, user_paid_after)
-                credited_after = (system[system_key], system_paid[system_key])
-            else:
-                debited = str(
-                    SystemAccount.TREASURY if flow is Flow.TOPUP else SystemAccount.BONUS_POOL
-                )
-                credited = user_id
-                user_after, user_paid_after = held + amount, paid + paid_amount
-                system_key = (debited, asset)
-                system[system_key] -= amount
-                system_paid[system_key] -= paid_amount
-                debited_after = (system[system_key], system_paid[system_key])
-                credited_after = (user_after, user_paid_after)
-            balances[slot] = user_after
-            user_paid[slot] = user_paid_after
-            moment_us = self.ledger_us + number
-            created_at = EPOCH + timedelta(microseconds=moment_us)
-            transaction_id = _uuid7(moment_us, self.tag_bits, number)
-            key = f"populate-{self.tag}-{number}"
-            fingerprint = Command(
-                action=Action(flow.value),
-                user_id=UserId(user_id),
+                action, amount = Action.BONUS, 1 + int(size * 100)
+            command = Command(
+                action=action,
+                user_id=UserId(key[0]),
                 asset_symbol=asset,
                 amount=amount,
-                idempotency_key=key,
-            ).fingerprint()
-            keys.append((key,))
-            transactions.append(
-                (
-                    transaction_id,
-                    flow.value,
-                    user_id,
-                    asset,
-                    amount,
-                    user_after,
-                    key,
-                    fingerprint,
-                    created_at,
-                    paid_amount,
-                )
+                idempotency_key=f"populate-{self.tag}-{number}",
             )
-            transaction = Transaction(
-                id=TransactionId(transaction_id),
-                flow=flow,
-                user_id=UserId(user_id),
-                asset_symbol=asset,
-                amount=amount,
-                balance_after=user_after,
-                idempotency_key=key,
-                note=None,
-                metadata=None,
-                created_at=created_at,
-                paid_amount=paid_amount,
-            )
-            debit_id = _uuid7(moment_us, self.tag_bits, 2 * number)
-            credit_id = _uuid7(moment_us, self.tag_bits, 2 * number + 1)
-            for entry_id, account, direction, (after, paid_after) in (
-                (debit_id, debited, Direction.DEBIT, debited_after),
-                (credit_id, credited, Direction.CREDIT, credited_after),
-            ):
-                entry = Entry(
-                    id=entry_id,
-                    transaction_id=TransactionId(transaction_id),
-                    account_id=AccountId(account),
-                    asset_symbol=asset,
-                    direction=direction,
-                    amount=amount,
-                    balance_after=after,
-                    created_at=created_at,
-                    kind=kind,
-                    paid_after=paid_after,
-                )
-                entries.append(
-                    (
-                        entry_id,
-                        transaction_id,
-                        account,
-                        asset,
-                        direction.value,
-                        amount,
-                        after,
-                        created_at,
-                        self._extend_chain(entry, transaction, slot),
-                        kind.value,
-                        paid_after,
-                    )
-                )
+            created_at = EPOCH + timedelta(microseconds=self.ledger_us + number)
+            apply_flow(draft, command, command.fingerprint(), created_at)
+        for key in self.system:
+            self.system[key] = _head(draft, key)
+        for key, slot in slots.items():
+            self._keep_user_head(slot, _head(draft, key))
         self.made += count
-        return Chunk(keys, transactions, entries)
+        return Chunk(
+            keys=[(transaction.idempotency_key,) for _, transaction in draft.transactions],
+            transactions=[
+                (
+                    t.id,
+                    t.flow.value,
+                    t.user_id,
+                    t.asset_symbol,
+                    t.amount,
+                    t.balance_after,
+                    t.idempotency_key,
+                    fingerprint,
+                    t.created_at,
+                    t.paid_amount,
+                )
+                for fingerprint, t in draft.transactions
+            ],
+            entries=[
+                (
+                    e.id,
+                    e.transaction_id,
+                    e.account_id,
+                    e.asset_symbol,
+                    e.direction.value,
+                    e.amount,
+                    e.balance_after,
+                    e.created_at,
+                    e.chain_hash,
+                    e.kind.value,
+                    e.paid_after,
+                )
+                for e in draft.entries
+            ],
+        )
 
-    def _extend_chain(self, entry: Entry, transaction: Transaction, user_slot: int) -> str:
-        """Link `entry` into its account's chain (the user's is kept at `user_slot`)."""
-        if is_system_account(entry.account_id):
-            key = (entry.account_id, entry.asset_symbol)
-            self.system_links[key] = link(self.system_links[key], entry, transaction)
-            self.system_counts[key] += 1
-            return self.system_links[key]
-        where = slice(32 * user_slot, 32 * user_slot + 32)
-        new_link = link(self.user_links[where].hex(), entry, transaction)
-        self.user_links[where] = bytes.fromhex(new_link)
-        self.user_counts[user_slot] += 1
-        return new_link
+    def _user_head(self, slot: int) -> BalanceHead:
+        link = self.user_links[32 * slot : 32 * slot + 32].hex()
+        held = max(self.user_balances[slot], 0)  # NO_ROW: nothing yet
+        return BalanceHead(held, self.user_paid[slot], link, self.user_counts[slot])
+
+    def _keep_user_head(self, slot: int, head: BalanceHead) -> None:
+        self.user_balances[slot] = head.balance
+        self.user_paid[slot] = head.paid
+        self.user_links[32 * slot : 32 * slot + 32] = bytes.fromhex(head.link)
+        self.user_counts[slot] = head.entries
 
     def user_balance_rows(self, start: int, stop: int) -> list[Row]:
         """Balance rows of users start..stop-1 for every asset they ever held; no lots, so
@@ -467,3 +406,18 @@ class LedgerGenerator:
                         )
                     )
         return rows
+
+
+def _put(draft: Draft, key: BalanceKey, head: BalanceHead) -> None:
+    """Bring a balance's head into the draft."""
+    draft.book.balances[key] = head.balance
+    draft.book.paid[key] = head.paid
+    draft.links[key] = head.link
+    draft.counts[key] = head.entries
+
+
+def _head(draft: Draft, key: BalanceKey) -> BalanceHead:
+    """A balance's head as the draft leaves it."""
+    return BalanceHead(
+        draft.book.balances[key], draft.book.paid[key], draft.links[key], draft.counts[key]
+    )

@@ -188,7 +188,7 @@ async def sweep_expired(
 
 
 @dataclass(slots=True)
-class _Draft:
+class Draft:
     """What a database batch has done so far, kept in memory until it is written."""
 
     book: Book
@@ -203,8 +203,8 @@ class _Draft:
     ended_holds: dict[str, tuple[Hold, str | None, str | None]]
     refunded: dict[TransactionId, int]  # originals refunded by this batch: their new total
 
-    def copy(self) -> "_Draft":
-        return _Draft(
+    def copy(self) -> "Draft":
+        return Draft(
             self.book.copy(),
             self.assets,
             self.lots_taken,
@@ -272,7 +272,7 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         originals={c.reference for c in claimed if c.action is Action.REFUND and c.reference},
         now=now,
     )
-    draft = _Draft(
+    draft = Draft(
         Book(
             balances={key: row.balance for key, row in locked.items()},
             paid={key: row.paid for key, row in locked.items()},
@@ -471,7 +471,7 @@ def _replay(
 
 
 def _apply_one(
-    draft: _Draft,
+    draft: Draft,
     command: Command,
     originals: Mapping[str, Transaction],
     fingerprint: str,
@@ -489,7 +489,7 @@ def _apply_one(
             for index, op in enumerate(command.operations):
                 try:
                     made.append(
-                        _move(
+                        apply_flow(
                             draft,
                             replace(
                                 op,
@@ -602,11 +602,11 @@ def _apply_one(
                 draft, replace(command, amount=total), Flow.EXPIRY, legs, fingerprint, now
             )
             return Posted((transaction,), is_replay=False)
-    return Posted((_move(draft, command, fingerprint, now),), is_replay=False)
+    return Posted((apply_flow(draft, command, fingerprint, now),), is_replay=False)
 
 
 def _refund_legs(
-    draft: _Draft,
+    draft: Draft,
     original: Transaction,
     debited: AccountId,
     credited: AccountId,
@@ -649,7 +649,7 @@ def _active_hold(book: Book, hold_id: str, now: datetime) -> Hold:
     return hold
 
 
-def _move(draft: _Draft, command: Command, fingerprint: str, now: datetime) -> Transaction:
+def apply_flow(draft: Draft, command: Command, fingerprint: str, now: datetime) -> Transaction:
     """A flow: top-up, bonus, spend or transfer, with the kinds and lots it moves."""
     assert command.user_id is not None
     assert command.amount is not None
@@ -686,7 +686,7 @@ def _credit_expiry(command: Command, asset: Asset, kind: Kind, now: datetime) ->
 
 
 def _record(
-    draft: _Draft,
+    draft: Draft,
     command: Command,
     flow: Flow,
     legs: Legs,
