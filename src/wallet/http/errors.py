@@ -87,11 +87,13 @@ def wallet_problem(error: errors.WalletError) -> JSONResponse:
         if isinstance(error, errors.InvalidRequest)
         else None
     )
-    headers = dict(HEADERS_OF.get(type(error), {}))
+    # The nearest class the tables know: the store raises a kind of DatabaseUnavailable too.
+    known = next(cls for cls in type(error).__mro__ if cls in STATUS_OF)
+    headers = dict(HEADERS_OF.get(known, {}))
     if isinstance(error, errors.Refusal) and error.is_replay:
         headers["Idempotent-Replayed"] = "true"
     return problem(
-        STATUS_OF[type(error)],
+        STATUS_OF[known],
         error.code,
         error.detail,
         errors=field_errors,

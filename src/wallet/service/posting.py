@@ -68,7 +68,7 @@ from wallet.domain.ledger import (
     taken_portions,
 )
 from wallet.store import ledger
-from wallet.store.database import Database, TransientConflict
+from wallet.store.database import Database, StaleConnection, TransientConflict
 from wallet.store.ledger import LockedBalance
 
 Outcome = Posted | WalletError
@@ -112,7 +112,8 @@ async def in_write_transaction(
     """Run `work` in a write transaction; rerun it on a transient conflict (a serialization
     failure or deadlock) until `deadline` (`retry_deadline()` unless given: several
     transactions may share one), then answer that the database is unavailable. Past the
-    deadline it is tried once."""
+    deadline it is tried once. A connection found closed before anything ran is replaced and
+    the work rerun at once (SQLAlchemy then renews every connection of the pool that old)."""
     loop = asyncio.get_running_loop()
     if deadline is None:
         deadline = retry_deadline()
@@ -121,6 +122,9 @@ async def in_write_transaction(
         try:
             async with database.transaction(is_write=True) as connection:
                 return await work(connection)
+        except StaleConnection:
+            if loop.time() >= deadline:
+                raise
         except TransientConflict as conflict:
             if loop.time() >= deadline:
                 raise DatabaseUnavailable(

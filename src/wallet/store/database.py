@@ -3,6 +3,7 @@ Every database error leaves this module as a domain error or as `TransientConfli
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,6 +23,28 @@ class TransientConflict(Exception):
     """The database aborted the transaction for a reason a retry resolves."""
 
 
+class StaleConnection(DatabaseUnavailable):
+    """The transaction's first statement found its pooled connection closed by the database (a
+    restart, an idle timeout): nothing ran, so the work may run again at once, on a new
+    connection. Unavailable to a caller that does not rerun its work."""
+
+
+# There is no ping before a transaction (a round trip on every batch): a dead connection is found
+# by the first statement instead. Each transaction puts its progress on its pooled connection.
+_PROGRESS = "wallet_progress"
+
+
+@dataclass(slots=True)
+class _Progress:
+    has_run: bool = False  # a statement of the transaction completed
+
+
+def _note_statement_ran(connection: sa.Connection, *_: Any) -> None:
+    progress = connection.info.get(_PROGRESS)
+    if progress is not None:
+        progress.has_run = True
+
+
 def create_engine(settings: Settings) -> AsyncEngine:
     """An engine for the configured URL, tuned for this service's transactions."""
     url = sa.make_url(settings.database_url.get_secret_value())
@@ -33,6 +56,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
     else:
         engine = _create_postgres_engine(url, settings)
     _count_connections_in_use(engine)
+    event.listen(engine.sync_engine, "after_cursor_execute", _note_statement_ran)
     return engine
 
 
@@ -48,7 +72,6 @@ def _create_postgres_engine(url: sa.URL, settings: Settings) -> AsyncEngine:
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_pool_size // 2,
         pool_timeout=timeout,
-        pool_pre_ping=True,  # a restarted database costs one failed ping, not failed requests
         hide_parameters=True,
         isolation_level=settings.database_isolation.replace("_", " ").upper(),
         connect_args={"timeout": timeout, "command_timeout": timeout},
@@ -93,8 +116,10 @@ class Database:
         if it raises. A snapshot transaction sees one state of the database throughout (SQLite's
         read transactions always do). A schema change on SQLite runs with foreign keys off,
         since altering a table rebuilds it, and checks them all before it commits."""
+        progress = _Progress()
         try:
             async with self.engine.connect() as connection:
+                connection.info[_PROGRESS] = progress
                 if is_write and self.dialect == "sqlite":
                     await connection.execution_options(**{SQLITE_WRITE: True})
                 if is_snapshot and self.dialect == "postgresql":
@@ -107,6 +132,8 @@ class Database:
                     async with connection.begin():
                         yield connection
         except exc.DBAPIError as error:
+            if error.connection_invalidated and not progress.has_run:
+                raise StaleConnection("the database closed the connection") from error
             translated = _translate(error)
             if translated is None:
                 raise  # a defect of the service, not of the request or the database
