@@ -1,8 +1,10 @@
 """The flows served through the framework routes (lean_flows=false) keep the same contract as the
-default lean path the other API tests exercise: a compact pass over each kind of answer."""
+default lean path the other API tests exercise: a compact pass over each kind of answer, and the
+same requests sent both ways answered alike."""
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +18,7 @@ from api_checks import (
     SAMPLE_FREE_TEXT,
     account_state,
     assert_problem,
+    assert_replayed,
     assert_transaction,
     assert_validation_error,
     describe,
@@ -26,6 +29,7 @@ from api_checks import (
     outcome,
     post_flow,
     post_raw,
+    problem_of,
     without,
 )
 
@@ -162,3 +166,52 @@ async def test_deep_nesting_oversized_and_non_json_bodies_are_refused(
         assert_problem(plain, 415, "unsupported_media_type")
 
     assert await account_state(framework_client, ALICE) == before
+
+
+async def test_a_flow_made_on_either_path_replays_alike_on_the_other(
+    client: httpx.AsyncClient, framework_client: httpx.AsyncClient
+) -> None:
+    for flow in FLOWS:
+        body = flow_body(amount=3, **{FREE_TEXT_FIELD[flow]: SAMPLE_FREE_TEXT[flow]})
+        for first_path, other_path in ((client, framework_client), (framework_client, client)):
+            body = {**body, "idempotencyKey": new_key()}
+            first = await post_flow(first_path, flow, body)
+
+            assert first.status_code == 201, describe(first)
+            assert_replayed(first, await post_flow(other_path, flow, body))
+
+
+def bad_requests() -> list[tuple[str, dict[str, str]]]:
+    """Bodies (as JSON text) and headers to refuse, with fresh keys: errors in the body and the
+    header at once, bodies that are not objects, the key missing or differing between header and
+    body, an unknown user, an amount out of range, text that is not JSON."""
+    return [
+        (json.dumps(flow_body(amount=0, key="bad key")), {"Idempotency-Key": "also bad"}),
+        (json.dumps({"amount": "1"}), {"Idempotency-Key": ""}),
+        ("null", {}),
+        ("[]", {}),
+        ("1", {}),
+        (json.dumps(flow_body()), {"Idempotency-Key": new_key()}),
+        (json.dumps(without(flow_body(), "idempotencyKey")), {}),
+        (json.dumps(flow_body(user_id="nobody")), {}),
+        (flow_json_with_amount("1e400"), {}),
+        ("{", {}),
+    ]
+
+
+async def test_both_paths_refuse_a_bad_request_with_the_same_problem(
+    client: httpx.AsyncClient, framework_client: httpx.AsyncClient
+) -> None:
+    async def refusals(http: httpx.AsyncClient, flow: str) -> list[Any]:
+        answers = []
+        for text, headers in bad_requests():
+            response = await http.post(
+                f"{API}/wallet/{flow}",
+                content=text,
+                headers={"Content-Type": "application/json", **headers},
+            )
+            answers.append(without(problem_of(response), "requestId"))
+        return answers
+
+    for flow in FLOWS:
+        assert await refusals(client, flow) == await refusals(framework_client, flow), flow

@@ -288,6 +288,16 @@ async def test_openapi_flows_take_the_documented_body_and_key_header(
         assert headers == {"Idempotency-Key"}
 
 
+async def test_openapi_flows_document_the_key_header_as_the_other_writes_do(
+    openapi: dict[str, Any],
+) -> None:
+    # The flow routes declare their header apart (they take it as sent and validate it with the
+    # body), so it must read exactly as the header of the writes the framework validates.
+    transfer = openapi["paths"]["/api/v1/wallet/transfer"]["post"]["parameters"]
+    for flow in ("topup", "bonus", "spend"):
+        assert openapi["paths"][f"/api/v1/wallet/{flow}"]["post"]["parameters"] == transfer
+
+
 @pytest.mark.parametrize(
     ("path", "fields", "required"),
     [

@@ -1,23 +1,65 @@
 """Translation between request bodies and commands, and from what the ledger made to response
-bodies. Both the framework routes and the lean path (lean.py) use it."""
+bodies; and the one handling of a flow request (top-up, bonus, spend), which both ways of
+serving the flows call: the lean path (lean.py) and the framework routes."""
 
 from typing import Any
 
+import orjson
+from pydantic import TypeAdapter, ValidationError
+from starlette.responses import Response
+
+from wallet.domain.access import ApiKey
 from wallet.domain.errors import InvalidRequest
 from wallet.domain.ledger import Action, Command, Flow, Hold, Transaction, UserId
 from wallet.http import schemas
+from wallet.http.errors import validation_problem
+from wallet.service.wallet import Wallet
 
 FLOW_REQUESTS: dict[Action, type[schemas.FlowRequest]] = {
     Action.TOPUP: schemas.TopupRequest,
     Action.BONUS: schemas.BonusRequest,
     Action.SPEND: schemas.SpendRequest,
 }
+KEY_ADAPTER: TypeAdapter[str] = TypeAdapter(schemas.IdempotencyKey)
 BATCH_ACTIONS = {
     "topup": Action.TOPUP,
     "bonus": Action.BONUS,
     "spend": Action.SPEND,
     "transfer": Action.TRANSFER,
 }
+
+
+async def serve_flow(
+    wallet: Wallet,
+    action: Action,
+    payload: Any,
+    *,
+    header_key: str | None,
+    api_key: ApiKey | None,
+) -> Response:
+    """The answer to a flow request whose body decoded to `payload`: the transaction (201, or 200
+    for a replay) or a 422 naming every invalid field of the body and the Idempotency-Key header.
+    Domain errors are raised, for the one table in errors.py."""
+    details: list[Any] = []
+    try:
+        request = FLOW_REQUESTS[action].model_validate(payload)
+    except ValidationError as error:
+        details += [{**d, "loc": ("body", *d["loc"])} for d in error.errors()]
+    if header_key is not None:
+        try:
+            KEY_ADAPTER.validate_python(header_key)
+        except ValidationError as error:
+            details += [{**d, "loc": ("header", "Idempotency-Key")} for d in error.errors()]
+    if details:
+        return validation_problem(details)
+    command = command_from(
+        action, request, header_key=header_key, created_by=api_key.id if api_key else None
+    )
+    posted = await wallet.execute(command)
+    content = orjson.dumps(transaction_body(posted.transaction), option=orjson.OPT_UTC_Z)
+    if posted.is_replay:
+        return Response(content, 200, {"Idempotent-Replayed": "true"}, "application/json")
+    return Response(content, 201, media_type="application/json")
 
 
 def command_from(

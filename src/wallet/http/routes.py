@@ -4,8 +4,9 @@ caught here, and mapped in one place (errors.py)."""
 from datetime import UTC
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import PlainValidator
 
 from wallet.domain.access import ApiKey, Scope
 from wallet.domain.errors import InsufficientScope, InvalidRequest
@@ -27,6 +28,7 @@ from wallet.http.flows import (
     command_from,
     hold_body,
     idempotency_key,
+    serve_flow,
     transaction_body,
     transfer_command,
 )
@@ -59,6 +61,20 @@ KeyHeader = Annotated[
         pattern=schemas.ID_PATTERN,
         description="The idempotency key, if not in the body.",
     ),
+]
+
+
+def _as_sent(documented: Any) -> PlainValidator:
+    """A flow route's parameter, documented as `documented` but handed over as the client sent
+    it: the framework would validate it first, in its own order and words; serve_flow (flows.py)
+    validates it as it does on the lean path (lean.py)."""
+    return PlainValidator(lambda value: value, json_schema_input_type=documented)
+
+
+SentKeyHeader = Annotated[
+    Any,
+    _as_sent(schemas.IdempotencyKey | None),
+    Header(alias="Idempotency-Key", description="The idempotency key, if not in the body."),
 ]
 Limit = Annotated[int, Query(ge=1, le=500, description="Page size.")]
 Cursor = Annotated[
@@ -209,15 +225,10 @@ async def _execute(request: Request, response: Response, command: Command) -> Po
     return posted
 
 
-async def _execute_flow(
-    request: Request,
-    response: Response,
-    action: Action,
-    body: schemas.FlowRequest,
-    key: str | None,
-) -> dict[str, Any]:
-    command = command_from(action, body, header_key=key, created_by=_created_by(request))
-    return transaction_body((await _execute(request, response, command)).transaction)
+async def _serve_flow(request: Request, action: Action, body: Any, key: Any) -> Response:
+    return await serve_flow(
+        _wallet(request), action, body, header_key=key, api_key=api_key_of(request.scope)
+    )
 
 
 @router.get(
@@ -346,9 +357,11 @@ async def get_user(request: Request, userId: UserIdPath) -> Any:
     openapi_extra=requires(Scope.WALLET_CREDIT),
 )
 async def topup(
-    request: Request, response: Response, body: schemas.TopupRequest, key: KeyHeader = None
-) -> Any:
-    return await _execute_flow(request, response, Action.TOPUP, body, key)
+    request: Request,
+    body: Annotated[Any, _as_sent(schemas.TopupRequest), Body()],
+    key: SentKeyHeader = None,
+) -> Response:
+    return await _serve_flow(request, Action.TOPUP, body, key)
 
 
 @router.post(
@@ -360,9 +373,11 @@ async def topup(
     openapi_extra=requires(Scope.WALLET_CREDIT),
 )
 async def bonus(
-    request: Request, response: Response, body: schemas.BonusRequest, key: KeyHeader = None
-) -> Any:
-    return await _execute_flow(request, response, Action.BONUS, body, key)
+    request: Request,
+    body: Annotated[Any, _as_sent(schemas.BonusRequest), Body()],
+    key: SentKeyHeader = None,
+) -> Response:
+    return await _serve_flow(request, Action.BONUS, body, key)
 
 
 @router.post(
@@ -374,9 +389,11 @@ async def bonus(
     openapi_extra=requires(Scope.WALLET_DEBIT),
 )
 async def spend(
-    request: Request, response: Response, body: schemas.SpendRequest, key: KeyHeader = None
-) -> Any:
-    return await _execute_flow(request, response, Action.SPEND, body, key)
+    request: Request,
+    body: Annotated[Any, _as_sent(schemas.SpendRequest), Body()],
+    key: SentKeyHeader = None,
+) -> Response:
+    return await _serve_flow(request, Action.SPEND, body, key)
 
 
 @router.post(
