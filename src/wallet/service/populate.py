@@ -285,12 +285,6 @@ class LedgerGenerator:
             lots_taken={},
             links={},
             counts={},
-            transactions=[],
-            entries=[],
-            lot_moves=[],
-            created_holds=[],
-            ended_holds={},
-            refunded={},
         )
         for key, head in self.system.items():
             _put(draft, key, head)

@@ -12,7 +12,7 @@ import contextlib
 import itertools
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -200,12 +200,13 @@ class Draft:
     lots_taken: Mapping[TransactionId, list[Portion]]  # by the originals refunds name
     links: dict[BalanceKey, str]
     counts: dict[BalanceKey, int]
-    transactions: list[tuple[str, Transaction]]
-    entries: list[Entry]
-    lot_moves: list[LotMove]
-    created_holds: list[tuple[str, Hold]]
-    ended_holds: dict[str, tuple[Hold, str | None, str | None]]
-    refunded: dict[TransactionId, int]  # originals refunded by this batch: their new total
+    # What the batch makes, in order:
+    transactions: list[tuple[str, Transaction]] = field(default_factory=list)
+    entries: list[Entry] = field(default_factory=list)
+    lot_moves: list[LotMove] = field(default_factory=list)
+    created_holds: list[tuple[str, Hold]] = field(default_factory=list)
+    ended_holds: dict[str, tuple[Hold, str | None, str | None]] = field(default_factory=dict)
+    refunded: dict[TransactionId, int] = field(default_factory=dict)  # originals: new total
 
     def copy(self) -> "Draft":
         return Draft(
@@ -290,12 +291,6 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         lots_taken=references.lots_taken,
         links={key: row.chain_hash for key, row in locked.items()},
         counts={key: row.entry_count for key, row in locked.items()},
-        transactions=[],
-        entries=[],
-        lot_moves=[],
-        created_holds=[],
-        ended_holds={},
-        refunded={},
     )
     applied: dict[str, tuple[str, Posted]] = {}
     refused: dict[str, tuple[str, Refusal]] = {}
