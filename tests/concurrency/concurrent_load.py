@@ -215,16 +215,27 @@ async def send(client: httpx.AsyncClient, request: FlowRequest) -> Reply:
 
 
 async def send_all(
-    client: httpx.AsyncClient, requests: Sequence[FlowRequest], *, concurrency: int | None = None
+    client: httpx.AsyncClient,
+    requests: Sequence[FlowRequest],
+    *,
+    concurrency: int | None = None,
+    retries_when_unavailable: int = 0,
 ) -> list[Reply]:
-    """Send every request at once (or at most `concurrency` at a time), replies in order."""
+    """Send every request at once (or at most `concurrency` at a time), replies in order. A
+    request answered 503 is sent again with its key up to `retries_when_unavailable` times, as
+    the contract tells a client to: its reply is the last answer."""
     if concurrency is None:
         return list(await asyncio.gather(*(send(client, r) for r in requests)))
     semaphore = asyncio.Semaphore(concurrency)
 
     async def bounded(request: FlowRequest) -> Reply:
         async with semaphore:
-            return await send(client, request)
+            reply = await send(client, request)
+            for _ in range(retries_when_unavailable):
+                if reply.status != 503:
+                    break
+                reply = await send(client, request)
+            return reply
 
     return list(await asyncio.gather(*(bounded(r) for r in requests)))
 
