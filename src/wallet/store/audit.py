@@ -1,5 +1,6 @@
 """Read-only checks that the stored ledger keeps its invariants; each returns the offending rows.
-Sums are compared in SQL, exactly (integers; PostgreSQL's numeric sums), never as floats."""
+Sums are exact integers, never floats: compared in SQL, or, where they may pass 64 bits (SQLite's
+sum() fails there), taken as two sums and added in Python."""
 
 from collections.abc import AsyncIterator
 from datetime import datetime
