@@ -300,10 +300,17 @@ def serve(
             log_level=settings.log_level,
             log_config=None,  # the service's own logging (logs.py), set above and per worker
             access_log=False,  # the gate logs one line per request instead
+            timeout_keep_alive=IDLE_CONNECTION_TIMEOUT_S,
         )
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+# Longer than the idle timeouts of clients and proxies in front (httpx 5 s, a cloud load
+# balancer 60 s), so the client side closes an idle connection first: at equal timeouts a
+# request sent just as the server closes the connection is lost in transit (a read error).
+IDLE_CONNECTION_TIMEOUT_S = 75
 
 
 def worker_count(settings: Settings) -> int:
