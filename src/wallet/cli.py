@@ -63,7 +63,7 @@ def _run(work: Callable[["Database"], Awaitable[R]], settings: Settings | None =
     settings = settings or load_settings()
 
     async def main() -> R:
-        database = Database(create_engine(settings))
+        database = Database(create_engine(settings), system_shards=settings.system_shards)
         try:
             return await work(database)
         finally:

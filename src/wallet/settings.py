@@ -16,6 +16,9 @@ ASYNC_SCHEMES = {
 }
 
 
+SYSTEM_SHARDS = 8
+
+
 class Settings(BaseSettings):
     """Everything the service can be configured with."""
 
@@ -49,6 +52,20 @@ class Settings(BaseSettings):
         ge=0,
         le=1000,
         description="Longest a flow request waits for others to share its transaction, in ms.",
+    )
+    batches_in_flight: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Most batches one worker posts at once on PostgreSQL, each on its own "
+        "connection (at most the pool size); SQLite, one writer, posts one at a time.",
+    )
+    system_shards: int = Field(
+        default=SYSTEM_SHARDS,
+        ge=1,
+        le=1024,
+        description="Balance rows per system account and asset that writers spread over, so "
+        "concurrent batches do not queue on one row; change it at any time, no migration.",
     )
     lean_flows: bool = Field(
         default=True,

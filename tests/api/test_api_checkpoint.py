@@ -1,5 +1,6 @@
 """The checkpoint of API-ledger.md: for an admin only, the newest link and length of every
-account's chain per asset, the same links the ledger entries show."""
+chain (an account's balance row of an asset: a user has one, a system account several), the same
+links the ledger entries show."""
 
 import re
 from collections import Counter
@@ -33,20 +34,25 @@ CHECKPOINT = f"{API}/ledger/checkpoint"
 SYSTEM_ACCOUNTS = ("system:bonus_pool", "system:revenue", "system:treasury")
 
 
-async def checkpoint(client: httpx.AsyncClient) -> dict[tuple[str, str], dict[str, Any]]:
-    """The checkpoint's chains by (account, asset), after checking its shape."""
+Chain = tuple[str, str, int]  # (account, asset, shard)
+
+
+async def checkpoint(client: httpx.AsyncClient) -> dict[Chain, dict[str, Any]]:
+    """The checkpoint's chains by (account, asset, shard), after checking its shape."""
     body = await get_ok(client, CHECKPOINT)
     assert set(body) == {"at", "chains"}, body
     assert_rfc3339_utc(body["at"])
     chains = body["chains"]
     for chain in chains:
-        assert set(chain) == {"account", "assetSymbol", "chainHash", "entries"}, chain
+        assert set(chain) == {"account", "assetSymbol", "shard", "chainHash", "entries"}, chain
         assert re.fullmatch("[0-9a-f]{64}", chain["chainHash"]), chain
         assert type(chain["entries"]) is int
         assert chain["entries"] >= 1
-    names = [(chain["account"], chain["assetSymbol"]) for chain in chains]
-    assert names == sorted(set(names))  # each chain once, by account, then asset
-    return {(chain["account"], chain["assetSymbol"]): chain for chain in chains}
+        assert type(chain["shard"]) is int
+        assert chain["shard"] == 0 or chain["account"] in SYSTEM_ACCOUNTS, chain
+    names = [(chain["account"], chain["assetSymbol"], chain["shard"]) for chain in chains]
+    assert names == sorted(set(names))  # each chain once, by account, asset, then shard
+    return {(chain["account"], chain["assetSymbol"], chain["shard"]): chain for chain in chains}
 
 
 async def ledger_of(client: httpx.AsyncClient, user_id: str, asset: str) -> list[dict[str, Any]]:
@@ -92,7 +98,7 @@ async def test_each_users_chain_ends_at_their_newest_entry(client: httpx.AsyncCl
     for user in (ALICE, BOB, carol):
         for asset in ASSET_NAMES:
             entries = await ledger_of(client, user, asset)
-            chain = chains.get((user, asset))
+            chain = chains.get((user, asset, 0))
             if not entries:
                 assert chain is None, (user, asset)
                 continue
@@ -108,9 +114,9 @@ async def test_the_chains_hold_every_entry_of_every_transaction(
 
     chains = await checkpoint(client)
 
-    users = {account for account, _ in chains if not account.startswith("system:")}
+    users = {account for account, _, _ in chains if not account.startswith("system:")}
     assert users == {ALICE, BOB, carol}
-    assert {account for account, _ in chains} - users == set(SYSTEM_ACCOUNTS)
+    assert {account for account, _, _ in chains} - users == set(SYSTEM_ACCOUNTS)
     # A debit and a credit of each kind a transaction moves.
     transactions = {
         t["transactionId"]: (t["assetSymbol"], 2 * ((t["paidAmount"] > 0) + (t["freeAmount"] > 0)))
@@ -118,7 +124,7 @@ async def test_the_chains_hold_every_entry_of_every_transaction(
         for t in await transactions_of(client, user)
     }
     per_asset: Counter[str] = Counter()
-    for (_, asset), chain in chains.items():
+    for (_, asset, _), chain in chains.items():
         per_asset[asset] += chain["entries"]
     expected: Counter[str] = Counter()
     for asset, entries in transactions.values():
@@ -137,12 +143,16 @@ async def test_a_new_entry_advances_its_chains_and_no_other(
 
     after = await checkpoint(client)
     other = "system:treasury" if flow == "topup" else "system:revenue"
-    moved = {(ALICE, "LOYALTY_POINTS"), (other, "LOYALTY_POINTS")}
+    users = (ALICE, "LOYALTY_POINTS", 0)
+    # The other side went to one of the system account's rows, whichever the batch took.
+    (others,) = {name for name in after if after[name] != before.get(name)} - {users}
+    assert others[:2] == (other, "LOYALTY_POINTS")
+    moved = {users, others}
     assert {name: after[name] for name in after if name not in moved} == {
         name: before[name] for name in before if name not in moved
     }
     newest = (await ledger_of(client, ALICE, "LOYALTY_POINTS"))[0]
-    assert after[(ALICE, "LOYALTY_POINTS")]["chainHash"] == newest["chainHash"]
+    assert after[users]["chainHash"] == newest["chainHash"]
     for name in moved:
         entries = before[name]["entries"] if name in before else 0
         assert after[name]["entries"] == entries + 1, name

@@ -32,6 +32,8 @@ from api_checks import (
     transaction_detail,
 )
 
+from app_clients import app_client
+from wallet.settings import Settings
 from wallet.store.database import Database
 from wallet.store.tables import balances
 
@@ -270,52 +272,80 @@ async def test_balances_of_all_accounts_sum_to_zero_per_asset_and_kind(
 
 
 async def _set_balance(database: Database, account: str, asset: str, value: int) -> None:
-    """Tamper with one balance (the ledger is left behind): the quick way to a 64-bit edge."""
+    """Tamper with a balance, each of its rows (the ledger is left behind): the quick way to a
+    64-bit edge."""
     async with database.transaction(is_write=True) as connection:
         result = await connection.execute(
             sa.update(balances)
             .where(balances.c.account_id == account, balances.c.asset_symbol == asset)
             .values(balance=value)
         )
-    assert result.rowcount == 1
+    assert result.rowcount >= 1
 
 
-async def _balance_in_database(database: Database, account: str, asset: str) -> int:
+async def _balance_rows(database: Database, account: str, asset: str) -> dict[int, int]:
+    """The balance of each of the account's rows (shards) of the asset, in the database."""
     async with database.transaction(is_write=False) as connection:
-        value = await connection.scalar(
-            sa.select(balances.c.balance).where(
+        rows = await connection.execute(
+            sa.select(balances.c.shard, balances.c.balance).where(
                 balances.c.account_id == account, balances.c.asset_symbol == asset
             )
         )
-    assert value is not None
-    return int(value)
+    return dict(rows.all())
 
 
-@pytest.mark.parametrize(
-    ("flow", "account", "edge"),
-    [
-        ("topup", ALICE, MAX_BALANCE - 5),
-        ("bonus", ALICE, MAX_BALANCE - 5),
-        ("topup", "system:treasury", MIN_BALANCE + 5),
-        ("bonus", "system:bonus_pool", MIN_BALANCE + 5),
-        ("spend", "system:revenue", MAX_BALANCE - 5),
-    ],
-    ids=["user-topup", "user-bonus", "treasury-topup", "bonus-pool-bonus", "revenue-spend"],
-)
-async def test_flow_that_would_take_a_balance_past_64_bits_is_refused(
-    client: httpx.AsyncClient, database: Database, flow: str, account: str, edge: int
+@pytest.mark.parametrize("flow", ["topup", "bonus"])
+async def test_flow_that_would_take_a_user_balance_past_64_bits_is_refused(
+    client: httpx.AsyncClient, database: Database, flow: str
 ) -> None:
-    # Every account gets a balance row first, so there is one to set.
-    for warm_up in ("bonus", "spend"):
-        assert (await post_flow(client, warm_up, flow_body(amount=1))).status_code == 201
-    await _set_balance(database, account, "GOLD_COINS", edge)
+    edge = MAX_BALANCE - 5
+    await _set_balance(database, ALICE, "GOLD_COINS", edge)
     before = await account_state(client, ALICE)
 
     response = await post_flow(client, flow, flow_body(amount=10))
 
     assert_problem(response, 422, "balance_limit_exceeded")
     assert await account_state(client, ALICE) == before
-    assert await _balance_in_database(database, account, "GOLD_COINS") == edge
+    assert await _balance_rows(database, ALICE, "GOLD_COINS") == {0: edge}
+
+
+@pytest.mark.parametrize(
+    ("flow", "account", "edge", "moved"),
+    [
+        ("topup", "system:treasury", MIN_BALANCE + 5, -10),
+        ("bonus", "system:bonus_pool", MIN_BALANCE + 5, -10),
+        ("spend", "system:revenue", MAX_BALANCE - 5, 10),
+    ],
+    ids=["treasury-topup", "bonus-pool-bonus", "revenue-spend"],
+)
+async def test_flow_that_would_take_a_system_row_past_64_bits_goes_to_another_row(
+    settings: Settings,
+    admin_key: str,
+    database: Database,
+    flow: str,
+    account: str,
+    edge: int,
+    moved: int,
+) -> None:
+    """A system account's balance has no 64-bit ceiling: when its balance row would pass 64
+    bits, the flow is applied on another row of the account and the full row is left as is."""
+    one_shard = settings.model_copy(update={"system_shards": 1})
+    async with app_client(one_shard, key=admin_key) as client:
+        # Each system account gets its row 0 first; then all its rows are set at the edge.
+        for warm_up in ("topup", "bonus", "spend"):
+            assert (await post_flow(client, warm_up, flow_body(amount=1))).status_code == 201
+        await _set_balance(database, account, "GOLD_COINS", edge)
+        full = await _balance_rows(database, account, "GOLD_COINS")
+        before = await balance_of(client, ALICE, "GOLD_COINS")
+
+        response = await post_flow(client, flow, flow_body(amount=10))
+
+        assert response.status_code == 201, response.text
+        assert await balance_of(client, ALICE, "GOLD_COINS") == before - moved
+    after = await _balance_rows(database, account, "GOLD_COINS")
+    new_rows = {shard: after[shard] for shard in after.keys() - full.keys()}
+    assert list(new_rows.values()) == [moved]
+    assert {shard: after[shard] for shard in full} == full
 
 
 async def test_flow_up_to_the_64_bit_edge_is_accepted(

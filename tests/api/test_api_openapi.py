@@ -403,6 +403,7 @@ async def test_openapi_describes_holds_balances_and_checkpoints_with_their_docum
     assert set(schemas["ChainHead"]["properties"]) == {
         "account",
         "assetSymbol",
+        "shard",
         "chainHash",
         "entries",
     }

@@ -282,11 +282,11 @@ async def assert_ledger_sound(database_url: str) -> None:
 
 
 async def system_balances(database_url: str) -> dict[tuple[str, str], tuple[int, int]]:
-    """Each system account's balance of each asset and its paid part."""
+    """Each system account's balance of each asset and its paid part: the sums of its rows."""
     rows = await query(
         database_url,
-        "SELECT account_id, asset_symbol, balance, paid FROM balances"
-        " WHERE account_id LIKE 'system:%'",
+        "SELECT account_id, asset_symbol, sum(balance) AS balance, sum(paid) AS paid"
+        " FROM balances WHERE account_id LIKE 'system:%' GROUP BY account_id, asset_symbol",
     )
     return {(row.account_id, row.asset_symbol): (row.balance, row.paid) for row in rows}
 

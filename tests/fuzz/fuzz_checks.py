@@ -84,7 +84,8 @@ class LedgerState:
 
 
 async def ledger_state(database_url: str) -> LedgerState:
-    """The tables, every balance (system accounts included), the row counts and `wallet verify`."""
+    """The tables, every balance (a system account's: the sum of its rows), the row counts and
+    `wallet verify`."""
     database = Database(create_engine(Settings(database_url=database_url)))
     try:
         checks = await verify(database)
@@ -104,9 +105,12 @@ async def ledger_state(database_url: str) -> LedgerState:
             }
     finally:
         await database.close()
+    summed: dict[tuple[str, str], int] = {}  # a system account's rows (shards) added up
+    for account, asset, balance in rows:
+        summed[(account, asset)] = summed.get((account, asset), 0) + balance
     return LedgerState(
         tables=tables,
-        balances={(account, asset): balance for account, asset, balance in rows},
+        balances=summed,
         transactions=counts["transactions"] or 0,
         entries=counts["entries"] or 0,
         audit_failures=[f"{c.name}: {f}" for c in checks for f in c.failures],

@@ -129,7 +129,8 @@ def stored_refusal(sql: Sql) -> Callable[[str], Awaitable[StoredRefusal | None]]
 
 @pytest.fixture
 def account_balance(sql: Sql) -> Callable[..., Awaitable[int]]:
-    """The stored balance of any account, system accounts included; 0 without a row."""
+    """The stored balance of any account, system accounts included (the sum of their rows); 0
+    without a row."""
 
     async def read(account_id: str, asset_symbol: str = "GOLD_COINS") -> int:
         rows = await sql(
@@ -137,15 +138,15 @@ def account_balance(sql: Sql) -> Callable[..., Awaitable[int]]:
                 balances.c.account_id == account_id, balances.c.asset_symbol == asset_symbol
             )
         )
-        return rows[0].balance if rows else 0
+        return sum(row.balance for row in rows)
 
     return read
 
 
 @pytest.fixture
 def account_paid(sql: Sql) -> Callable[..., Awaitable[int]]:
-    """The stored paid part of any account's balance, system accounts included; 0 without a
-    row."""
+    """The stored paid part of any account's balance, system accounts included (the sum of
+    their rows); 0 without a row."""
 
     async def read(account_id: str, asset_symbol: str = "GOLD_COINS") -> int:
         rows = await sql(
@@ -153,7 +154,7 @@ def account_paid(sql: Sql) -> Callable[..., Awaitable[int]]:
                 balances.c.account_id == account_id, balances.c.asset_symbol == asset_symbol
             )
         )
-        return rows[0].paid if rows else 0
+        return sum(row.paid for row in rows)
 
     return read
 

@@ -3,7 +3,7 @@ included, and each kind of tampering with the stored rows trips exactly the chec
 against it."""
 
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -24,7 +24,8 @@ from wallet.service.audit import verify
 from wallet.service.posting import expire_credits, post
 from wallet.service.seed import ALICE, BOB
 from wallet.service.wallet import Wallet
-from wallet.store.database import Database
+from wallet.settings import Settings
+from wallet.store.database import Database, create_engine
 
 MakeCommand = Callable[..., Any]
 Sql = Callable[..., Awaitable[Any]]
@@ -45,6 +46,15 @@ LOT_MOVES = "lots replay their moves"
 EXPIRIES = "expiries match the lots they ended"
 REVENUE = SystemAccount.REVENUE
 Advance = Callable[[timedelta], None]
+
+
+@pytest.fixture
+async def database(settings: Settings) -> AsyncIterator[Database]:
+    """The test database, writing one balance row per system account and asset: the chains the
+    findings name are shard 0's (test_tamper.py covers several)."""
+    database = Database(create_engine(settings), system_shards=1)
+    yield database
+    await database.close()
 
 
 async def failures(database: Database) -> dict[str, list[str]]:

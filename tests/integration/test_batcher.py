@@ -211,3 +211,34 @@ async def test_a_caller_gone_before_its_batch_began_is_not_applied(
     await batcher.close()
 
     assert sizes == [1]
+
+
+@pytest.mark.postgres_only
+async def test_up_to_max_in_flight_batches_post_at_once_and_close_waits_for_all(
+    database: Database, make_command: MakeCommand, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches post concurrently, never more than `max_in_flight`; each caller gets its own
+    outcome, and closing waits for every batch in flight. (PostgreSQL: SQLite has one writer.)"""
+    in_flight, most = 0, 0
+
+    async def slow_post(
+        database: Database, commands: Sequence[Command], *, deadline: float | None = None
+    ) -> list[Outcome]:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.05)  # long enough for the next batches to gather and start
+            return await post(database, commands, deadline=deadline)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(batcher_module, "post", slow_post)
+    batcher = Batcher(database, max_size=2, max_wait_s=0.001, max_in_flight=3)
+    callers = [asyncio.create_task(batcher.submit(make_command(Flow.TOPUP, 1))) for _ in range(12)]
+    await asyncio.sleep(0.01)
+    await batcher.close()
+
+    assert all(caller.done() for caller in callers), "close returned with callers unanswered"
+    assert all(isinstance(caller.result(), Posted) for caller in callers)
+    assert most == 3

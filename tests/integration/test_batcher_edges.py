@@ -17,6 +17,7 @@ from wallet.service import posting
 from wallet.service.batcher import Batcher
 from wallet.service.posting import Outcome, post
 from wallet.store.database import Database, TransientConflict
+from wallet.store.ledger import ShardPicker
 
 MakeCommand = Callable[..., Command]
 ReadState = Callable[[], Awaitable[dict[str, Any]]]
@@ -153,7 +154,9 @@ async def test_a_refused_command_costs_the_others_of_its_batch_one_retry_deadlin
     attempts_alone: Counter[str] = Counter()
     apply = posting._apply
 
-    async def injected(connection: AsyncConnection, batch: Sequence[Command]) -> list[Outcome]:
+    async def injected(
+        connection: AsyncConnection, batch: Sequence[Command], shards: ShardPicker
+    ) -> list[Outcome]:
         keys = {c.idempotency_key for c in batch}
         if len(batch) == 1:
             attempts_alone.update(keys)
@@ -161,7 +164,7 @@ async def test_a_refused_command_costs_the_others_of_its_batch_one_retry_deadlin
             raise Conflict("refused by a constraint")
         if len(batch) == 1 and keys & {conflicted, conflicted_too}:
             raise TransientConflict("40001")
-        return await apply(connection, batch)
+        return await apply(connection, batch, shards)
 
     monkeypatch.setattr(posting, "_apply", injected)
     monkeypatch.setattr(posting, "RETRY_FOR_S", 0.5)

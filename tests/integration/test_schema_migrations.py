@@ -165,8 +165,10 @@ async def test_the_newest_migration_steps_down_and_back_up_under_a_ledger(
     empty_database_url: str,
 ) -> None:
     """The round trip on a database the service has written to: the ledger survives it
-    (what the downgrade itself drops, such as API keys for 0003, is not asked back)."""
-    database = Database(create_engine(Settings(database_url=empty_database_url)))
+    (what the downgrade itself drops, such as API keys for 0003, is not asked back). One
+    shard: 0006 has a single balance row per account and asset."""
+    settings = Settings(database_url=empty_database_url)
+    database = Database(create_engine(settings), system_shards=1)
     try:
         await migrate(database)
         await seed(database)
@@ -207,6 +209,41 @@ async def test_the_newest_migration_steps_down_and_back_up_under_a_ledger(
     try:
         wallet = Wallet(database)
         assert {user: await wallet.standings(user_id=user) for user in (ALICE, BOB)} == before
+        assert all(check.is_clean for check in await verify(database))
+    finally:
+        await database.close()
+
+
+async def test_the_shard_migration_refuses_to_step_down_while_shards_hold_entries(
+    empty_database_url: str,
+) -> None:
+    """0006 has one balance row per account and asset: a ledger whose system accounts use
+    other rows stays at 0007, untouched, rather than lose them."""
+    database = Database(create_engine(Settings(database_url=empty_database_url)), system_shards=4)
+    try:
+        await migrate(database)
+        await seed(database)
+        wallet = Wallet(database)
+        for _ in range(4):  # each transaction takes the next of the four rows
+            await wallet.execute(
+                Command(
+                    action=Action.TOPUP,
+                    user_id=ALICE,
+                    asset_symbol="GOLD_COINS",
+                    amount=5,
+                    idempotency_key=f"migrations-{uuid.uuid4().hex}",
+                )
+            )
+    finally:
+        await database.close()
+
+    with pytest.raises(RuntimeError, match="shards other than 0"):
+        await on_connection(empty_database_url, step("-1", is_up=False))
+
+    database = Database(create_engine(Settings(database_url=empty_database_url)))
+    try:
+        async with database.transaction(is_write=False) as connection:
+            assert await connection.run_sync(revision) == head_revision()
         assert all(check.is_clean for check in await verify(database))
     finally:
         await database.close()

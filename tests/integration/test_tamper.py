@@ -3,8 +3,10 @@ engine verifies clean, and each kind of change made with SQL to its rows (a rela
 edited metadata, an edited entry or its kind, a truncation, held sums, captures, refunds, paid
 parts, lots, their moves and expiries) is reported by `verify`. A truncation that rewinds every
 balance consistently is caught only against a checkpoint taken before it, and a rewrite behind a
-checkpoint too."""
+checkpoint too; all of it also where system accounts write to several balance rows (shards), each
+its own chain."""
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
@@ -14,7 +16,14 @@ import pytest
 import sqlalchemy as sa
 
 from wallet.domain.ledger import GENESIS_LINK, Action, Command, Posted, SystemAccount
-from wallet.service.audit import ChainHead, Checkpoint, checkpoint, verify
+from wallet.service.audit import (
+    ChainHead,
+    Checkpoint,
+    checkpoint,
+    checkpoint_json,
+    parse_checkpoint,
+    verify,
+)
 from wallet.service.posting import expire_credits, post
 from wallet.service.seed import ALICE, BOB, seed
 from wallet.settings import Settings
@@ -41,6 +50,24 @@ Sql = Callable[..., Awaitable[list[Any]]]
 REVENUE = SystemAccount.REVENUE
 Advance = Callable[[timedelta], None]
 GOLD = "GOLD_COINS"
+
+
+@pytest.fixture
+async def database(settings: Settings) -> AsyncIterator[Database]:
+    """The test database, writing one balance row per system account and asset: the chains the
+    findings name are shard 0's (`sharded` writes to several)."""
+    database = Database(create_engine(settings), system_shards=1)
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+async def sharded(settings: Settings) -> AsyncIterator[Database]:
+    """The test database, each batch writing to the next of four rows (shards) of every system
+    account and asset it moves."""
+    database = Database(create_engine(settings), system_shards=4)
+    yield database
+    await database.close()
 
 
 def lot(bonus: Posted, days: int) -> str:
@@ -95,22 +122,22 @@ async def truncate(sql: Sql, transaction_id: str) -> None:
     for entry in (await entries_of(sql, transaction_id)).values():
         signed = entry.amount if entry.direction == "credit" else -entry.amount
         signed_paid = signed if entry.kind == "paid" else 0
+        chain = {"account": entry.account_id, "asset": entry.asset_symbol, "shard": entry.shard}
         before = await sql(
             "SELECT chain_hash FROM entries WHERE account_id = :account"
-            " AND asset_symbol = :asset AND seq < :seq ORDER BY seq DESC LIMIT 1",
-            account=entry.account_id,
-            asset=entry.asset_symbol,
+            " AND asset_symbol = :asset AND shard = :shard AND seq < :seq"
+            " ORDER BY seq DESC LIMIT 1",
             seq=entry.seq,
+            **chain,
         )
         await sql(
             "UPDATE balances SET balance = balance - :signed, paid = paid - :signed_paid,"
             " entry_count = entry_count - 1, chain_hash = :link"
-            " WHERE account_id = :account AND asset_symbol = :asset",
+            " WHERE account_id = :account AND asset_symbol = :asset AND shard = :shard",
             signed=signed,
             signed_paid=signed_paid,
             link=before[0].chain_hash if before else GENESIS_LINK,
-            account=entry.account_id,
-            asset=entry.asset_symbol,
+            **chain,
         )
     await sql("DELETE FROM entries WHERE transaction_id = :id", id=transaction_id)
     await sql("DELETE FROM transactions WHERE id = :id", id=transaction_id)
@@ -254,16 +281,19 @@ async def test_a_checkpoint_names_the_newest_link_and_length_of_every_chain(
     database: Database, sql: Sql
 ) -> None:
     await apply(database, command(Action.SPEND, amount=100), command(Action.HOLD, amount=1))
-    entries = await sql("SELECT account_id, asset_symbol, chain_hash FROM entries ORDER BY seq")
-    chains: dict[tuple[str, str], list[str]] = {}
+    entries = await sql(
+        "SELECT account_id, asset_symbol, shard, chain_hash FROM entries ORDER BY seq"
+    )
+    chains: dict[tuple[str, str, int], list[str]] = {}
     for row in entries:
-        chains.setdefault((row.account_id, row.asset_symbol), []).append(row.chain_hash)
+        chains.setdefault((row.account_id, row.asset_symbol, row.shard), []).append(row.chain_hash)
 
     taken = await checkpoint(database)
 
-    assert sorted(taken.chains, key=lambda c: (c.account, c.asset_symbol)) == taken.chains
-    assert {(c.account, c.asset_symbol): c for c in taken.chains} == {
-        key: ChainHead(key[0], key[1], links[-1], len(links)) for key, links in chains.items()
+    assert sorted(taken.chains, key=lambda c: (c.account, c.asset_symbol, c.shard)) == taken.chains
+    assert {(c.account, c.asset_symbol, c.shard): c for c in taken.chains} == {
+        key: ChainHead(key[0], key[1], links[-1], len(links), key[2])
+        for key, links in chains.items()
     }
 
 
@@ -353,7 +383,7 @@ async def test_refunds_that_add_up_to_more_than_their_original_are_caught(
 @pytest.fixture
 async def unguarded(empty_database_url: str) -> AsyncIterator[Database]:
     """A migrated, seeded database of its own, whose CHECK constraints a test may drop."""
-    database = Database(create_engine(Settings(database_url=empty_database_url)))
+    database = Database(create_engine(Settings(database_url=empty_database_url)), system_shards=1)
     await migrate(database)
     await seed(database)
     yield database
@@ -613,3 +643,117 @@ async def test_a_hold_that_reserves_more_paid_credits_than_its_amount_is_caught(
     )
 
     assert await failures(unguarded) == {HELD: [f"hold {hold.hold.id}: paidAmount 40 of 30"]}
+
+
+async def spends_in_turn(database: Database, count: int) -> list[Posted]:
+    """Alice spends 10 paid GOLD_COINS `count` times, each in a batch of its own: the credits to
+    the revenue account go to its rows (shards) in turn."""
+    return [(await apply(database, command(Action.SPEND, amount=10)))[0] for _ in range(count)]
+
+
+async def revenue_credits(sql: Sql, shard: int) -> list[Any]:
+    """The revenue account's GOLD_COINS entries in one of its rows, oldest first."""
+    return await sql(
+        "SELECT id, transaction_id FROM entries WHERE account_id = :revenue"
+        " AND asset_symbol = :gold AND shard = :shard ORDER BY seq",
+        revenue=REVENUE,
+        gold=GOLD,
+        shard=shard,
+    )
+
+
+async def test_a_ledger_on_several_rows_of_each_system_account_verifies_clean(
+    sharded: Database, sql: Sql
+) -> None:
+    spends = []
+    for _ in range(4):
+        _, _, spend = await apply(
+            sharded,
+            command(Action.TOPUP, amount=10),
+            command(Action.BONUS, amount=3),
+            command(Action.SPEND, amount=10),  # free credits first, then paid
+        )
+        spends.append(spend)
+    # Given back from another row of the revenue account than the one the spend went to.
+    await apply(sharded, command(Action.REFUND, reference=spends[0].transaction.id, amount=4))
+    rows = await sql(
+        "SELECT DISTINCT account_id, shard FROM entries WHERE account_id LIKE 'system:%'"
+    )
+
+    assert {(r.account_id, r.shard) for r in rows} >= {
+        (account.value, shard) for account in SystemAccount for shard in (0, 1, 2, 3)
+    }
+    assert await failures(sharded) == {}
+
+
+async def test_an_edited_entry_amount_in_a_row_above_zero_is_caught(
+    sharded: Database, sql: Sql
+) -> None:
+    await spends_in_turn(sharded, 8)  # two in each of the four rows
+    older, _ = await revenue_credits(sql, 2)
+    await sql("UPDATE entries SET amount = 15 WHERE id = :id", id=older.id)
+
+    chain = f"{REVENUE} GOLD_COINS shard 2"
+    assert await failures(sharded) == {
+        REPLAY: [f"{chain}: balance 20, ledger 25"],
+        PAIRS: [f"transaction {older.transaction_id}"],
+        CHAINS: [  # of paid credits: its paidAfter no longer follows either
+            f"entry {older.id} ({chain})",
+            f"entry {older.id} ({chain}): paidAfter does not follow",
+        ],
+        LINKS: [f"entry {older.id} ({chain}): first broken link"],
+    }
+
+
+async def test_an_edited_link_in_a_row_above_zero_is_caught(sharded: Database, sql: Sql) -> None:
+    await spends_in_turn(sharded, 8)
+    _, newest = await revenue_credits(sql, 3)
+    await sql("UPDATE entries SET chain_hash = :link WHERE id = :id", link="f" * 64, id=newest.id)
+
+    chain = f"{REVENUE} GOLD_COINS shard 3"
+    assert await failures(sharded) == {
+        LINKS: sorted(
+            [
+                f"entry {newest.id} ({chain}): first broken link",
+                f"{chain}: the balance's newest link is not the last entry's",
+            ]
+        )
+    }
+
+
+async def test_a_ledger_that_grew_since_a_checkpoint_of_several_rows_extends_it(
+    sharded: Database,
+) -> None:
+    await spends_in_turn(sharded, 4)
+    # Read back from its JSON, as `wallet verify --checkpoint FILE` does.
+    taken = parse_checkpoint(json.dumps(checkpoint_json(await checkpoint(sharded))))
+    await spends_in_turn(sharded, 5)
+
+    assert {c.shard for c in taken.chains if c.account == REVENUE} == {0, 1, 2, 3}
+    assert await failures(sharded, taken) == {}
+
+
+async def test_a_truncation_of_a_row_above_zero_is_caught_against_a_checkpoint(
+    sharded: Database, sql: Sql
+) -> None:
+    spends = await spends_in_turn(sharded, 8)
+    if (await entries_of(sql, spends[-1].transaction.id))["credit"].shard == 0:
+        spends += await spends_in_turn(sharded, 1)  # the next batch takes row 1
+    newest = spends[-1].transaction.id
+    shard = (await entries_of(sql, newest))["credit"].shard
+    taken = await checkpoint(sharded)
+    length = {(c.account, c.asset_symbol, c.shard): c.entries for c in taken.chains}
+    alice, revenue = length[ALICE, GOLD, 0], length[REVENUE, GOLD, shard]
+    await truncate(sql, newest)
+
+    assert await failures(sharded) == {}
+    assert await failures(sharded, taken) == {
+        EXTENDS: sorted(
+            [
+                f"{ALICE} GOLD_COINS: {alice - 1} of the checkpoint's {alice} entries left "
+                "(truncated)",
+                f"{REVENUE} GOLD_COINS shard {shard}: {revenue - 1} of the checkpoint's {revenue}"
+                " entries left (truncated)",
+            ]
+        )
+    }

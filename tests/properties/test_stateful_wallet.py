@@ -347,18 +347,21 @@ class ModelEntry(NamedTuple):
     direction: Direction
     kind: Kind
     amount: int
-    balance_after: int
-    paid_after: int
+    # What the entry left in its balance row; None for a system account, whose entries state
+    # one of its several rows (`verify` replays those; the model checks their sums instead).
+    balance_after: int | None
+    paid_after: int | None
 
 
 def entry_facts(entry: Entry) -> ModelEntry:
+    is_user = not is_system(entry.account_id)
     return ModelEntry(
         entry.account_id,
         entry.direction,
         entry.kind,
         entry.amount,
-        entry.balance_after,
-        entry.paid_after,
+        entry.balance_after if is_user else None,
+        entry.paid_after if is_user else None,
     )
 
 
@@ -754,14 +757,15 @@ class Model:
                             lot = (account, asset, leg.kind, piece.expires_at)
                             self.lots[lot] += sign * piece.amount
                             assert self.lots[lot] >= 0, f"the model took too much of {lot}"
+                is_user = not is_system(account)
                 written.append(
                     ModelEntry(
                         account,
                         direction,
                         leg.kind,
                         leg.amount,
-                        self.balance(account, asset),
-                        self.parts[(account, asset, Kind.PAID)],
+                        self.balance(account, asset) if is_user else None,
+                        self.parts[(account, asset, Kind.PAID)] if is_user else None,
                     )
                 )
         return written
@@ -2181,13 +2185,19 @@ async def _reset(database: Database) -> None:
 async def _stored_balances(
     database: Database,
 ) -> dict[tuple[str, str], tuple[int, int, int, int]]:
-    """Every balance row's balance, paid part, held sum and lots' sum that is not all zero, read
-    past the service."""
+    """Every balance's balance, paid part, held sum and lots' sum that is not all zero, read
+    past the service (a system account's: the sums over its rows)."""
     async with database.transaction(is_write=False) as connection:
         rows = await connection.execute(sa.select(balances))
-        found = {
-            (r.account_id, r.asset_symbol): (r.balance, r.paid, r.held, r.expiring) for r in rows
-        }
+        found: dict[tuple[str, str], tuple[int, int, int, int]] = {}
+        for r in rows:
+            balance, paid, held, expiring = found.get((r.account_id, r.asset_symbol), (0, 0, 0, 0))
+            found[(r.account_id, r.asset_symbol)] = (
+                balance + r.balance,
+                paid + r.paid,
+                held + r.held,
+                expiring + r.expiring,
+            )
         return {k: v for k, v in found.items() if v != (0, 0, 0, 0)}
 
 
@@ -2220,8 +2230,8 @@ async def _stored_since(
                     Direction(r.direction),
                     Kind(r.kind),
                     r.amount,
-                    r.balance_after,
-                    r.paid_after,
+                    None if is_system(r.account_id) else r.balance_after,
+                    None if is_system(r.account_id) else r.paid_after,
                 )
             )
         rows = await connection.execute(

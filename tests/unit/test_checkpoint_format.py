@@ -20,6 +20,7 @@ CHECKPOINT = Checkpoint(
     chains=[
         ChainHead("550e8400-e29b-41d4-a716-446655440000", "GOLD_COINS", HEAD, 2),
         ChainHead("system:treasury", "GOLD_COINS", "0" * 63 + "1", 9_007_199_254_740_993),
+        ChainHead("system:treasury", "GOLD_COINS", HEAD, 3, shard=5),
     ],
 )
 CHAIN = {"account": "system:revenue", "assetSymbol": "GOLD_COINS", "chainHash": HEAD, "entries": 1}
@@ -32,14 +33,23 @@ def test_a_checkpoint_is_written_as_the_api_shows_it() -> None:
             {
                 "account": "550e8400-e29b-41d4-a716-446655440000",
                 "assetSymbol": "GOLD_COINS",
+                "shard": 0,
                 "chainHash": HEAD,
                 "entries": 2,
             },
             {
                 "account": "system:treasury",
                 "assetSymbol": "GOLD_COINS",
+                "shard": 0,
                 "chainHash": "0" * 63 + "1",
                 "entries": 9_007_199_254_740_993,
+            },
+            {
+                "account": "system:treasury",
+                "assetSymbol": "GOLD_COINS",
+                "shard": 5,
+                "chainHash": HEAD,
+                "entries": 3,
             },
         ],
     }
@@ -48,6 +58,20 @@ def test_a_checkpoint_is_written_as_the_api_shows_it() -> None:
 def test_a_written_checkpoint_reads_back_equal() -> None:
     assert parse_checkpoint(json.dumps(checkpoint_json(CHECKPOINT))) == CHECKPOINT
     assert parse_checkpoint(json.dumps(checkpoint_json(CHECKPOINT)).encode()) == CHECKPOINT
+
+
+def test_a_chain_of_a_checkpoint_taken_before_shards_is_of_shard_0() -> None:
+    document = {"at": "2026-12-02T10:20:00Z", "chains": [CHAIN]}
+
+    assert parse_checkpoint(json.dumps(document)).chains == [
+        ChainHead("system:revenue", "GOLD_COINS", HEAD, 1, shard=0)
+    ]
+
+
+def test_a_checkpoint_may_name_one_account_and_asset_once_per_shard() -> None:
+    document = {"at": "2026-12-02T10:20:00Z", "chains": [CHAIN, {**CHAIN, "shard": 1}]}
+
+    assert [c.shard for c in parse_checkpoint(json.dumps(document)).chains] == [0, 1]
 
 
 def test_a_checkpoint_of_an_empty_ledger_has_no_chains() -> None:
@@ -75,7 +99,14 @@ def test_a_checkpoint_of_an_empty_ledger_has_no_chains() -> None:
         pytest.param([{**CHAIN, "entries": 1.5}], "whole number from 1", id="fraction"),
         pytest.param([{**CHAIN, "entries": True}], "whole number from 1", id="boolean"),
         pytest.param([{**CHAIN, "entries": "3"}], "whole number from 1", id="string"),
+        pytest.param([{**CHAIN, "shard": -1}], "shard must be a whole number from 0", id="below-0"),
+        pytest.param([{**CHAIN, "shard": 1.0}], "shard must be a whole number", id="shard-float"),
+        pytest.param([{**CHAIN, "shard": "1"}], "shard must be a whole number", id="shard-string"),
+        pytest.param([{**CHAIN, "shard": False}], "shard must be a whole number", id="shard-bool"),
         pytest.param([CHAIN, {**CHAIN, "entries": 2}], "names a chain twice", id="twice"),
+        pytest.param(
+            [CHAIN, {**CHAIN, "shard": 0, "entries": 2}], "names a chain twice", id="shard-0-twice"
+        ),
     ],
 )
 def test_anything_but_a_checkpoint_is_refused_saying_why(

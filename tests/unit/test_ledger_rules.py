@@ -35,6 +35,7 @@ from wallet.domain.ledger import (
     SpendOrder,
     Standing,
     SystemAccount,
+    SystemRowFull,
     Transaction,
     TransactionId,
     UserId,
@@ -426,31 +427,37 @@ def test_a_debit_may_take_a_system_balance_exactly_to_the_64_bit_minimum() -> No
 
 
 @pytest.mark.parametrize(
-    ("opening", "action"),
+    ("opening", "action", "full_row"),
     [
         pytest.param(
-            {"alice": MAX_BALANCE - 5, "treasury": -(MAX_BALANCE - 5)},
+            # Another row of the treasury's balance holds the rest: this one has room.
+            {"alice": MAX_BALANCE - 5, "treasury": -100},
             Action.TOPUP,
+            None,
             id="user-above-max",
         ),
         pytest.param(
             {"revenue": MAX_BALANCE - 5, "alice": 100, "treasury": -(MAX_BALANCE - 5) - 100},
             Action.SPEND,
+            REVENUE,
             id="revenue-above-max",
         ),
         pytest.param(
             {"bob": MAX_BALANCE - 5, "alice": 100, "treasury": -(MAX_BALANCE - 5) - 100},
             Action.TRANSFER,
+            None,
             id="receiver-above-max",
         ),
         pytest.param(
             {"treasury": MIN_BALANCE + 5, "bob": -(MIN_BALANCE + 5)},
             Action.TOPUP,
+            TREASURY,
             id="treasury-below-min",
         ),
         pytest.param(
             {"free": {"bonus_pool": MIN_BALANCE + 5, "bob": -(MIN_BALANCE + 5)}},
             Action.BONUS,
+            AccountId(SystemAccount.BONUS_POOL),
             id="bonus-pool-below-min",
         ),
         pytest.param(
@@ -462,17 +469,26 @@ def test_a_debit_may_take_a_system_balance_exactly_to_the_64_bit_minimum() -> No
                 "free": {"revenue": -1000, "bob": 1000},
             },
             Action.SPEND,
+            REVENUE,
             id="revenue-paid-part-above-max",
         ),
     ],
 )
-def test_a_move_past_64_bits_raises_balance_limit_exceeded_and_changes_nothing(
-    opening: dict[str, Any], action: Action
+def test_a_move_past_64_bits_is_refused_for_a_user_and_full_for_a_system_row(
+    opening: dict[str, Any], action: Action, full_row: AccountId | None
 ) -> None:
+    """A user's balance past 64 bits refuses the request (balance_limit_exceeded); a system
+    account's row is full instead, and the batch moves on to another row of it. Neither
+    changes anything."""
     state = book(**opening, alice_lots={(PAID, SOON): 100} if "alice" in opening else None)
     before = state.copy()
-    with pytest.raises(errors.BalanceLimitExceeded):
-        moving(action, 10, state, expires_at=SOON)
+    if full_row is None:
+        with pytest.raises(errors.BalanceLimitExceeded):
+            moving(action, 10, state, expires_at=SOON)
+    else:
+        with pytest.raises(SystemRowFull) as full:
+            moving(action, 10, state, expires_at=SOON)
+        assert full.value.key == (full_row, GOLD)
     assert state == before
 
 

@@ -14,7 +14,8 @@ T = TypeVar("T")
 
 def open_database(settings: Settings) -> Database:
     update = {"database_timeout_s": max(settings.database_timeout_s, LONG_TIMEOUT_S)}
-    return Database(create_engine(settings.model_copy(update=update)))
+    engine = create_engine(settings.model_copy(update=update))
+    return Database(engine, system_shards=settings.system_shards)
 
 
 async def run_on(database: Database, work: Awaitable[T]) -> T:

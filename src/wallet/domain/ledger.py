@@ -264,11 +264,11 @@ class Entry:
     asset_symbol: str
     direction: Direction
     amount: int
-    balance_after: int
+    balance_after: int  # its balance row's right after it (a system account has several rows)
     created_at: datetime
     kind: Kind
-    paid_after: int  # the account's paid credits right after this entry
-    chain_hash: str = ""  # this entry's link in its account's chain; see `link`
+    paid_after: int  # its balance row's paid credits right after this entry
+    chain_hash: str = ""  # its link in its balance row's chain; see `link`
 
 
 CHAIN_VERSION = 3
@@ -319,7 +319,7 @@ def link_content(previous: str, entry: Entry, transaction: Transaction) -> bytes
 
 
 def link(previous: str, entry: Entry, transaction: Transaction) -> str:
-    """The entry's link in its (account, asset) chain: a digest of the previous link, of
+    """The entry's link in its balance row's chain: a digest of the previous link, of
     everything the entry states and of its transaction's header, so editing, relabelling,
     deleting or reordering an entry breaks the chain."""
     return hashlib.sha256(link_content(previous, entry, transaction)).hexdigest()
@@ -403,6 +403,15 @@ def standing(
         soonest = min(at for at, _ in upcoming)
         next_expiry = (sum(left for at, left in upcoming if at == soonest), soonest)
     return Standing(asset_symbol, balance, paid, sum(held.values()), expired, next_expiry)
+
+
+class SystemRowFull(Exception):
+    """A system account's balance row in this batch would pass 64 bits: not the request's
+    fault, so no refusal; the batch runs again on another of the account's rows (shards)."""
+
+    def __init__(self, key: BalanceKey) -> None:
+        super().__init__(f"the balance row of {key[0]} in {key[1]} is full")
+        self.key = key
 
 
 @dataclass(slots=True)
@@ -492,8 +501,10 @@ class Book:
 
     def move(self, asset: str, legs: list[tuple[AccountId, AccountId, list[Portion]]]) -> list[Leg]:
         """Move each leg's portions (all of one kind) from its debited to its credited account,
-        or raise and change nothing: every balance stays within 64 bits. A user's lots give and
-        take with the portions. Returns each side of each leg, with the balances after it."""
+        or raise and change nothing: every balance row stays within 64 bits (a system account's
+        row that would not raises `SystemRowFull`: the batch moves to another row of it). A
+        user's lots give and take with the portions. Returns each side of each leg, with the
+        balances after it."""
         after: dict[BalanceKey, tuple[int, int]] = {}
         for debited, credited, portions in legs:
             amount = sum(p.amount for p in portions)
@@ -501,7 +512,15 @@ class Book:
             for key, sign in (((debited, asset), -1), ((credited, asset), 1)):
                 balance, paid_part = after.get(key, (self.balances[key], self.paid[key]))
                 after[key] = (balance + sign * amount, paid_part + sign * paid)
-        if not all(MIN_BALANCE <= v <= MAX_BALANCE for pair in after.values() for v in pair):
+        beyond = [
+            key
+            for key, pair in after.items()
+            if not all(MIN_BALANCE <= v <= MAX_BALANCE for v in pair)
+        ]
+        for key in beyond:
+            if is_system_account(key[0]):
+                raise SystemRowFull(key)
+        if beyond:
             raise BalanceLimitExceeded("the transaction would take a balance past 64 bits")
         sides: list[Leg] = []
         for debited, credited, portions in legs:

@@ -62,7 +62,7 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        database = Database(create_engine(settings))
+        database = Database(create_engine(settings), system_shards=settings.system_shards)
         if tracing is not None:
             instrument_engine(database.engine, tracing)
         batcher = (
@@ -70,6 +70,11 @@ def create_app(settings: Settings, *, span_exporter: SpanExporter | None = None)
                 database,
                 max_size=settings.batch_max_size,
                 max_wait_s=settings.batch_max_wait_ms / 1000,
+                max_in_flight=(
+                    min(settings.batches_in_flight, settings.database_pool_size)
+                    if database.dialect == "postgresql"
+                    else 1
+                ),
             )
             if settings.batch_max_size > 1
             else None

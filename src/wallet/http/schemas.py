@@ -471,6 +471,10 @@ class HoldPage(BaseModel):
 class ChainHead(BaseModel):
     account: str
     assetSymbol: str
+    shard: int = Field(
+        description="The balance row: a system account has several per asset, each its own "
+        "chain; users 0."
+    )
     chainHash: str
     entries: int = Field(description="How many entries the chain has; chainHash is the last's.")
 

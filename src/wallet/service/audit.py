@@ -15,7 +15,7 @@ from wallet.store import audit
 from wallet.store.database import Database
 from wallet.store.ledger import as_utc
 
-Chain = tuple[str, str]  # (account, asset)
+Chain = tuple[str, str, int]  # (account, asset, shard): one balance row's entries
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,17 +30,18 @@ class Check:
 
 @dataclass(frozen=True, slots=True)
 class ChainHead:
-    """The newest link of one (account, asset) chain, and how many entries lead to it."""
+    """The newest link of one (account, asset, shard) chain, and how many entries lead to it."""
 
     account: str
     asset_symbol: str
     chain_hash: str
     entries: int
+    shard: int = 0  # a user's one balance row; a system account has several per asset
 
 
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
-    """The head of every chain with entries, read in one snapshot, by account then asset."""
+    """The head of every chain with entries, read in one snapshot, by account, asset, shard."""
 
     at: datetime
     chains: list[ChainHead]
@@ -58,19 +59,23 @@ async def checkpoint(database: Database) -> Checkpoint:
         at = datetime.now(UTC)
     return Checkpoint(
         at=at,
-        chains=[ChainHead(r.account_id, r.asset_symbol, r.chain_hash, r.entry_count) for r in rows],
+        chains=[
+            ChainHead(r.account_id, r.asset_symbol, r.chain_hash, r.entry_count, r.shard)
+            for r in rows
+        ],
     )
 
 
 def checkpoint_json(checkpoint: Checkpoint) -> dict[str, Any]:
     """The checkpoint as the API shows it: `{"at", "chains": [{"account", "assetSymbol",
-    "chainHash", "entries"}]}`, `at` in RFC 3339, UTC."""
+    "shard", "chainHash", "entries"}]}`, `at` in RFC 3339, UTC."""
     return {
         "at": checkpoint.at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
         "chains": [
             {
                 "account": chain.account,
                 "assetSymbol": chain.asset_symbol,
+                "shard": chain.shard,
                 "chainHash": chain.chain_hash,
                 "entries": chain.entries,
             }
@@ -92,7 +97,7 @@ def parse_checkpoint(text: str | bytes) -> Checkpoint:
     if not isinstance(chains, list):
         raise InvalidCheckpoint('"chains" is not a list')
     heads = [_parse_chain(index, chain) for index, chain in enumerate(chains)]
-    if len({(head.account, head.asset_symbol) for head in heads}) != len(heads):
+    if len({_chain(head) for head in heads}) != len(heads):
         raise InvalidCheckpoint('"chains" names a chain twice')
     return Checkpoint(at=at, chains=heads)
 
@@ -111,16 +116,22 @@ def _parse_moment(value: object) -> datetime:
 
 def _parse_chain(index: int, chain: object) -> ChainHead:
     keys = {"account", "assetSymbol", "chainHash", "entries"}
-    if not isinstance(chain, dict) or set(chain) != keys:
-        raise InvalidCheckpoint(f"chain {index} is not an object of {', '.join(sorted(keys))}")
-    account, asset, chain_hash, entries = (
+    # Checkpoints taken before system accounts had several balance rows name no shard: 0.
+    if not isinstance(chain, dict) or set(chain) - {"shard"} != keys:
+        raise InvalidCheckpoint(
+            f"chain {index} is not an object of {', '.join(sorted(keys))} and, optionally, shard"
+        )
+    account, asset, shard, chain_hash, entries = (
         chain["account"],
         chain["assetSymbol"],
+        chain.get("shard", 0),
         chain["chainHash"],
         chain["entries"],
     )
     if not (isinstance(account, str) and account and isinstance(asset, str) and asset):
         raise InvalidCheckpoint(f"chain {index}: account and assetSymbol must be strings")
+    if isinstance(shard, bool) or not isinstance(shard, int) or shard < 0:
+        raise InvalidCheckpoint(f"chain {index}: shard must be a whole number from 0")
     if not (
         isinstance(chain_hash, str)
         and len(chain_hash) == len(GENESIS_LINK)
@@ -129,7 +140,23 @@ def _parse_chain(index: int, chain: object) -> ChainHead:
         raise InvalidCheckpoint(f"chain {index}: chainHash must be 64 lowercase hex digits")
     if isinstance(entries, bool) or not isinstance(entries, int) or entries < 1:
         raise InvalidCheckpoint(f"chain {index}: entries must be a whole number from 1")
-    return ChainHead(account, asset, chain_hash, entries)
+    return ChainHead(account, asset, chain_hash, entries, shard)
+
+
+def _chain(head: ChainHead) -> Chain:
+    return (head.account, head.asset_symbol, head.shard)
+
+
+def _named(chain: Chain) -> str:
+    """A chain as findings name it: `account asset`, and `shard N` unless it is shard 0 (a
+    user's only one)."""
+    account, asset, shard = chain
+    return f"{account} {asset}" if shard == 0 else f"{account} {asset} shard {shard}"
+
+
+def _row_named(row: Any) -> str:
+    """The chain of a found row (its account_id, asset_symbol and shard), as `_named` names it."""
+    return _named((row.account_id, row.asset_symbol, row.shard))
 
 
 async def verify(
@@ -137,8 +164,9 @@ async def verify(
 ) -> list[Check]:
     """Run every check in one consistent read; each lists what it found wrong. With a
     checkpoint, also check that every chain it records still leads through its link."""
-    pinned = {(c.account, c.asset_symbol): c for c in checkpoint.chains} if checkpoint else {}
+    pinned = {_chain(c): c for c in checkpoint.chains} if checkpoint else {}
     async with database.transaction(is_write=False, is_snapshot=True) as connection:
+        await audit.plan_for_whole_tables(connection)
         sums = await audit.asset_sums(connection)
         # Taken once the snapshot is: a hold active now was active in everything it shows.
         now = datetime.now(UTC)
@@ -182,35 +210,29 @@ async def verify(
         ),
         Check(
             "balances equal their ledger replay",
-            [
-                f"{r.account_id} {r.asset_symbol}: balance {r.balance}, ledger {r.replayed}"
-                for r in off
-            ]
-            + [f"{r.account_id} {r.asset_symbol}: entries without a balance" for r in orphans],
+            [f"{_row_named(r)}: balance {r.balance}, ledger {r.replayed}" for r in off]
+            + [f"{_row_named(r)}: entries without a balance" for r in orphans],
         ),
         Check(  # per kind it moves, of its amount and asset, between the accounts its type moves
             "each transaction has one debit and one credit", [f"transaction {r.id}" for r in pairs]
         ),
         Check(
             "balanceAfter chains replay",
-            [f"entry {r.id} ({r.account_id} {r.asset_symbol})" for r in chains if r.is_balance_off]
+            [f"entry {r.id} ({_row_named(r)})" for r in chains if r.is_balance_off]
             + [
-                f"entry {r.id} ({r.account_id} {r.asset_symbol}): paidAfter does not follow"
+                f"entry {r.id} ({_row_named(r)}): paidAfter does not follow"
                 for r in chains
                 if r.is_paid_off
             ]
             + [
-                f"{r.account_id} {r.asset_symbol}: paid {r.paid}, newest paidAfter {r.paid_after}"
+                f"{_row_named(r)}: paid {r.paid}, newest paidAfter {r.paid_after}"
                 for r in paid_heads
             ],
         ),
         Check("hash chains are unbroken", links),
         Check(
             "entry counts match their chains",
-            [
-                f"{r.account_id} {r.asset_symbol}: entry count {r.entry_count}, chain {r.entries}"
-                for r in counts
-            ],
+            [f"{_row_named(r)}: entry count {r.entry_count}, chain {r.entries}" for r in counts],
         ),
         Check(
             "held sums match the holds",
@@ -332,27 +354,22 @@ async def _walk_chains(
         if chain is None:
             return
         if head != previous:
-            broken.append(
-                f"{chain[0]} {chain[1]}: the balance's newest link is not the last entry's"
-            )
+            broken.append(f"{_named(chain)}: the balance's newest link is not the last entry's")
         expected = awaited.pop(chain, None)
         if expected is not None and position < expected.entries:
             unextended.append(_truncated(chain, position, expected))
 
-    async for entry, transaction, entry_head in audit.entries_by_chain(connection):
-        if (entry.account_id, entry.asset_symbol) != chain:
+    async for entry, shard, transaction, entry_head in audit.entries_by_chain(connection):
+        if (entry.account_id, entry.asset_symbol, shard) != chain:
             end_chain()
-            chain = (entry.account_id, entry.asset_symbol)
+            chain = (entry.account_id, entry.asset_symbol, shard)
             previous, head, is_broken, position = GENESIS_LINK, entry_head, False, 0
         position += 1
         if not is_broken and (
             transaction is None or link(previous, entry, transaction) != entry.chain_hash
         ):
             missing = " (its transaction is missing)" if transaction is None else ""
-            broken.append(
-                f"entry {entry.id} ({entry.account_id} {entry.asset_symbol}): "
-                f"first broken link{missing}"
-            )
+            broken.append(f"entry {entry.id} ({_named(chain)}): first broken link{missing}")
             is_broken = True
         expected = awaited.get(chain)
         if (
@@ -361,19 +378,19 @@ async def _walk_chains(
             and entry.chain_hash != expected.chain_hash
         ):
             unextended.append(
-                f"{chain[0]} {chain[1]}: entry {position} ({entry.id}) is not the checkpoint's link"
+                f"{_named(chain)}: entry {position} ({entry.id}) is not the checkpoint's link"
                 " (rewritten)"
             )
         previous = entry.chain_hash
     end_chain()
     unextended += [_truncated(chain, 0, expected) for chain, expected in awaited.items()]
     rows = await audit.linked_balances_without_entries(connection)
-    broken += [f"{r.account_id} {r.asset_symbol}: a newest link but no entry" for r in rows]
+    broken += [f"{_row_named(r)}: a newest link but no entry" for r in rows]
     return broken, unextended
 
 
 def _truncated(chain: Chain, entries: int, expected: ChainHead) -> str:
     return (
-        f"{chain[0]} {chain[1]}: {entries} of the checkpoint's {expected.entries} entries left "
+        f"{_named(chain)}: {entries} of the checkpoint's {expected.entries} entries left "
         "(truncated)"
     )

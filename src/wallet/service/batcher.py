@@ -3,7 +3,9 @@
 Every flow moves a system account, so one transaction per request makes all requests queue on
 that row's lock and on each commit's flush. The batcher hands the posting engine up to
 `max_size` commands at once, gathered for at most `max_wait_s` after the first one arrives;
-each caller gets its own outcome, and only after the batch has committed.
+each caller gets its own outcome, and only after the batch has committed. Up to `max_in_flight`
+batches post at once (each on its own connection and, for system accounts, its own balance
+rows); the next batch gathers while they do.
 
 Every caller is answered: with its outcome, or with DatabaseUnavailable (503) when its batch
 could not finish, the batch cancelled or the batcher's task failed (a failed task starts again
@@ -25,6 +27,10 @@ from wallet.service.posting import Outcome, post, retry_deadline
 from wallet.store.database import Database
 
 log = structlog.get_logger()
+STOPPED = DatabaseUnavailable(
+    "the request's batch was interrupted; a retry with the same idempotency key gives the "
+    "definite answer"
+)
 
 
 @dataclass(slots=True)
@@ -35,13 +41,17 @@ class _Pending:
 
 
 class Batcher:
-    """One per process: a single task posts one batch (one transaction) at a time, while the
-    next batch gathers behind it."""
+    """One per process: a single task gathers batches and starts each in a task of its own,
+    at most `max_in_flight` at a time."""
 
-    def __init__(self, database: Database, *, max_size: int, max_wait_s: float) -> None:
+    def __init__(
+        self, database: Database, *, max_size: int, max_wait_s: float, max_in_flight: int = 1
+    ) -> None:
         self.database = database
         self.max_size = max_size
         self.max_wait_s = max_wait_s
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._waiting: list[_Pending] = []
         self._arrived = asyncio.Event()
         self._filled = asyncio.Event()
@@ -64,7 +74,7 @@ class Batcher:
         return await pending.outcome
 
     async def close(self) -> None:
-        """Finish every command already submitted (the batch in flight and those waiting),
+        """Finish every command already submitted (the batches in flight and those waiting),
         then stop: a server shutting down answers what it accepted."""
         self._is_closing = True
         self._arrived.set()
@@ -75,26 +85,43 @@ class Batcher:
             await asyncio.wait([self._task])
 
     async def _run(self) -> None:
-        batch: list[_Pending] = []
         try:
             while self._waiting or not self._is_closing:
-                batch = await self._gather()
-                if batch:
-                    # In the context of the request that opened the batch, so its trace holds
-                    # the batch's database spans.
-                    await asyncio.create_task(self._post(batch), context=batch[0].context)
+                await self._slots.acquire()  # a batch may start: until then the next one grows
+                batch: list[_Pending] = []
+                try:
+                    batch = await self._gather()
+                finally:
+                    if not batch:  # none to post (closing, or a failure): the slot is free
+                        self._slots.release()
+                if not batch:
+                    continue
+                # In the context of the request that opened the batch, so its trace holds the
+                # batch's database spans.
+                task = asyncio.create_task(self._fly(batch), context=batch[0].context)
+                self._in_flight.add(task)
+                task.add_done_callback(self._land)
+            if self._in_flight:
+                await asyncio.wait(self._in_flight)
         except Exception:
             log.exception("the batcher failed; the next command starts it again")
         finally:
-            # Cancelled or failed, the task leaves no caller waiting: not for its batch, nor in
-            # a queue nobody drains any more.
-            stopped = DatabaseUnavailable(
-                "the request's batch was interrupted; a retry with the same idempotency key "
-                "gives the definite answer"
-            )
-            for pending in [*batch, *self._waiting]:
-                _settle(pending, stopped)
+            # Cancelled or failed, the task leaves no caller waiting in a queue nobody drains
+            # any more (a batch in flight answers its own callers: `_fly`).
+            for pending in self._waiting:
+                _settle(pending, STOPPED)
             self._waiting = []
+
+    async def _fly(self, batch: list[_Pending]) -> None:
+        try:
+            await self._post(batch)
+        finally:  # cancelled, even in its one-by-one fallback: no caller is left waiting
+            for pending in batch:
+                _settle(pending, STOPPED)
+
+    def _land(self, task: "asyncio.Task[None]") -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
 
     async def _post(self, batch: list[_Pending]) -> None:
         """Post `batch` in one transaction. If the database refuses it (a constraint, a defect),

@@ -54,6 +54,7 @@ from wallet.domain.ledger import (
     Portion,
     Posted,
     SystemAccount,
+    SystemRowFull,
     Transaction,
     TransactionId,
     UserId,
@@ -92,10 +93,17 @@ async def post(
     database: Database, commands: Sequence[Command], *, deadline: float | None = None
 ) -> list[Outcome]:
     """Apply `commands` in arrival order in one transaction; rerun it on a transient conflict
-    until `deadline` (see `in_write_transaction`)."""
-    return await in_write_transaction(
-        database, lambda connection: _apply(connection, commands), deadline=deadline
-    )
+    until `deadline` (see `in_write_transaction`), and on another shard of a system account
+    whose row it found full."""
+    while True:
+        try:
+            return await in_write_transaction(
+                database,
+                lambda connection: _apply(connection, commands, database.shards),
+                deadline=deadline,
+            )
+        except SystemRowFull:
+            continue  # `_apply` marked the row full: the next run takes another
 
 
 def retry_deadline() -> float:
@@ -144,7 +152,7 @@ async def expire_holds(database: Database, *, limit: int) -> int:
         if not due:
             return 0
         await ledger.lock_balances(
-            connection, {(AccountId(h.user_id), h.asset_symbol) for h in due}
+            connection, {(AccountId(h.user_id), h.asset_symbol): 0 for h in due}
         )
         return len(await ledger.mark_expired(connection, due, now=now))
 
@@ -224,7 +232,9 @@ class Draft:
         )
 
 
-async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> list[Outcome]:
+async def _apply(
+    connection: AsyncConnection, commands: Sequence[Command], shards: ledger.ShardPicker
+) -> list[Outcome]:
     outcomes: list[Outcome | None] = [None] * len(commands)
     hold_ids = {c.reference for c in commands if c.action in REFERS_TO_HOLD and c.reference}
     original_ids = {c.reference for c in commands if c.action is Action.REFUND and c.reference}
@@ -242,12 +252,13 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
             outcomes[index] = error
             resolved.append(command)
     parts = [op for c in resolved for op in (c.operations or (c,))]
+    rows = shards.for_batch({key for c in resolved for key in _balance_keys(c, originals)})
     lookup = await ledger.look_up_and_claim(
         connection,
         user_ids={u for op in parts for u in (op.user_id, op.to_user_id) if u is not None},
         symbols={op.asset_symbol for op in parts if op.asset_symbol is not None},
         keys={key for c in resolved for key in _keys(c)},
-        balance_keys={key for c in resolved for key in _balance_keys(c, originals)},
+        balance_rows=rows,
     )
     for index, command in enumerate(resolved):
         if outcomes[index] is None:
@@ -264,8 +275,10 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         if c.idempotency_key in lookup.claimed
         for key in _balance_keys(c, originals)
     }
-    await ledger.create_balances(connection, to_lock - lookup.balance_rows)
-    locked = await ledger.lock_balances(connection, to_lock)
+    await ledger.create_balances(
+        connection, {key: rows[key] for key in to_lock - lookup.balance_rows}
+    )
+    locked = await ledger.lock_balances(connection, {key: rows[key] for key in to_lock})
     # Taken after the locks, so time follows the order of application; a hold counts until it.
     now = datetime.now(UTC)
     claimed = [c for _, c in valid if c.idempotency_key in lookup.claimed]
@@ -326,6 +339,9 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         except WalletError as error:
             outcomes[index] = error
             continue
+        except SystemRowFull as full:
+            shards.mark_full(full.key, rows[full.key])
+            raise
         draft = trial
         applied[key] = (fingerprint, posted)
         if command.action is Action.BATCH:  # its transactions' keys are taken too
@@ -360,6 +376,7 @@ async def _apply(connection: AsyncConnection, commands: Sequence[Command]) -> li
         lots_after={(key, lot): book.lots[key][lot] for key, lot in book.changed_lots},
         moved_lots=draft.lot_moves,
         created_at=now,
+        shards=rows,
     )
     await ledger.write_holds(connection, created=draft.created_holds, ended=draft.ended_holds)
     await ledger.write_refunded(connection, draft.refunded)

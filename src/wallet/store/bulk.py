@@ -117,7 +117,8 @@ async def lock_ledger(connection: AsyncConnection) -> None:
 async def balances_of_accounts(
     connection: AsyncConnection, account_ids: Sequence[str]
 ) -> dict[tuple[str, str], BalanceHead]:
-    """The stored head of each (account, asset) of these accounts."""
+    """The stored head of each (account, asset) of these accounts, in shard 0 (what the
+    loader extends)."""
     rows = await connection.execute(
         sa.select(
             balances.c.account_id,
@@ -126,7 +127,7 @@ async def balances_of_accounts(
             balances.c.paid,
             balances.c.chain_hash,
             balances.c.entry_count,
-        ).where(balances.c.account_id.in_(account_ids))
+        ).where(balances.c.account_id.in_(account_ids), balances.c.shard == 0)
     )
     return {
         (account, asset): BalanceHead(balance, paid, link, count)
@@ -172,7 +173,7 @@ async def upsert_balances(
     insert = postgresql.insert(balances)
     await connection.execute(
         insert.on_conflict_do_update(
-            index_elements=[balances.c.account_id, balances.c.asset_symbol],
+            index_elements=[balances.c.account_id, balances.c.asset_symbol, balances.c.shard],
             set_={
                 "balance": insert.excluded.balance,
                 "paid": insert.excluded.paid,

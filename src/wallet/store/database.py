@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from wallet import metrics
 from wallet.domain.errors import Conflict, DatabaseUnavailable, InvalidRequest
-from wallet.settings import Settings
+from wallet.settings import SYSTEM_SHARDS, Settings
+from wallet.store.ledger import ShardPicker
 
 # Serialization failure and deadlock: the transaction did nothing and may simply run again.
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
@@ -99,10 +100,12 @@ def _use_explicit_sqlite_transactions(engine: AsyncEngine, *, busy_timeout_ms: i
 
 
 class Database:
-    """Owns the engine; hands out one connection in one transaction at a time."""
+    """Owns the engine; hands out one connection in one transaction at a time. Its writers
+    spread over `system_shards` balance rows of each system account and asset."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, system_shards: int = SYSTEM_SHARDS) -> None:
         self.engine = engine
+        self.shards = ShardPicker(system_shards)
 
     @property
     def dialect(self) -> str:

@@ -6,6 +6,7 @@ claim, lock, write), so each is prepared once per connection and a batch is five
 with BEGIN and COMMIT. SQLite, embedded and single-writer, runs the plain statements."""
 
 import json
+import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from wallet.domain.ledger import (
     Transaction,
     TransactionId,
     UserId,
+    is_system_account,
 )
 from wallet.store.tables import (
     accounts,
@@ -45,6 +47,36 @@ from wallet.store.tables import (
     lots,
     transactions,
 )
+
+# The balance row a batch uses of each balance: its shard (a user's is always 0).
+Shards = Mapping[BalanceKey, int]
+
+
+class ShardPicker:
+    """Which row of a system account's balance each batch uses. Batches take the `count`
+    shards in turn from a random start, so batches in flight at once (of one process or of
+    several) seldom queue on one row. A row found full (it would pass 64 bits) is left for
+    good, for the one `count` shards further on; every read sums all of an account's rows."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._turn = random.randrange(count)
+        self._full: set[tuple[BalanceKey, int]] = set()
+
+    def for_batch(self, keys: Iterable[BalanceKey]) -> dict[BalanceKey, int]:
+        turn, self._turn = self._turn, (self._turn + 1) % self.count
+        rows: dict[BalanceKey, int] = {}
+        for key in keys:
+            shard = 0
+            if is_system_account(key[0]):
+                shard = turn
+                while (key, shard) in self._full:
+                    shard += self.count
+            rows[key] = shard
+        return rows
+
+    def mark_full(self, key: BalanceKey, shard: int) -> None:
+        self._full.add((key, shard))
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +96,12 @@ class Lookup:
     users: set[str]
     assets: dict[str, Asset]
     claimed: set[str]  # keys this transaction now holds
-    balance_rows: set[BalanceKey]  # balance rows that already exist
+    balance_rows: set[BalanceKey]  # of the balance rows asked for, those that exist
+
+
+def _in_order(rows: Shards) -> list[tuple[AccountId, str, int]]:
+    """Balance rows as (account, asset, shard), in the global lock order."""
+    return sorted((account, asset, shard) for (account, asset), shard in rows.items())
 
 
 def insert_on_conflict(connection: AsyncConnection, table: sa.Table) -> Any:
@@ -95,8 +132,10 @@ SELECT 'asset', symbol, spend_order, free_lifetime_days, paid_lifetime_days FROM
 WHERE symbol = ANY(CAST(:assets AS text[]))
 UNION ALL
 SELECT 'balance', account_id, asset_symbol, NULL, NULL FROM balances
-WHERE (account_id, asset_symbol) IN (
-    SELECT * FROM unnest(CAST(:accounts AS text[]), CAST(:symbols AS text[]))
+WHERE (account_id, asset_symbol, shard) IN (
+    SELECT * FROM unnest(
+        CAST(:accounts AS text[]), CAST(:symbols AS text[]), CAST(:shards AS integer[])
+    )
 )""")
 
 
@@ -106,7 +145,7 @@ async def look_up_and_claim(
     user_ids: Iterable[str],
     symbols: Iterable[str],
     keys: Iterable[str],
-    balance_keys: Iterable[BalanceKey],
+    balance_rows: Shards,
 ) -> Lookup:
     """Find the users, assets and balance rows a batch names, and claim its idempotency keys.
 
@@ -114,7 +153,7 @@ async def look_up_and_claim(
     to end (PostgreSQL). Keys go in sorted order, so two batches claiming the same keys wait on
     each other in one order, not in a cycle."""
     ordered_keys = sorted(set(keys))
-    wanted_rows = sorted(set(balance_keys))
+    wanted_rows = _in_order(balance_rows)
     if _is_postgres(connection):
         rows = await connection.execute(
             LOOK_UP_AND_CLAIM,
@@ -122,23 +161,24 @@ async def look_up_and_claim(
                 "keys": ordered_keys,
                 "users": sorted(set(user_ids)),
                 "assets": sorted(set(symbols)),
-                "accounts": [account for account, _ in wanted_rows],
-                "symbols": [symbol for _, symbol in wanted_rows],
+                "accounts": [account for account, _, _ in wanted_rows],
+                "symbols": [symbol for _, symbol, _ in wanted_rows],
+                "shards": [shard for _, _, shard in wanted_rows],
             },
         )
         found: dict[str, set[Any]] = {"claimed": set(), "user": set()}
         found_assets: dict[str, Asset] = {}
-        balance_rows: set[BalanceKey] = set()
+        existing: set[BalanceKey] = set()
         for kind, found_id, asset, free_days, paid_days in rows:
             if kind == "balance":
-                balance_rows.add((AccountId(found_id), asset))
+                existing.add((AccountId(found_id), asset))
             elif kind == "asset":
                 found_assets[found_id] = Asset(
                     found_id, "", "", SpendOrder(asset), free_days, paid_days
                 )
             else:
                 found[kind].add(found_id)
-        return Lookup(found["user"], found_assets, found["claimed"], balance_rows)
+        return Lookup(found["user"], found_assets, found["claimed"], existing)
 
     users = await connection.execute(
         sa.select(accounts.c.id).where(accounts.c.id.in_(set(user_ids)), ~accounts.c.is_system)
@@ -156,16 +196,18 @@ async def look_up_and_claim(
                 .returning(idempotency_keys.c.key)
             )
         )
-    existing = await connection.execute(
+    existing_rows = await connection.execute(
         sa.select(balances.c.account_id, balances.c.asset_symbol).where(
-            sa.tuple_(balances.c.account_id, balances.c.asset_symbol).in_(wanted_rows)
+            sa.tuple_(balances.c.account_id, balances.c.asset_symbol, balances.c.shard).in_(
+                wanted_rows
+            )
         )
     )
     return Lookup(
         set(users.scalars()),
         {row.symbol: to_asset(row) for row in asset_rows},
         claimed,
-        {(AccountId(a), s) for a, s in existing},
+        {(AccountId(a), s) for a, s in existing_rows},
     )
 
 
@@ -272,45 +314,56 @@ async def stored_requests(
     return stored
 
 
-async def create_balances(connection: AsyncConnection, keys: Iterable[BalanceKey]) -> None:
+async def create_balances(connection: AsyncConnection, rows: Shards) -> None:
     """Create missing balance rows at zero, in the global order, before any lock is taken: two
     concurrent first top-ups of a user both succeed (ON CONFLICT DO NOTHING waits, then skips)."""
-    ordered = sorted(set(keys))
+    ordered = _in_order(rows)
     if ordered:
         await connection.execute(
             insert_on_conflict(connection, balances)
-            .values([{"account_id": a, "asset_symbol": s, "balance": 0} for a, s in ordered])
-            .on_conflict_do_nothing(index_elements=["account_id", "asset_symbol"])
+            .values(
+                [
+                    {"account_id": a, "asset_symbol": s, "shard": shard, "balance": 0}
+                    for a, s, shard in ordered
+                ]
+            )
+            .on_conflict_do_nothing(index_elements=["account_id", "asset_symbol", "shard"])
         )
 
 
 LOCK_BALANCES = sa.text("""
 SELECT account_id, asset_symbol, balance, chain_hash, entry_count, held, paid, expiring
 FROM balances
-WHERE (account_id, asset_symbol) IN (
-    SELECT * FROM unnest(CAST(:accounts AS text[]), CAST(:symbols AS text[]))
+WHERE (account_id, asset_symbol, shard) IN (
+    SELECT * FROM unnest(
+        CAST(:accounts AS text[]), CAST(:symbols AS text[]), CAST(:shards AS integer[])
+    )
 )
-ORDER BY account_id, asset_symbol
+ORDER BY account_id, asset_symbol, shard
 FOR UPDATE""")
 
 
 async def lock_balances(
-    connection: AsyncConnection, keys: Iterable[BalanceKey]
+    connection: AsyncConnection, rows: Shards
 ) -> dict[BalanceKey, LockedBalance]:
-    """Lock the existing balance rows of `keys` and return them.
+    """Lock the existing balance rows named (a balance, its shard) and return them by balance.
 
-    Every transaction locks in ascending (account, asset) order, by primary key, so none waits
-    on another in a cycle. On SQLite, BEGIN IMMEDIATE already holds the one write lock."""
-    ordered = sorted(set(keys))
+    Every transaction locks in ascending (account, asset, shard) order, by primary key, so none
+    waits on another in a cycle. On SQLite, BEGIN IMMEDIATE already holds the one write lock."""
+    ordered = _in_order(rows)
     if not ordered:
         return {}
     if _is_postgres(connection):
-        rows = await connection.execute(
+        found = await connection.execute(
             LOCK_BALANCES,
-            {"accounts": [a for a, _ in ordered], "symbols": [s for _, s in ordered]},
+            {
+                "accounts": [a for a, _, _ in ordered],
+                "symbols": [s for _, s, _ in ordered],
+                "shards": [shard for _, _, shard in ordered],
+            },
         )
     else:
-        rows = await connection.execute(
+        found = await connection.execute(
             sa.select(
                 balances.c.account_id,
                 balances.c.asset_symbol,
@@ -320,9 +373,13 @@ async def lock_balances(
                 balances.c.held,
                 balances.c.paid,
                 balances.c.expiring,
-            ).where(sa.tuple_(balances.c.account_id, balances.c.asset_symbol).in_(ordered))
+            ).where(
+                sa.tuple_(balances.c.account_id, balances.c.asset_symbol, balances.c.shard).in_(
+                    ordered
+                )
+            )
         )
-    return {(AccountId(row[0]), row[1]): LockedBalance(*row[2:]) for row in rows}
+    return {(AccountId(row[0]), row[1]): LockedBalance(*row[2:]) for row in found}
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,11 +455,13 @@ WITH moved AS (
     SET balance = v.balance, chain_hash = v.chain_hash, entry_count = v.entry_count,
         held = v.held, paid = v.paid, expiring = v.expiring
     FROM unnest(
-        CAST(:b_accounts AS text[]), CAST(:b_symbols AS text[]), CAST(:b_balances AS bigint[]),
-        CAST(:b_links AS text[]), CAST(:b_counts AS bigint[]), CAST(:b_held AS bigint[]),
-        CAST(:b_paid AS bigint[]), CAST(:b_expiring AS bigint[])
-    ) AS v(account_id, asset_symbol, balance, chain_hash, entry_count, held, paid, expiring)
-    WHERE b.account_id = v.account_id AND b.asset_symbol = v.asset_symbol
+        CAST(:b_accounts AS text[]), CAST(:b_symbols AS text[]), CAST(:b_shards AS integer[]),
+        CAST(:b_balances AS bigint[]), CAST(:b_links AS text[]), CAST(:b_counts AS bigint[]),
+        CAST(:b_held AS bigint[]), CAST(:b_paid AS bigint[]), CAST(:b_expiring AS bigint[])
+    ) AS v(
+        account_id, asset_symbol, shard, balance, chain_hash, entry_count, held, paid, expiring
+    )
+    WHERE b.account_id = v.account_id AND b.asset_symbol = v.asset_symbol AND b.shard = v.shard
 ), released AS (
     DELETE FROM idempotency_keys WHERE key = ANY(CAST(:released AS text[]))
 ), refused AS (
@@ -451,19 +510,19 @@ WITH moved AS (
     )
 )
 INSERT INTO entries (
-    id, transaction_id, account_id, asset_symbol, direction, amount, balance_after, created_at,
-    chain_hash, kind, paid_after
+    id, transaction_id, account_id, asset_symbol, shard, direction, amount, balance_after,
+    created_at, chain_hash, kind, paid_after
 )
-SELECT e.id, e.transaction_id, e.account_id, e.asset_symbol, e.direction, e.amount,
+SELECT e.id, e.transaction_id, e.account_id, e.asset_symbol, e.shard, e.direction, e.amount,
     e.balance_after, :created_at, e.chain_hash, e.kind, e.paid_after
 FROM unnest(
     CAST(:e_ids AS text[]), CAST(:e_transactions AS text[]), CAST(:e_accounts AS text[]),
-    CAST(:e_symbols AS text[]), CAST(:e_directions AS text[]), CAST(:e_amounts AS bigint[]),
-    CAST(:e_balances AS bigint[]), CAST(:e_links AS text[]), CAST(:e_kinds AS text[]),
-    CAST(:e_paid AS bigint[])
+    CAST(:e_symbols AS text[]), CAST(:e_shards AS integer[]), CAST(:e_directions AS text[]),
+    CAST(:e_amounts AS bigint[]), CAST(:e_balances AS bigint[]), CAST(:e_links AS text[]),
+    CAST(:e_kinds AS text[]), CAST(:e_paid AS bigint[])
 ) WITH ORDINALITY AS e(
-    id, transaction_id, account_id, asset_symbol, direction, amount, balance_after, chain_hash,
-    kind, paid_after, position
+    id, transaction_id, account_id, asset_symbol, shard, direction, amount, balance_after,
+    chain_hash, kind, paid_after, position
 )
 ORDER BY e.position""")
 
@@ -479,8 +538,10 @@ async def write_postings(
     lots_after: Mapping[tuple[BalanceKey, LotKey], int],
     moved_lots: Sequence[LotMove],
     created_at: datetime,
+    shards: Shards,
 ) -> None:
-    """Write each changed balance (with its chain's newest link, length and held sum) once,
+    """Write each changed balance row, of its shard in `shards` (with its chain's newest link,
+    length and held sum) once,
     insert the transactions (with their request fingerprints) and entries in application order,
     so their `seq` follows it, keep each refusal under its key, forget the claims of commands that
     failed otherwise (such a request records nothing), and write what lots hold now and what each
@@ -494,6 +555,7 @@ async def write_postings(
             {
                 "b_accounts": [a for a, _ in changed],
                 "b_symbols": [s for _, s in changed],
+                "b_shards": [shards[key] for key in changed],
                 "b_balances": [row.balance for row in changed.values()],
                 "b_links": [row.chain_hash for row in changed.values()],
                 "b_counts": [row.entry_count for row in changed.values()],
@@ -538,6 +600,7 @@ async def write_postings(
                 "e_transactions": [e.transaction_id for e in posted_entries],
                 "e_accounts": [e.account_id for e in posted_entries],
                 "e_symbols": [e.asset_symbol for e in posted_entries],
+                "e_shards": [shards[(e.account_id, e.asset_symbol)] for e in posted_entries],
                 "e_directions": [e.direction.value for e in posted_entries],
                 "e_amounts": [e.amount for e in posted_entries],
                 "e_balances": [e.balance_after for e in posted_entries],
@@ -553,6 +616,7 @@ async def write_postings(
             .where(
                 balances.c.account_id == sa.bindparam("key_account"),
                 balances.c.asset_symbol == sa.bindparam("key_asset"),
+                balances.c.shard == sa.bindparam("key_shard"),
             )
             .values(
                 balance=sa.bindparam("new_balance"),
@@ -566,6 +630,7 @@ async def write_postings(
                 {
                     "key_account": account,
                     "key_asset": asset,
+                    "key_shard": shards[(account, asset)],
                     "new_balance": row.balance,
                     "new_link": row.chain_hash,
                     "new_count": row.entry_count,
@@ -632,6 +697,7 @@ async def write_postings(
                     "transaction_id": e.transaction_id,
                     "account_id": e.account_id,
                     "asset_symbol": e.asset_symbol,
+                    "shard": shards[(e.account_id, e.asset_symbol)],
                     "direction": e.direction.value,
                     "amount": e.amount,
                     "balance_after": e.balance_after,

@@ -204,6 +204,7 @@ async def balances_at(
             .where(
                 entries.c.account_id == user_id,
                 entries.c.asset_symbol == assets.c.symbol,
+                entries.c.shard == 0,  # a user's one balance row
                 entries.c.created_at <= at,
             )
             .order_by(entries.c.created_at.desc(), entries.c.seq.desc())
@@ -224,30 +225,37 @@ async def balances_at(
 async def system_parts_at(
     connection: AsyncConnection, *, asset_symbol: str, at: datetime
 ) -> dict[SystemAccount, tuple[int, int]]:
-    """Each system account's balance of the asset and its paid part right after its last entry
-    at or before `at`: one statement, which finds each account's entry by one index look-up."""
-
-    def newest_seq(account: SystemAccount) -> sa.ScalarSelect[int]:
-        return (
-            sa.select(entries.c.seq)
-            .where(
-                entries.c.account_id == account.value,
-                entries.c.asset_symbol == asset_symbol,
-                entries.c.created_at <= at,
-            )
-            .order_by(entries.c.created_at.desc(), entries.c.seq.desc())
-            .limit(1)
-            .scalar_subquery()
-        )
-
+    """Each system account's balance of the asset and its paid part at `at`: the sum over its
+    balance rows (shards) of each row's values right after its last entry at or before `at`, in
+    one statement that finds each row's entry by one index look-up. The sums, which may pass 64
+    bits, are taken in Python."""
     newest = entries.alias("newest")
+    newest_seq = (
+        sa.select(entries.c.seq)
+        .where(
+            entries.c.account_id == balances.c.account_id,
+            entries.c.asset_symbol == balances.c.asset_symbol,
+            entries.c.shard == balances.c.shard,
+            entries.c.created_at <= at,
+        )
+        .order_by(entries.c.created_at.desc(), entries.c.seq.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    # A row without an entry by `at` joins none, and counts 0.
     rows = await connection.execute(
-        sa.select(newest.c.account_id, newest.c.balance_after, newest.c.paid_after).where(
-            newest.c.seq.in_([newest_seq(account) for account in SystemAccount])
+        sa.select(balances.c.account_id, newest.c.balance_after, newest.c.paid_after)
+        .select_from(balances.join(newest, newest.c.seq == newest_seq))
+        .where(
+            balances.c.account_id.in_([account.value for account in SystemAccount]),
+            balances.c.asset_symbol == asset_symbol,
         )
     )
-    found = {SystemAccount(account): (balance, paid) for account, balance, paid in rows}
-    return {account: found.get(account, (0, 0)) for account in SystemAccount}
+    found = dict.fromkeys(SystemAccount, (0, 0))
+    for account, balance, paid in rows:
+        total, total_paid = found[SystemAccount(account)]
+        found[SystemAccount(account)] = (total + balance, total_paid + paid)
+    return found
 
 
 # Sums of amounts are taken in two parts, so that no database sum leaves 64 bits (SQLite's

@@ -25,6 +25,7 @@ MAX_AMOUNT_SQL = "1000000000000000"
 # 128 for a client's key, and ":99" for the transactions of an atomic batch.
 KEY_LENGTH = 132
 RETURNS = sa.text("type IN ('refund', 'reversal', 'expiry')")
+SHARD_RULE = "shard = 0 OR (shard > 0 AND substr(account_id, 1, 7) = 'system:')"
 
 assets = sa.Table(
     "assets",
@@ -61,8 +62,11 @@ balances = sa.Table(
     metadata,
     sa.Column("account_id", sa.String(64), sa.ForeignKey("accounts.id"), primary_key=True),
     sa.Column("asset_symbol", sa.String(32), sa.ForeignKey("assets.symbol"), primary_key=True),
+    # A system account has several rows per asset, so concurrent batches need not queue on one
+    # row, and their sum has no 64-bit ceiling; a user has one, shard 0.
+    sa.Column("shard", sa.Integer(), primary_key=True, server_default="0"),
     sa.Column("balance", sa.BigInteger(), nullable=False),
-    # The link of this account and asset's newest entry (GENESIS_LINK before the first).
+    # The link of this row's newest entry (GENESIS_LINK before the first): each row its chain.
     sa.Column("chain_hash", sa.String(64), nullable=False, server_default=GENESIS_LINK),
     # How many entries the chain has: a checkpoint names its newest link by this position.
     sa.Column("entry_count", sa.BigInteger(), nullable=False, server_default="0"),
@@ -81,6 +85,7 @@ balances = sa.Table(
     ),
     sa.CheckConstraint("entry_count >= 0", name="entry_count_not_negative"),
     sa.CheckConstraint("held >= 0", name="held_not_negative"),
+    sa.CheckConstraint(SHARD_RULE, name="shard"),
 )
 
 idempotency_keys = sa.Table(
@@ -256,6 +261,7 @@ entries = sa.Table(
     sa.Column("transaction_id", sa.String(36), sa.ForeignKey("transactions.id"), nullable=False),
     sa.Column("account_id", sa.String(64), sa.ForeignKey("accounts.id"), nullable=False),
     sa.Column("asset_symbol", sa.String(32), sa.ForeignKey("assets.symbol"), nullable=False),
+    sa.Column("shard", sa.Integer(), nullable=False, server_default="0"),  # its balance row's
     sa.Column("direction", sa.String(6), nullable=False),
     sa.Column("amount", sa.BigInteger(), nullable=False),
     sa.Column("balance_after", sa.BigInteger(), nullable=False),
@@ -265,6 +271,7 @@ entries = sa.Table(
     sa.Column("paid_after", sa.BigInteger(), nullable=False),  # the account's paid part after it
     sa.CheckConstraint("direction IN ('debit', 'credit')", name="direction"),
     sa.CheckConstraint("kind IN ('paid', 'free')", name="kind"),
+    sa.CheckConstraint(SHARD_RULE, name="shard"),
     sa.CheckConstraint(
         "paid_after BETWEEN 0 AND balance_after OR substr(account_id, 1, 7) = 'system:'",
         name="user_paid_within_balance",
@@ -277,9 +284,14 @@ entries = sa.Table(
     sa.UniqueConstraint("transaction_id", "kind", "direction"),
     sa.Index("ix_entries_account_seq", "account_id", "seq"),
     sa.Index("ix_entries_account_asset_seq", "account_id", "asset_symbol", "seq"),
-    # Balance at a time: one look-up of the newest entry at or before it.
+    # Balance at a time: one look-up of the newest entry at or before it, per balance row.
     sa.Index(
-        "ix_entries_account_asset_created_at", "account_id", "asset_symbol", "created_at", "seq"
+        "ix_entries_account_asset_shard_created_at",
+        "account_id",
+        "asset_symbol",
+        "shard",
+        "created_at",
+        "seq",
     ),
 )
 
