@@ -29,10 +29,10 @@ GOLD = "GOLD_COINS"
 MAX_BALANCE = 2**63 - 1
 
 
-def command(action: Action, amount: int) -> Command:
+def command(action: Action, amount: int, user: str = ALICE) -> Command:
     return Command(
         action=action,
-        user_id=UserId(ALICE),
+        user_id=UserId(user),
         asset_symbol=GOLD,
         amount=amount,
         idempotency_key=f"shards-{uuid.uuid4().hex}",
@@ -92,12 +92,42 @@ async def test_a_system_account_takes_top_ups_past_64_bits_and_every_sum_stays_e
         await database.close()
 
 
+async def test_one_transaction_moving_more_than_a_row_holds_is_posted_in_parts(
+    database_url: str,
+) -> None:
+    """9,300 top-ups of 10^15 handed to the engine at once (two users, each within 64 bits) move
+    more than any one treasury row can take: the commands are posted in parts, each on a row
+    with room, in order; none is refused, and the ledger verifies."""
+    database = Database(create_engine(Settings(database_url=database_url)), system_shards=1)
+    wallet = Wallet(database)
+    try:
+        for user in ("shard-a", "shard-b"):
+            await wallet.create_user(user_id=user, email=f"{user}@example.com", name=user)
+        treasury_before = sum((await rows_of(database, SystemAccount.TREASURY)).values())
+        commands = [
+            command(Action.TOPUP, MAX_AMOUNT, user) for user in ("shard-a", "shard-b") * 4_650
+        ]
+
+        outcomes = await post(database, commands)
+
+        assert [o.transaction.idempotency_key for o in outcomes if isinstance(o, Posted)] == [
+            c.idempotency_key for c in commands
+        ]
+        moved = len(commands) * MAX_AMOUNT
+        assert moved > MAX_BALANCE
+        treasury = await rows_of(database, SystemAccount.TREASURY)
+        assert sum(treasury.values()) == treasury_before - moved
+        assert all(check.is_clean for check in await verify(database))
+    finally:
+        await database.close()
+
+
 @pytest.mark.postgres_only
-async def test_concurrent_batches_take_different_rows_of_a_system_account(
+async def test_concurrent_transactions_spread_over_the_rows_of_a_system_account(
     postgres_database_url: str,
 ) -> None:
-    """Transactions in flight at once spread over the configured rows of revenue; each row's
-    chain and the whole ledger verify."""
+    """Forty transactions posted at once take revenue's four configured rows in turn; every
+    row's chain and the whole ledger verify."""
     settings = Settings(database_url=postgres_database_url)
     database = Database(create_engine(settings), system_shards=4)
     try:

@@ -674,8 +674,9 @@ async def test_a_ledger_on_several_rows_of_each_system_account_verifies_clean(
             command(Action.SPEND, amount=10),  # free credits first, then paid
         )
         spends.append(spend)
-    # Given back from another row of the revenue account than the one the spend went to.
-    await apply(sharded, command(Action.REFUND, reference=spends[0].transaction.id, amount=4))
+    # Given back from another row of the revenue account than the one the spend went to: the
+    # fifth transaction takes the first's row again, the second spend went to the next one.
+    await apply(sharded, command(Action.REFUND, reference=spends[1].transaction.id, amount=4))
     rows = await sql(
         "SELECT DISTINCT account_id, shard FROM entries WHERE account_id LIKE 'system:%'"
     )

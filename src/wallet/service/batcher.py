@@ -83,6 +83,8 @@ class Batcher:
             # Not `await self._task`: cancelling close() (a shutdown that stops waiting) would
             # cancel the task, and the batch in flight with it.
             await asyncio.wait([self._task])
+        if self._in_flight:  # a task that failed left its batches in flight to finish alone
+            await asyncio.wait(self._in_flight)
 
     async def _run(self) -> None:
         try:

@@ -94,7 +94,9 @@ async def post(
 ) -> list[Outcome]:
     """Apply `commands` in arrival order in one transaction; rerun it on a transient conflict
     until `deadline` (see `in_write_transaction`), and on another shard of a system account
-    whose row it found full."""
+    whose row it found full. Commands that together move more than any one row holds are
+    posted in two halves, each its own transaction, in order."""
+    deadline = retry_deadline() if deadline is None else deadline
     while True:
         try:
             return await in_write_transaction(
@@ -104,6 +106,17 @@ async def post(
             )
         except SystemRowFull:
             continue  # `_apply` marked the row full: the next run takes another
+        except TooMuchForOneRow:
+            if len(commands) == 1:  # never: one command fits an empty row (64 bits at most)
+                raise
+            half = len(commands) // 2
+            first = await post(database, commands[:half], deadline=deadline)
+            return [*first, *await post(database, commands[half:], deadline=deadline)]
+
+
+class TooMuchForOneRow(Exception):
+    """The commands of one transaction move more on a system account than a balance row holds
+    (64 bits): `post` splits them."""
 
 
 def retry_deadline() -> float:
@@ -340,6 +353,8 @@ async def _apply(
             outcomes[index] = error
             continue
         except SystemRowFull as full:
+            if locked[full.key].balance == 0:  # an empty row cannot hold it: no row can
+                raise TooMuchForOneRow(full.key) from full
             shards.mark_full(full.key, rows[full.key])
             raise
         draft = trial

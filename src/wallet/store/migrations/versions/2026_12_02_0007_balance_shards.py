@@ -3,7 +3,7 @@
 Every stored balance row and entry becomes shard 0, so the history, its links and its chains stay
 as they are; the service adds the other shards of a system account as it first uses them. The
 downgrade refuses while any shard other than 0 holds a row or an entry: their chains cannot be
-merged into one without rewriting their links.
+merged into one without rewriting their links (rows that never had an entry are dropped).
 
 Revision ID: 0007
 Revises: 0006
@@ -55,6 +55,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     connection = op.get_bind()
+    # Rows a batch created but never wrote to (its commands were refused) hold nothing.
+    connection.execute(sa.text("DELETE FROM balances WHERE shard > 0 AND entry_count = 0"))
     sharded = sum(
         connection.execute(sa.text(statement)).scalar_one()
         for statement in (
